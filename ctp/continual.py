@@ -1,0 +1,184 @@
+"""The continual learner: what happens around ``train_on_chunk`` for each chunk.
+
+Per chunk, in order:
+1. teacher = frozen copy of the model before the chunk (for KD and weight merging);
+2. pseudo texts: the generator sees the chunk, then memory items whose cached texts are missing
+   or older than ``refresh_every`` chunks get new ones, made with the model before the chunk;
+3. ``train_on_chunk`` with the replay pool (a memory snapshot) and the teacher;
+4. optional weight merge with the teacher (WiSE-FT);
+5. the chunk's pairs are offered to the memory (its policy decides what stays).
+The experiment command and the service's trainer worker both drive this class.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ctp.data import Sample
+from ctp.memory import MemoryItem, ReplayMemory
+from ctp.models import ClipBundle
+from ctp.pseudo_texts import PseudoTextGenerator, make_pseudo_texts
+from ctp.strategies import Strategy
+from ctp.train import ChunkResult, preprocess_images, train_on_chunk
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5  # epochs over each chunk
+    batch_size: int = 64  # pairs per step (new + replayed)
+    lr: float = 5e-4  # peak learning rate (cosine schedule per chunk)
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    replay_pool: int = 4096  # memory items snapshotted (and decoded) per chunk for replay
+    pseudo_keep: int = 2  # pseudo texts cached per memory image
+    pseudo_candidates: int = 16  # candidates proposed per image before the guard
+    pseudo_margin: float = 0.05  # guard: keep s(img, cand) < s(img, true) - margin
+    refresh_every: int = 1  # regenerate cached pseudo texts after this many chunks
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class ChunkReport:
+    index: int
+    train: ChunkResult
+    pseudo: dict = field(default_factory=dict)  # PseudoTextStats of this chunk's refresh
+    pseudo_seconds: float = 0.0
+    memory_items: int = 0
+    memory_bytes: int = 0
+    admitted: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["train"].pop("history", None)
+        d["train"]["pairs_per_second"] = self.train.pairs_per_second
+        return d
+
+
+def memory_items_from(samples: Sequence[Sample], *, chunk: int, chunk_id: str) -> list[MemoryItem]:
+    return [
+        MemoryItem(key=str(s.meta.get("id") or f"{chunk_id}/{s.key}"), image=s.image, text=s.text,
+                   label=s.label, chunk=chunk)
+        for s in samples
+    ]
+
+
+class ContinualLearner:
+    def __init__(
+        self,
+        *,
+        bundle: ClipBundle,
+        strategy: Strategy,
+        memory: ReplayMemory | None,
+        generator: PseudoTextGenerator | None,
+        config: TrainConfig,
+        chunks_done: int = 0,
+        pretrained: bool = False,
+    ):
+        if (strategy.replay or strategy.pseudo_texts) and memory is None:
+            raise ValueError(f"strategy {strategy.name} needs a replay memory")
+        if strategy.pseudo_texts and generator is None:
+            raise ValueError(f"strategy {strategy.name} needs a pseudo-text generator")
+        self.bundle = bundle
+        self.strategy = strategy
+        self.memory = memory
+        self.generator = generator
+        self.config = config
+        self.chunks_done = chunks_done
+        # A model that has learned nothing yet (random init, before its first chunk) has no
+        # knowledge to keep: distilling towards it would only slow learning down.
+        self.pretrained = pretrained
+        self.device = torch.device(config.device)
+        self._joint_samples: list[Sample] = []  # joint only: every pair so far
+
+    def _preprocess(self, images: Sequence[bytes], keys: Sequence[str]) -> torch.Tensor:
+        return preprocess_images(images, keys, self.bundle.preprocess_val)
+
+    def learn_chunk(self, samples: Sequence[Sample], *, chunk_id: str | None = None) -> ChunkReport:
+        index = self.chunks_done
+        chunk_id = chunk_id or f"chunk{index:06d}"
+        cfg, strategy, model = self.config, self.strategy, self.bundle.model
+        model.to(self.device)
+        chunk_samples = samples
+        if strategy.joint:
+            self._joint_samples.extend(samples)
+            samples = self._joint_samples
+        images = self._preprocess([s.image for s in samples], [s.key for s in samples])
+        texts = [s.text for s in samples]
+
+        teacher = None
+        has_prior = index > 0 or self.pretrained
+        if has_prior and (strategy.distill or strategy.merge_alpha is not None):
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+        pseudo_stats, pseudo_seconds = {}, 0.0
+        replay: list[MemoryItem] = []
+        replay_images = None
+        rng = random.Random(cfg.seed * 1_000_003 + index)
+        if strategy.replay and self.memory is not None and len(self.memory) > 0:
+            replay = self.memory.sample(min(len(self.memory), cfg.replay_pool), rng=rng)
+            replay_images = self._preprocess([it.image for it in replay], [it.key for it in replay])
+            if strategy.pseudo_texts:
+                t0 = time.perf_counter()
+                self.generator.fit(texts, images, bundle=self.bundle)
+                stale = [
+                    i for i, it in enumerate(replay)
+                    if it.pseudo_version < 0 or index - it.pseudo_version >= cfg.refresh_every
+                ]
+                if stale:
+                    # The model is still the one before this chunk: it is the teacher that guards.
+                    made, stats = make_pseudo_texts(
+                        self.generator, [replay[i] for i in stale], replay_images[stale],
+                        bundle=self.bundle, num_keep=cfg.pseudo_keep, num_candidates=cfg.pseudo_candidates,
+                        margin=cfg.pseudo_margin, rng=rng, device=self.device,
+                    )
+                    self.memory.set_pseudo_texts(made, version=index)
+                    for i in stale:
+                        replay[i].pseudo_texts = made.get(replay[i].key, [])
+                        replay[i].pseudo_version = index
+                    pseudo_stats = asdict(stats)
+                pseudo_seconds = time.perf_counter() - t0
+        elif strategy.pseudo_texts and self.generator is not None:
+            self.generator.fit(texts, images, bundle=self.bundle)  # first chunk: learn, nothing to replay
+
+        result = train_on_chunk(
+            model,
+            images=images, texts=texts, tokenizer=self.bundle.tokenizer, strategy=strategy,
+            teacher=teacher, replay=replay, replay_images=replay_images,
+            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps, device=self.device, seed=cfg.seed * 1000 + index,
+            progress=cfg.progress, desc=f"{strategy.name} chunk {index}",
+        )
+        if strategy.merge_alpha is not None and teacher is not None:
+            merge_weights(model, teacher, alpha=strategy.merge_alpha)
+
+        admitted = 0
+        if self.memory is not None and (strategy.replay or strategy.pseudo_texts):
+            new_items = memory_items_from(chunk_samples, chunk=index, chunk_id=chunk_id)
+            admitted = len(self.memory.add(new_items, rng=rng).admitted)
+        self.chunks_done += 1
+        return ChunkReport(
+            index=index, train=result, pseudo=pseudo_stats, pseudo_seconds=pseudo_seconds,
+            memory_items=len(self.memory) if self.memory is not None else 0,
+            memory_bytes=self.memory.nbytes() if self.memory is not None else 0,
+            admitted=admitted,
+        )
+
+
+@torch.no_grad()
+def merge_weights(model: torch.nn.Module, old: torch.nn.Module, *, alpha: float) -> None:
+    """WiSE-FT: theta <- alpha * theta_new + (1 - alpha) * theta_old, floating tensors only."""
+    old_state = old.state_dict()
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            t.mul_(alpha).add_(old_state[name].to(t.device), alpha=1 - alpha)

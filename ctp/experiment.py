@@ -1,0 +1,252 @@
+"""``ctp experiment``: train a strategy over a sequence of chunks and measure forgetting.
+
+    ctp experiment (--chunks DIR [DIR ...] | --synthetic NAME)
+        [--eval-classification NAME=DIR ...] [--eval-retrieval NAME=DIR ...]
+        --strategy {finetune,er,lwf,incclip,joint,...} [--model NAME] [--epochs N] [--batch-size N]
+        [--lr F] [--memory-size N] [--seed N] [--device cpu|cuda] --out DIR
+
+Writes ``DIR/metrics.json``, ``DIR/report.md``, ``DIR/accuracy.png``, a task-matrix heatmap per
+classification set, and the final checkpoint in ``DIR/checkpoint``.
+
+Class groups: a chunk sample's ``label`` names a class of a classification set; group j holds
+the classes first seen in chunk j, and R[i][j] is the accuracy on group j after chunk i. Without
+labels (and for retrieval, scored by the mean of both recall@1) every example is in group 0, so
+the summary metrics follow the whole set: avg = a_T, forgetting = max_{i<T} a_i - a_T,
+BWT = a_T - a_0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ctp.checkpoint import save_checkpoint
+from ctp.continual import ContinualLearner, TrainConfig
+from ctp.data import load_classification_set, load_retrieval_set, read_chunk
+from ctp.evaluate import evaluate_classification, evaluate_retrieval
+from ctp.memory import POLICIES, create_memory
+from ctp.metrics import continual_summary, format_task_matrix, group_accuracy
+from ctp.models import DEFAULT_MODEL, create_model
+from ctp.pseudo_texts import GENERATORS, create_generator
+from ctp.strategies import STRATEGIES, get_strategy
+
+logger = logging.getLogger(__name__)
+
+RETRIEVAL_SCORE = "mean_recall@1"  # (image_retrieval_recall@1 + text_retrieval_recall@1) / 2
+
+
+def _named_dir(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    return name, Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctp experiment", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--chunks", nargs="+", type=Path, metavar="DIR", help="chunk directories, in training order")
+    src.add_argument("--synthetic", metavar="NAME", help="a synthetic stream preset (ctp.synthetic.PRESETS)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the synthetic stream is generated (cached); default ~/.cache/ctp/synthetic")
+    p.add_argument("--eval-classification", nargs="*", type=_named_dir, default=[], metavar="NAME=DIR")
+    p.add_argument("--eval-retrieval", nargs="*", type=_named_dir, default=[], metavar="NAME=DIR")
+    p.add_argument("--strategy", required=True, choices=sorted(STRATEGIES))
+    p.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or ctp preset")
+    p.add_argument("--pretrained", default=None, help="open_clip tag, weights file or ctp checkpoint dir")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="epochs per chunk")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--memory-size", type=int, default=500, help="replay memory capacity in pairs")
+    p.add_argument("--memory-policy", choices=POLICIES, default="class_balanced")
+    p.add_argument("--generator", choices=GENERATORS, default="edit", help="pseudo-text generator")
+    p.add_argument("--kd-weight", type=float, default=None, help="override the strategy's KD weight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CTP_CACHE", Path.home() / ".cache" / "ctp")) / "synthetic"
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    eval_cls = dict(args.eval_classification)
+    eval_ret = dict(args.eval_retrieval)
+    if args.synthetic:
+        from dataclasses import replace
+
+        from ctp.synthetic import PRESETS, make_stream
+
+        if args.synthetic not in PRESETS:
+            raise SystemExit(f"unknown synthetic stream {args.synthetic!r}; choose from {sorted(PRESETS)}")
+        config = replace(PRESETS[args.synthetic], seed=args.seed)
+        data_dir = (args.data_dir or default_data_dir()) / f"{args.synthetic}-seed{args.seed}"
+        stream = make_stream(data_dir, config)
+        chunk_dirs = stream.chunks
+        eval_cls.setdefault("synthetic", stream.classification)
+        eval_ret.setdefault("synthetic_retrieval", stream.retrieval)
+    else:
+        chunk_dirs = args.chunks
+    for d in chunk_dirs:
+        if not Path(d).is_dir():
+            raise SystemExit(f"chunk directory not found: {d}")
+
+    strategy = get_strategy(args.strategy, kd_weight=args.kd_weight)
+    bundle = create_model(args.model, pretrained=args.pretrained, device=args.device, seed=args.seed)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                         seed=args.seed, progress=not args.no_progress)
+    memory = create_memory(max_items=args.memory_size, policy=args.memory_policy)
+    generator = create_generator(args.generator) if strategy.pseudo_texts else None
+    learner = ContinualLearner(bundle=bundle, strategy=strategy, memory=memory, generator=generator, config=config,
+                               pretrained=bool(args.pretrained))
+
+    cls_sets = {name: load_classification_set(d) for name, d in eval_cls.items()}
+    ret_sets = {name: load_retrieval_set(d) for name, d in eval_ret.items()}
+    chunk_labels: list[set[str]] = []
+    results: dict[str, dict] = {
+        name: {"kind": "classification", "after_chunk": [], "rows": []} for name in cls_sets
+    } | {name: {"kind": "retrieval", "after_chunk": [], "rows": []} for name in ret_sets}
+    chunk_reports = []
+    t_start = time.perf_counter()
+    for i, chunk_dir in enumerate(chunk_dirs):
+        samples = read_chunk(chunk_dir)
+        if not samples:
+            raise SystemExit(f"chunk {chunk_dir} holds no samples")
+        chunk_labels.append({s.label for s in samples if s.label})
+        report = learner.learn_chunk(samples, chunk_id=Path(chunk_dir).name)
+        chunk_reports.append(report.to_dict())
+        num_groups = len(chunk_dirs)
+        for name, ds in cls_sets.items():
+            res = evaluate_classification(bundle.model, ds, preprocess=bundle.preprocess_val,
+                                          tokenizer=bundle.tokenizer, device=args.device)
+            results[name]["after_chunk"].append(res.metrics)
+            results[name]["rows"].append(
+                group_accuracy(res.correct, ds.targets, class_groups(ds.classnames, chunk_labels, num_groups),
+                               num_groups)
+            )
+        for name, ds in ret_sets.items():
+            m = evaluate_retrieval(bundle.model, ds, preprocess=bundle.preprocess_val,
+                                   tokenizer=bundle.tokenizer, device=args.device)
+            m[RETRIEVAL_SCORE] = (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
+            results[name]["after_chunk"].append(m)
+            results[name]["rows"].append([m[RETRIEVAL_SCORE]] + [None] * (num_groups - 1))
+        logger.info("after chunk %d: %s", i, {n: r["after_chunk"][-1] for n, r in results.items()})
+
+    labelled = any(chunk_labels)
+    evals = {}
+    for name, r in results.items():
+        if r["kind"] == "classification" and labelled:
+            # Rows were measured with the groups known at the time; recompute with the final
+            # grouping so every row uses the same columns (a group's classes never change later).
+            matrix = r["rows"]
+        else:
+            matrix = [[row[0]] + [None] * (len(row) - 1) for row in _whole_set_rows(r)]
+        entry = {"kind": r["kind"], "after_chunk": r["after_chunk"], "final": r["after_chunk"][-1],
+                 **continual_summary(matrix)}
+        if r["kind"] == "classification":
+            entry["task_matrix"] = matrix
+        else:
+            entry["score"] = RETRIEVAL_SCORE
+        evals[name] = entry
+    metrics = {
+        "strategy": strategy.name,
+        "chunks": len(chunk_dirs),
+        "model": args.model,
+        "seed": args.seed,
+        "generator": args.generator if strategy.pseudo_texts else None,
+        "memory_size": args.memory_size,
+        "memory_policy": args.memory_policy,
+        "train_config": asdict(config),
+        "strategy_config": asdict(strategy),
+        "seconds": time.perf_counter() - t_start,
+        "eval": evals,
+        "chunk_reports": chunk_reports,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    save_checkpoint(out / "checkpoint", bundle.model, {
+        "model": args.model, "config": bundle.config, "version": len(chunk_dirs), "chunks": len(chunk_dirs),
+        "strategy": strategy.name, "metrics": {n: e["final"] for n, e in evals.items()},
+    })
+    write_report(out, metrics)
+    return metrics
+
+
+def class_groups(classnames: list[str], chunk_labels: list[set[str]], num_groups: int) -> dict[int, int]:
+    """Class index -> first chunk whose pairs carry that class name; unlabelled: all in group 0."""
+    if not any(chunk_labels):
+        return dict.fromkeys(range(len(classnames)), 0)
+    index = {c: k for k, c in enumerate(classnames)}
+    first: dict[int, int] = {}
+    for j, labels in enumerate(chunk_labels):
+        for lab in labels:
+            if lab in index:
+                first.setdefault(index[lab], j)
+    return first
+
+
+def _whole_set_rows(r: dict) -> list[list[float | None]]:
+    if r["kind"] == "retrieval":
+        return r["rows"]
+    return [[m["acc1"]] + [None] * (len(row) - 1) for m, row in zip(r["after_chunk"], r["rows"], strict=True)]
+
+
+def write_report(out: Path, metrics: dict) -> None:
+    from ctp.plots import plot_accuracy_curves, plot_task_matrix
+
+    lines = [f"# ctp experiment: {metrics['strategy']}", "",
+             f"{metrics['chunks']} chunks, model `{metrics['model']}`, seed {metrics['seed']}, "
+             f"memory {metrics['memory_size']} ({metrics['memory_policy']}), "
+             f"{metrics['seconds']:.0f} s in all.", ""]
+    for name, e in metrics["eval"].items():
+        lines += [f"## {name} ({e['kind']})", ""]
+        keys = list(e["final"])
+        lines.append("| after chunk | " + " | ".join(keys) + " |")
+        lines.append("|---|" + "---|" * len(keys))
+        for i, m in enumerate(e["after_chunk"]):
+            lines.append(f"| {i} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
+        lines += ["", f"average accuracy {_fmt(e['avg_accuracy'])}, forgetting {_fmt(e['forgetting'])}, "
+                      f"BWT {_fmt(e['bwt'])} (design.md definitions).", ""]
+        if "task_matrix" in e:
+            lines += ["Task matrix R[i][j] (row: after chunk i; column: classes first seen in chunk j):", "",
+                      "```", format_task_matrix(e["task_matrix"]), "```", "",
+                      f"![task matrix](task_matrix_{name}.png)", ""]
+            plot_task_matrix(e["task_matrix"], out / f"task_matrix_{name}.png", title=f"{metrics['strategy']}: {name}")
+    plot_accuracy_curves({metrics["strategy"]: metrics}, out / "accuracy.png")
+    lines += ["![accuracy after each chunk](accuracy.png)", ""]
+    lines += ["## Chunks", "", "| chunk | steps | pairs/s | loss | kd | pseudo kept | pseudo s | memory |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in metrics["chunk_reports"]:
+        t = c["train"]
+        lines.append(f"| {c['index']} | {t['steps']} | {t['pairs_per_second']:.0f} | {t['loss']:.3f} | "
+                     f"{t['loss_kd']:.3f} | {c['pseudo'].get('kept', 0)} | {c['pseudo_seconds']:.1f} | "
+                     f"{c['memory_items']} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    metrics = run(args)
+    for name, e in metrics["eval"].items():
+        print(f"{name}: final {json.dumps({k: round(v, 4) for k, v in e['final'].items()})} "
+              f"avg_accuracy={_fmt(e['avg_accuracy'])} forgetting={_fmt(e['forgetting'])} bwt={_fmt(e['bwt'])}")
+    print(f"wrote {args.out / 'metrics.json'}")
+    return 0

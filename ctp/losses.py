@@ -1,0 +1,66 @@
+"""Losses: symmetric contrastive loss with extra negative texts, and multi-modal distillation.
+
+Shapes: B pairs in a batch, P extra negative texts (pseudo texts), D embedding size. All
+features are expected L2-normalised (open_clip ``normalize=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def contrastive_loss(
+    image_features: torch.Tensor,  # [B, D]
+    text_features: torch.Tensor,  # [B, D]; row i is the caption of image i
+    logit_scale: torch.Tensor,  # scalar, already exp()'d
+    *,
+    negative_text_features: torch.Tensor | None = None,  # [P, D]
+    negative_owner: torch.Tensor | None = None,  # [P] long: image a negative was made for
+    negative_weight: float = 1.0,
+) -> torch.Tensor:
+    """CLIP InfoNCE, both directions, with extra negative texts on the image->text side.
+
+    Extra negatives widen each image's softmax over texts from B to B + P columns. A pseudo text
+    is a hard negative for the image it was generated for, and also an ordinary negative for
+    the other images of the batch. ``negative_owner`` is accepted so a caller can restrict a
+    negative to its own image (entries of other rows masked out); None keeps it for every row.
+    Text->image rows are unchanged: a pseudo text has no matching image to be classified to.
+    """
+    logits_per_image = logit_scale * image_features @ text_features.T  # [B, B]
+    labels = torch.arange(image_features.shape[0], device=image_features.device)
+    loss_t2i = F.cross_entropy(logits_per_image.T, labels)
+    if negative_text_features is not None and negative_text_features.shape[0] > 0:
+        neg_logits = logit_scale * image_features @ negative_text_features.T  # [B, P]
+        if negative_owner is not None:
+            own = negative_owner[None, :] == labels[:, None]  # [B, P]
+            neg_logits = neg_logits.masked_fill(~own, float("-inf"))
+        if negative_weight != 1.0:
+            # log(w) added to a logit weighs that negative's exp() term by w in the partition sum.
+            neg_logits = neg_logits + torch.log(torch.tensor(negative_weight, device=neg_logits.device))
+        logits_i2t = torch.cat([logits_per_image, neg_logits], dim=1)  # [B, B + P]
+    else:
+        logits_i2t = logits_per_image
+    loss_i2t = F.cross_entropy(logits_i2t, labels)
+    return (loss_i2t + loss_t2i) / 2
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,  # [B, B] image->text similarities of the student
+    teacher_logits: torch.Tensor,  # [B, B] the same for the frozen teacher
+    *,
+    temperature: float = 2.0,
+) -> torch.Tensor:
+    """Multi-modal KD: KL(teacher || student) over image->text rows and text->image rows.
+
+    Logits are divided by ``temperature`` (softer targets carry the teacher's ranking of
+    non-matching pairs, which is what old knowledge looks like) and the loss is scaled by T^2
+    so its gradient size does not depend on T (Hinton et al.). Zero when teacher == student.
+    """
+    t = temperature
+    loss = student_logits.new_zeros(())
+    for s, te in ((student_logits, teacher_logits), (student_logits.T, teacher_logits.T)):
+        log_p_student = F.log_softmax(s / t, dim=1)
+        log_p_teacher = F.log_softmax(te.detach() / t, dim=1)
+        loss = loss + F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    return loss * (t * t) / 2

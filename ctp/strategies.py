@@ -1,0 +1,50 @@
+"""Continual-learning strategies as data: which ingredients a chunk update uses.
+
+The training loop reads these flags directly (no hooks): ``replay`` mixes memory pairs into each
+batch, ``distill`` adds multi-modal KD against the model before the chunk, ``pseudo_texts`` adds
+the cached hard-negative texts of replayed images, ``joint`` trains on every chunk so far, and
+``merge_alpha`` averages the weights of old and new model after the chunk (WiSE-FT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    replay: bool = False  # mix replay-memory pairs into every batch
+    distill: bool = False  # KD from the frozen model before the chunk
+    pseudo_texts: bool = False  # hard-negative texts for replayed images
+    joint: bool = False  # train on all chunks so far (upper bound; needs all data kept)
+    replay_fraction: float = 0.5  # share of each batch taken from memory when replaying
+    kd_weight: float = 1.0  # weight of the KD term against the contrastive term
+    kd_temperature: float = 2.0  # softmax temperature of KD (loss scaled by T^2)
+    pseudo_per_image: int = 1  # pseudo texts drawn per replayed image per step
+    merge_alpha: float | None = None  # after the chunk: alpha * new + (1 - alpha) * old
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("finetune"),
+        Strategy("er", replay=True),
+        Strategy("lwf", distill=True),
+        Strategy("incclip", replay=True, distill=True, pseudo_texts=True),
+        Strategy("joint", joint=True),
+        # ablations of incclip (docs/results.md)
+        Strategy("er_kd", replay=True, distill=True),
+        Strategy("er_pt", replay=True, pseudo_texts=True),
+        Strategy("incclip_wise", replay=True, distill=True, pseudo_texts=True, merge_alpha=0.8),
+    )
+}
+CORE_STRATEGIES = ("finetune", "er", "lwf", "incclip", "joint")
+
+
+def get_strategy(name: str, **overrides) -> Strategy:
+    try:
+        base = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,228 @@
+"""One incremental update of the model on one chunk: ``train_on_chunk``.
+
+Everything a strategy changes is a visible line in the loop below: the replay share of the
+batch, the pseudo-text negatives of replayed images, the KD term against the frozen teacher.
+Runs on one device or under ``torchrun`` (DDP; each rank takes its own slice of the chunk and
+its own replay draws, gradients are averaged by DDP).
+
+Images are decoded and preprocessed once per chunk (``preprocess_val``, no augmentation): the
+tiny CPU presets are input-bound otherwise, and fixed inputs let the teacher's embeddings be
+computed once per chunk instead of once per step (exact, since the teacher is frozen).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ctp.images import decode_image
+from ctp.losses import contrastive_loss, distillation_loss
+from ctp.memory import MemoryItem
+from ctp.models import unwrap
+from ctp.strategies import Strategy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkResult:
+    steps: int = 0
+    pairs: int = 0  # pairs trained on (new + replayed), all ranks
+    seconds: float = 0.0  # wall time of the loop (after the per-chunk preparation)
+    prepare_seconds: float = 0.0  # decoding + teacher embeddings
+    loss: float = float("nan")  # mean total loss over the last epoch
+    loss_clip: float = float("nan")
+    loss_kd: float = float("nan")
+    negatives_per_step: float = 0.0  # pseudo-text negatives per step, on average
+    history: list[float] = field(default_factory=list)  # total loss per step (this rank)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds if self.seconds > 0 else 0.0
+
+
+def preprocess_images(
+    images: Sequence[bytes], keys: Sequence[str], preprocess: Callable, *, max_pixels: int = 40_000_000
+) -> torch.Tensor:
+    """Decode (with the safety limits of ``decode_image``) and preprocess: [N, 3, H, W]."""
+    if not images:
+        raise ValueError("no images to preprocess")
+    return torch.stack(
+        [preprocess(decode_image(b, key=k, max_pixels=max_pixels)) for b, k in zip(images, keys, strict=True)]
+    )
+
+
+def autocast_for(device: torch.device):
+    # bf16 on CUDA (no loss scaling needed); fp32 on CPU, where bf16 autocast is slower.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def embed_pairs(model, images: torch.Tensor, tokens: torch.Tensor, *, device, batch_size: int = 256):
+    """L2-normalised image and text embeddings [N, D] of a frozen model, in eval mode."""
+    was_training = model.training
+    model.eval()
+    img, txt = [], []
+    with autocast_for(device):
+        for s in range(0, len(images), batch_size):
+            img.append(model.encode_image(images[s : s + batch_size].to(device), normalize=True).float())
+            txt.append(model.encode_text(tokens[s : s + batch_size].to(device), normalize=True).float())
+    model.train(was_training)
+    return torch.cat(img), torch.cat(txt)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # open_clip's rule: no decay on gains, biases, embeddings' scale and logit_scale.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_lr(step: int, total: int, *, base_lr: float, warmup: int) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_on_chunk(
+    model: torch.nn.Module,
+    *,
+    images: torch.Tensor,  # [N, 3, H, W] preprocessed images of the chunk
+    texts: Sequence[str],  # [N] captions
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    strategy: Strategy,
+    teacher: torch.nn.Module | None = None,  # frozen model before the chunk (needed for KD)
+    replay: Sequence[MemoryItem] = (),  # replay pool: memory snapshot taken before the chunk
+    replay_images: torch.Tensor | None = None,  # [M, 3, H, W] preprocessed images of ``replay``
+    epochs: int = 1,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    weight_decay: float = 0.1,
+    warmup_steps: int = 10,
+    grad_clip: float = 1.0,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "chunk",
+) -> ChunkResult:
+    device = torch.device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    t_prep = time.perf_counter()
+    use_replay = strategy.replay and len(replay) > 0
+    use_kd = strategy.distill and teacher is not None  # no teacher: nothing learned yet to keep
+    tokens = tokenizer(list(texts))  # [N, L]
+    n_rep = round(batch_size * strategy.replay_fraction) if use_replay else 0
+    n_new = batch_size - n_rep
+    if use_replay:
+        if replay_images is None or len(replay_images) != len(replay):
+            raise ValueError("replay_images must hold one preprocessed image per replay item")
+        rep_tokens = tokenizer([it.text for it in replay])  # [M, L]
+        # pseudo texts of each replay item, tokenized once: pseudo_tokens[i] is [K_i, L]
+        pseudo_tokens = [
+            tokenizer(it.pseudo_texts) if (strategy.pseudo_texts and it.pseudo_texts) else None for it in replay
+        ]
+    if use_kd:
+        # Teacher embeddings once per chunk; the loop only indexes them. [N, D] and [M, D]
+        t_img_new, t_txt_new = embed_pairs(teacher, images, tokens, device=device)
+        if use_replay:
+            t_img_rep, t_txt_rep = embed_pairs(teacher, replay_images, rep_tokens, device=device)
+        t_scale = unwrap(teacher).logit_scale.exp().detach().float()
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    net = unwrap(model)
+
+    per_rank = len(texts) // world
+    if per_rank == 0:
+        raise ValueError(f"chunk of {len(texts)} pairs cannot be split over {world} ranks")
+    steps_per_epoch = max(1, math.ceil(per_rank / n_new))
+    total_steps = steps_per_epoch * epochs
+    optimizer = torch.optim.AdamW(param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    order_gen = torch.Generator().manual_seed(seed)  # same permutation on every rank
+    rep_rng = random.Random(seed * 7919 + rank)  # own replay draws per rank
+    result = ChunkResult(prepare_seconds=time.perf_counter() - t_prep)
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress or rank != 0, leave=False)
+    step = 0
+    for _epoch in range(epochs):
+        perm = torch.randperm(len(texts), generator=order_gen)[rank::world][:per_rank]
+        sums = {"loss": 0.0, "clip": 0.0, "kd": 0.0}
+        for i in range(steps_per_epoch):
+            idx = perm[i * n_new : (i + 1) * n_new]  # new pairs of this step
+            batch_img, batch_tok = images[idx], tokens[idx]
+            neg_tok, neg_owner = [], []
+            if use_replay:
+                ridx = torch.tensor([rep_rng.randrange(len(replay)) for _ in range(n_rep)])
+                batch_img = torch.cat([batch_img, replay_images[ridx]])
+                batch_tok = torch.cat([batch_tok, rep_tokens[ridx]])
+                for row, r in enumerate(ridx.tolist()):  # pseudo-text negatives of replayed images
+                    pt = pseudo_tokens[r]
+                    if pt is None:
+                        continue
+                    for j in rep_rng.sample(range(len(pt)), min(strategy.pseudo_per_image, len(pt))):
+                        neg_tok.append(pt[j])
+                        neg_owner.append(len(idx) + row)
+            b = len(batch_tok)
+            all_tok = torch.cat([batch_tok, torch.stack(neg_tok)]) if neg_tok else batch_tok
+            for g in optimizer.param_groups:
+                g["lr"] = cosine_lr(step, total_steps, base_lr=lr, warmup=warmup_steps)
+            with autocast_for(device):
+                img_f, txt_f, scale = ddp_model(batch_img.to(device), all_tok.to(device))[:3]
+                loss_clip = contrastive_loss(
+                    img_f, txt_f[:b], scale,
+                    negative_text_features=txt_f[b:] if neg_tok else None,
+                    negative_owner=torch.tensor(neg_owner, device=device) if neg_tok else None,
+                )
+                loss = loss_clip
+                loss_kd = torch.zeros((), device=device)
+                if use_kd:
+                    t_img = torch.cat([t_img_new[idx], t_img_rep[ridx]]) if use_replay else t_img_new[idx]
+                    t_txt = torch.cat([t_txt_new[idx], t_txt_rep[ridx]]) if use_replay else t_txt_new[idx]
+                    loss_kd = distillation_loss(
+                        scale * img_f @ txt_f[:b].T, t_scale * t_img @ t_txt.T,
+                        temperature=strategy.kd_temperature,
+                    )
+                    loss = loss + strategy.kd_weight * loss_kd
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+            optimizer.step()
+            with torch.no_grad():  # CLIP's clamp: temperature at most 100
+                net.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            result.history.append(loss.item())
+            result.negatives_per_step += len(neg_tok)
+            result.pairs += b * world
+            sums["loss"] += loss.item()
+            sums["clip"] += loss_clip.item()
+            sums["kd"] += loss_kd.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    result.seconds = time.perf_counter() - t0
+    result.steps = step
+    result.negatives_per_step /= max(step, 1)
+    result.loss = sums["loss"] / steps_per_epoch
+    result.loss_clip = sums["clip"] / steps_per_epoch
+    result.loss_kd = sums["kd"] / steps_per_epoch
+    return result

@@ -1,0 +1,31 @@
+"""The ``ctp`` command: one entry point, a subcommand per role. Each takes argv (testable)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# subcommand -> module with main(argv); imported lazily so `ctp experiment` needs no service deps
+COMMANDS = {
+    "experiment": ("ctp.experiment", "train a strategy over chunks and measure forgetting"),
+    "compare": ("ctp.compare", "compare experiment outputs side by side"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: ctp COMMAND [ARGS]", "", "commands:"]
+        lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("PIL", "matplotlib", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+
+import pytest
+import torch
+
+from ctp.continual import ContinualLearner, TrainConfig, merge_weights
+from ctp.memory import InProcessMemory
+from ctp.models import create_model
+from ctp.pseudo_texts import TokenEditGenerator
+from ctp.strategies import STRATEGIES, get_strategy
+
+
+def _learner(strategy, memory_size=40, **cfg):
+    bundle = create_model("ctp-vit-micro-32", seed=0)
+    strat = get_strategy(strategy)
+    return ContinualLearner(
+        bundle=bundle, strategy=strat, memory=InProcessMemory(max_items=memory_size, policy="class_balanced"),
+        generator=TokenEditGenerator() if strat.pseudo_texts else None,
+        config=TrainConfig(epochs=1, batch_size=32, progress=False, pseudo_margin=-1.0, **cfg),
+    )
+
+
+def test_incclip_over_two_chunks(tiny_chunks):
+    learner = _learner("incclip")
+    r0 = learner.learn_chunk(tiny_chunks[0])
+    assert r0.train.loss_kd == 0  # nothing learned before chunk 0: no teacher
+    assert r0.memory_items == 40 and r0.pseudo == {}
+    labels0 = {s.label for s in tiny_chunks[0]}
+    assert set(learner.memory.label_counts()) == labels0
+    r1 = learner.learn_chunk(tiny_chunks[1])
+    # pseudo texts were made for the memory snapshot with the pre-chunk model, then replayed
+    assert r1.pseudo["items"] == 40 and r1.pseudo["kept"] > 0
+    assert r1.train.negatives_per_step > 0
+    assert r1.train.loss_kd > 0
+    cached = [it for it in learner.memory.get(learner.memory.keys()) if it.chunk == 0]
+    assert cached and all(it.pseudo_version == 1 for it in cached)
+    # class-balanced memory now holds both chunks' classes
+    assert set(learner.memory.label_counts()) == labels0 | {s.label for s in tiny_chunks[1]}
+
+
+def test_refresh_schedule_amortises_generation(tiny_chunks):
+    learner = _learner("incclip", refresh_every=5)
+    learner.learn_chunk(tiny_chunks[0])
+    r1 = learner.learn_chunk(tiny_chunks[1])
+    r2 = learner.learn_chunk(tiny_chunks[1][:40])
+    assert r1.pseudo["items"] == 40
+    # at chunk 2 only the items that entered memory after chunk 0 have no texts yet
+    fresh = r2.pseudo.get("items", 0)
+    assert 0 < fresh < 40
+
+
+@pytest.mark.parametrize("name", ["finetune", "lwf", "joint"])
+def test_strategies_without_memory_leave_it_empty(tiny_chunks, name):
+    learner = _learner(name)
+    learner.learn_chunk(tiny_chunks[0])
+    r = learner.learn_chunk(tiny_chunks[1])
+    assert len(learner.memory) == 0
+    if name == "joint":  # trains on both chunks at chunk 1
+        assert r.train.steps == 5  # 160 pairs / 32
+    if name == "lwf":
+        assert r.train.loss_kd > 0
+
+
+def test_all_named_strategies_exist():
+    assert {"finetune", "er", "lwf", "incclip", "joint"} <= set(STRATEGIES)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        get_strategy("ewc")
+
+
+def test_merge_weights_interpolates():
+    a = create_model("ctp-vit-micro-32", seed=0).model
+    b = create_model("ctp-vit-micro-32", seed=1).model
+    expected = 0.25 * a.state_dict()["text_projection"] + 0.75 * b.state_dict()["text_projection"]
+    merge_weights(a, b, alpha=0.25)
+    torch.testing.assert_close(a.state_dict()["text_projection"], expected)
+
+
+def test_memory_strategy_requires_memory():
+    with pytest.raises(ValueError, match="memory"):
+        ContinualLearner(bundle=create_model("ctp-vit-micro-32"), strategy=get_strategy("er"), memory=None,
+                         generator=None, config=TrainConfig())

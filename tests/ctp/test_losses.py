@@ -1,0 +1,94 @@
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from ctp.losses import contrastive_loss, distillation_loss
+
+
+def _unit(*rows):
+    t = torch.tensor(rows, dtype=torch.float64)
+    return t / t.norm(dim=1, keepdim=True)
+
+
+def test_contrastive_loss_hand_computed():
+    img = _unit([1, 0], [0, 1])
+    txt = _unit([1, 0], [1, 1])
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    s = 2 * img @ txt.T  # [[2, sqrt2], [0, sqrt2]]
+    r2 = math.sqrt(2)
+    i2t = (-(2 - math.log(math.exp(2) + math.exp(r2))) - (r2 - math.log(1 + math.exp(r2)))) / 2
+    t2i = (-(2 - math.log(math.exp(2) + 1)) - (r2 - math.log(math.exp(r2) + math.exp(r2)))) / 2
+    assert_close(s, torch.tensor([[2, r2], [0, r2]], dtype=torch.float64))
+    assert_close(contrastive_loss(img, txt, scale), torch.tensor((i2t + t2i) / 2, dtype=torch.float64))
+
+
+def test_extra_negatives_only_widen_image_rows():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    txt = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    neg = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+    scale = torch.tensor(10.0)
+    base = contrastive_loss(img, txt, scale)
+    with_neg = contrastive_loss(img, txt, scale, negative_text_features=neg)
+    logits = scale * img @ torch.cat([txt, neg]).T
+    expected = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy((scale * img @ txt.T).T, torch.arange(4))) / 2
+    assert_close(with_neg, expected)
+    assert with_neg > base  # more negatives can only raise the loss
+
+
+def test_negative_owner_masks_other_rows():
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+    txt = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+    neg = F.normalize(torch.randn(2, 8, generator=g), dim=1)
+    scale = torch.tensor(5.0)
+    owner = torch.tensor([0, 2])
+    got = contrastive_loss(img, txt, scale, negative_text_features=neg, negative_owner=owner)
+    rows = []
+    for i in range(3):
+        cols = [scale * img[i] @ txt.T] + [scale * (img[i] @ neg[p]).reshape(1) for p in range(2) if owner[p] == i]
+        rows.append(F.cross_entropy(torch.cat(cols)[None], torch.tensor([i])))
+    i2t = torch.stack(rows).mean()
+    t2i = F.cross_entropy((scale * img @ txt.T).T, torch.arange(3))
+    assert_close(got, (i2t + t2i) / 2)
+
+
+def test_hard_negative_gets_gradient_away_from_image():
+    img = _unit([1, 0, 0]).requires_grad_(True)
+    txt = _unit([1, 0, 0])
+    neg = _unit([1, 1, 0]).requires_grad_(True)
+    contrastive_loss(img, txt, torch.tensor(10.0, dtype=torch.float64), negative_text_features=neg).backward()
+    # descending the loss moves the negative away from the image: d loss / d neg . img > 0
+    assert float(neg.grad @ img.detach().T) > 0
+
+
+def test_kd_zero_when_teacher_equals_student():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 5, generator=g)
+    assert_close(distillation_loss(logits, logits.clone()), torch.tensor(0.0))
+
+
+def test_kd_hand_computed_and_symmetric_directions():
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    T = 1.0
+
+    def kl(p_logits, q_logits):  # KL(softmax(q) || softmax(p)) per row, mean over rows
+        p = F.log_softmax(p_logits, 1)
+        q = F.log_softmax(q_logits, 1)
+        return (q.exp() * (q - p)).sum(1).mean()
+
+    expected = (kl(s, t) + kl(s.T, t.T)) / 2
+    assert_close(distillation_loss(s, t, temperature=T), expected)
+    # temperature: logits / T and a T^2 factor
+    assert_close(distillation_loss(s, t, temperature=2.0), 4 * (kl(s / 2, t / 2) + kl(s.T / 2, t.T / 2)) / 2)
+
+
+def test_kd_gradient_flows_to_student_only():
+    s = torch.randn(4, 4, requires_grad=True)
+    t = torch.randn(4, 4, requires_grad=True)
+    distillation_loss(s, t).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None

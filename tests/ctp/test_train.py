@@ -1,0 +1,116 @@
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.testing import assert_close
+
+from ctp.continual import memory_items_from
+from ctp.models import create_model
+from ctp.strategies import get_strategy
+from ctp.train import preprocess_images, train_on_chunk
+
+
+def _inputs(chunk, bundle):
+    images = preprocess_images([s.image for s in chunk], [s.key for s in chunk], bundle.preprocess_val)
+    return images, [s.text for s in chunk]
+
+
+def _train(chunk, strategy="finetune", seed=0, **kw):
+    bundle = create_model("ctp-vit-micro-32", seed=0)
+    images, texts = _inputs(chunk, bundle)
+    res = train_on_chunk(bundle.model, images=images, texts=texts, tokenizer=bundle.tokenizer,
+                         strategy=get_strategy(strategy), seed=seed, progress=False, **kw)
+    return bundle, res
+
+
+def test_deterministic_with_a_seed(tiny_chunks):
+    a, ra = _train(tiny_chunks[0], epochs=1, batch_size=32)
+    b, rb = _train(tiny_chunks[0], epochs=1, batch_size=32)
+    assert ra.history == rb.history
+    for k, v in a.model.state_dict().items():
+        assert_close(b.model.state_dict()[k], v, msg=k)
+    _, rc = _train(tiny_chunks[0], epochs=1, batch_size=32, seed=1)
+    assert rc.history != ra.history
+
+
+def test_loss_goes_down(tiny_chunks):
+    _, res = _train(tiny_chunks[0], epochs=6, batch_size=32, lr=2e-3)
+    first, last = sum(res.history[:3]) / 3, sum(res.history[-3:]) / 3
+    assert last < first - 0.3, res.history
+    assert res.steps == 6 * 3 and res.pairs == 6 * 80  # 80 pairs, 32 per step
+
+
+def test_replay_kd_and_pseudo_negatives_enter_the_step(tiny_chunks):
+    bundle = create_model("ctp-vit-micro-32", seed=0)
+    teacher = create_model("ctp-vit-micro-32", seed=0).model.eval()
+    images, texts = _inputs(tiny_chunks[1], bundle)
+    replay = memory_items_from(tiny_chunks[0][:20], chunk=0, chunk_id="c0")
+    for it in replay:
+        it.pseudo_texts = ["a purple nothing", "a green thing"]
+    rimg = preprocess_images([it.image for it in replay], [it.key for it in replay], bundle.preprocess_val)
+    res = train_on_chunk(bundle.model, images=images, texts=texts, tokenizer=bundle.tokenizer,
+                         strategy=get_strategy("incclip"), teacher=teacher, replay=replay, replay_images=rimg,
+                         epochs=1, batch_size=32, progress=False)
+    # half of each batch replayed, one pseudo text per replayed image
+    assert res.negatives_per_step == 16
+    assert res.steps == 5  # 80 new pairs / 16 new per step
+    # teacher == student at the start, so KD starts near zero and grows as the student moves
+    assert 0 <= res.loss_kd < res.loss_clip
+    er = train_on_chunk(create_model("ctp-vit-micro-32", seed=0).model, images=images, texts=texts,
+                        tokenizer=bundle.tokenizer, strategy=get_strategy("er"), replay=replay,
+                        replay_images=rimg, epochs=1, batch_size=32, progress=False)
+    assert er.negatives_per_step == 0 and er.loss_kd == 0
+
+
+def test_replay_needs_images(tiny_chunks):
+    bundle = create_model("ctp-vit-micro-32", seed=0)
+    images, texts = _inputs(tiny_chunks[0], bundle)
+    replay = memory_items_from(tiny_chunks[0][:4], chunk=0, chunk_id="c0")
+    with pytest.raises(ValueError, match="replay_images"):
+        train_on_chunk(bundle.model, images=images, texts=texts, tokenizer=bundle.tokenizer,
+                       strategy=get_strategy("er"), replay=replay, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, images, texts, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        bundle = create_model("ctp-vit-micro-32", seed=0)
+        res = train_on_chunk(bundle.model, images=images, texts=texts, tokenizer=bundle.tokenizer,
+                             strategy=get_strategy("finetune"), epochs=1, batch_size=16, progress=False)
+        out[rank] = ({k: v.clone() for k, v in bundle.model.state_dict().items()}, res.steps, res.pairs)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_stay_in_sync(tiny_chunks):
+    bundle = create_model("ctp-vit-micro-32", seed=0)
+    images, texts = _inputs(tiny_chunks[0], bundle)
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), images, texts, out), nprocs=2, join=True)
+    (s0, steps0, pairs0), (s1, steps1, pairs1) = out[0], out[1]
+    assert steps0 == steps1 == 3  # 80 pairs / 2 ranks / 16 per step
+    assert pairs0 == 80
+    for k in s0:
+        assert_close(s0[k], s1[k], msg=k)  # DDP averaged the gradients: replicas identical
+    assert not torch.equal(s0["text_projection"], bundle.model.state_dict()["text_projection"])
+
+
+def test_random_is_untouched_by_seeded_model_creation():
+    state = random.getstate()
+    torch_state = torch.random.get_rng_state()
+    create_model("ctp-vit-micro-32", seed=5)
+    assert random.getstate() == state
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
