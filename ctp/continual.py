@@ -33,9 +33,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5  # epochs over each chunk
+    epochs: int = 20  # epochs over each chunk (tiny models from scratch need many)
     batch_size: int = 64  # pairs per step (new + replayed)
-    lr: float = 5e-4  # peak learning rate (cosine schedule per chunk)
+    lr: float = 2e-3  # peak learning rate (cosine schedule per chunk)
     weight_decay: float = 0.1
     warmup_steps: int = 10
     replay_pool: int = 4096  # memory items snapshotted (and decoded) per chunk for replay

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="epochs per chunk")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--memory-size", type=int, default=500, help="replay memory capacity in pairs")
+    p.add_argument("--memory-size", type=int, default=200, help="replay memory capacity in pairs")
     p.add_argument("--memory-policy", choices=POLICIES, default="class_balanced")
     p.add_argument("--generator", choices=GENERATORS, default="edit", help="pseudo-text generator")
     p.add_argument("--kd-weight", type=float, default=None, help="override the strategy's KD weight")
@@ -80,7 +80,25 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("CTP_CACHE", Path.home() / ".cache" / "ctp")) / "synthetic"
 
 
+def init_distributed(device: str) -> tuple[int, str]:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group; returns (rank, device)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return (dist.get_rank() if dist.is_initialized() else 0), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), device
+
+
 def run(args: argparse.Namespace) -> dict:
+    # Every rank runs the same continual loop (same memory decisions, same evaluation); DDP
+    # splits each chunk's batches between ranks, and only rank 0 writes files.
+    rank, args.device = init_distributed(args.device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     out: Path = args.out
@@ -109,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
     strategy = get_strategy(args.strategy, kd_weight=args.kd_weight)
     bundle = create_model(args.model, pretrained=args.pretrained, device=args.device, seed=args.seed)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                         seed=args.seed, progress=not args.no_progress)
+                         seed=args.seed, progress=not args.no_progress and rank == 0)
     memory = create_memory(max_items=args.memory_size, policy=args.memory_policy)
     generator = create_generator(args.generator) if strategy.pseudo_texts else None
     learner = ContinualLearner(bundle=bundle, strategy=strategy, memory=memory, generator=generator, config=config,
@@ -177,6 +195,8 @@ def run(args: argparse.Namespace) -> dict:
         "eval": evals,
         "chunk_reports": chunk_reports,
     }
+    if rank != 0:
+        return metrics
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     save_checkpoint(out / "checkpoint", bundle.model, {
         "model": args.model, "config": bundle.config, "version": len(chunk_dirs), "chunks": len(chunk_dirs),

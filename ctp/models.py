@@ -9,9 +9,10 @@ a local ``.safetensors``/open_clip checkpoint file, or a ctp checkpoint director
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -19,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-DEFAULT_MODEL = "ctp-vit-tiny-32"
+DEFAULT_MODEL = "ctp-rn-tiny-32"
 
 # Registering once makes the presets visible to open_clip itself, so a ctp checkpoint loads
 # with plain ``open_clip.create_model_and_transforms("ctp-vit-tiny-32", pretrained=path)``

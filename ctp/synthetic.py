@@ -151,7 +151,16 @@ CAPTION_TEMPLATES = (
     "{a} {color} {shape} drawn on a {bg} background",
     "the {shape} is {color} and {size}",
     "{a} {shape}",
+    "{a} {color} {shape}",
+    "a picture of {a} {shape}",
+    "there is {a} {shape} here",
 )
+# How often each phrasing is used. Like real alt-text, most captions are about the object and
+# say little else: with a few classes per chunk and richer nuisance attributes, captions that all
+# spell out colour, position and background let a small model match pairs without ever
+# learning the shapes (measured: zero-shot accuracy near chance after 20 epochs).
+CAPTION_WEIGHTS = (1, 1, 1, 1, 1, 1, 1, 3, 3, 2, 1)
+_CAPTION_P = np.array(CAPTION_WEIGHTS, dtype=float) / sum(CAPTION_WEIGHTS)
 # Phrasings that name every attribute: retrieval captions should single out their image.
 _FULL_TEMPLATES = (0, 3, 4)
 
@@ -169,7 +178,7 @@ CLASSIFICATION_TEMPLATES = (
 
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges at 32x32
 _MAX_RETRIEVAL_IMAGES = 500
-_FORMAT_VERSION = 1  # bump when drawing or layout changes, so cached streams are regenerated
+_FORMAT_VERSION = 2  # bump when drawing or layout changes, so cached streams are regenerated
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,8 @@ class SyntheticConfig:
 PRESETS: dict[str, SyntheticConfig] = {
     "class-incremental": SyntheticConfig(),
     "instance-incremental": SyntheticConfig(split="instance-incremental"),
+    # 8 classes, 2 new ones a chunk: the benchmark stream that trains on a 2-core CPU in minutes
+    "class-incremental-small": SyntheticConfig(num_classes=8, train_per_class=200, eval_per_class=50),
     "tiny": SyntheticConfig(num_classes=4, num_chunks=2, train_per_class=40, eval_per_class=10),
 }
 
@@ -343,7 +354,7 @@ def generate_pairs(
             if digest not in seen:
                 seen.add(digest)
                 break
-        caption = make_caption(attrs, int(rng.integers(len(CAPTION_TEMPLATES))))
+        caption = make_caption(attrs, int(rng.choice(len(CAPTION_TEMPLATES), p=_CAPTION_P)))
         meta = {k: attrs[k] for k in ("color", "size", "position", "background")}
         samples.append(Sample(key=f"{key_prefix}-{i:06d}", image=image, text=caption, label=shape, meta=meta))
     return samples

@@ -75,3 +75,26 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit, match="not found"):
         main(["experiment", "--chunks", str(tmp_path / "missing"), "--strategy", "er", "--out", str(tmp_path)])
     assert main(["nope"]) == 2
+
+
+@pytest.mark.slow
+def test_experiment_under_torchrun(tmp_path, tiny_stream):
+    """`torchrun --nproc-per-node 2 ... experiment`: two gloo CPU ranks, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           "-m", "service.cli", "experiment", "--chunks", *map(str, tiny_stream.chunks),
+           "--eval-classification", f"shapes={tiny_stream.classification}", "--strategy", "incclip",
+           "--model", "ctp-vit-micro-32", "--epochs", "1", "--batch-size", "16", "--memory-size", "20",
+           "--device", "cpu", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    # 80 pairs a chunk over 2 ranks: 40 each, 8 new + 8 replayed per step after chunk 0
+    assert m["chunk_reports"][0]["train"]["steps"] == 3
+    assert m["chunk_reports"][1]["train"]["steps"] == 5
+    assert m["chunk_reports"][1]["train"]["pairs"] == 2 * 5 * 16

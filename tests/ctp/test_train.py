@@ -102,7 +102,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(tiny_chunks):
     mp.spawn(_ddp_worker, args=(2, _free_port(), images, texts, out), nprocs=2, join=True)
     (s0, steps0, pairs0), (s1, steps1, pairs1) = out[0], out[1]
     assert steps0 == steps1 == 3  # 80 pairs / 2 ranks / 16 per step
-    assert pairs0 == 80
+    assert pairs0 == pairs1 == 80
     for k in s0:
         assert_close(s0[k], s1[k], msg=k)  # DDP averaged the gradients: replicas identical
     assert not torch.equal(s0["text_projection"], bundle.model.state_dict()["text_projection"])
