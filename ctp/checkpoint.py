@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ctp.atomic import fsync_dir, fsync_file
+
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "meta.json"
 FORMAT_VERSION = 1
@@ -25,19 +27,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -53,13 +42,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict[str, An
     try:
         weights = tmp / WEIGHTS_NAME
         save_file(state_dict_for_save(model), str(weights), metadata={"format": "pt"})
-        _fsync_file(weights)
+        fsync_file(weights)
         meta_path = tmp / META_NAME
         with open(meta_path, "w") as f:
             json.dump({"format_version": FORMAT_VERSION, **meta}, f, indent=2, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if path.exists():
             # rename() cannot replace a non-empty directory; move the old one aside first so a
             # crash between the two renames leaves one complete copy on disk.
@@ -70,7 +59,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict[str, An
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

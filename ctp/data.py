@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctp.atomic import fsync_dir, write_text_atomic
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 logger = logging.getLogger(__name__)
@@ -72,24 +74,6 @@ def _shard_paths(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise FileNotFoundError(f"no such shard directory: {directory}")
     return sorted((p for p in directory.glob("*.tar") if p.is_file()), key=_natural_key)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class _ShardWriter:
@@ -171,7 +155,7 @@ class _ShardWriter:
         self._file.close()
         final = self.out_dir / self.name(len(self.paths))
         os.replace(self._tmp, final)
-        _fsync_dir(self.out_dir)  # makes the rename itself durable
+        fsync_dir(self.out_dir)  # makes the rename itself durable
         self.paths.append(final)
         self._tar = self._file = self._tmp = None
         self._count = 0
@@ -302,7 +286,7 @@ def _write_eval_shards(out_dir: Path, items: Iterable[tuple[str, dict[str, bytes
         for key, members in items:
             writer.add(key, members)
         paths = writer.close()
-    _write_text_atomic(split_dir / "nshards.txt", f"{len(paths)}\n")
+    write_text_atomic(split_dir / "nshards.txt", f"{len(paths)}\n")
 
 
 def _eval_key(i: int) -> str:
@@ -343,8 +327,8 @@ def write_classification_set(
         ),
         shard_size,
     )
-    _write_text_atomic(out / _CLASSNAMES, "".join(f"{c}\n" for c in classnames))
-    _write_text_atomic(out / _TEMPLATES, "".join(f"{t}\n" for t in templates))
+    write_text_atomic(out / _CLASSNAMES, "".join(f"{c}\n" for c in classnames))
+    write_text_atomic(out / _TEMPLATES, "".join(f"{t}\n" for t in templates))
     return out
 
 

@@ -56,7 +56,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     # bf16 on GPU for speed; CPU stays fp32 (CPU autocast is slow and changes results).
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -82,7 +82,7 @@ def embed_images(
     if keys is not None and len(keys) != len(images):
         raise ValueError(f"{len(keys)} keys for {len(images)} images")
     out: list[Tensor] = []
-    with _eval_mode(model), _autocast(device):
+    with _eval_mode(model), autocast_for(device):
         for start in range(0, len(images), batch_size):
             batch = [
                 preprocess(decode_image(data, key=keys[n] if keys is not None else str(n)))
@@ -107,7 +107,7 @@ def embed_texts(
     """Texts -> L2-normalised embeddings ``[N, D]`` (fp32, on ``device``)."""
     device = torch.device(device)
     out: list[Tensor] = []
-    with _eval_mode(model), _autocast(device):
+    with _eval_mode(model), autocast_for(device):
         for start in range(0, len(texts), batch_size):
             tokens = tokenizer(list(texts[start : start + batch_size])).to(device)  # [B, ctx]
             out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))  # [B, D]

@@ -8,13 +8,14 @@ has to apply the resulting plan atomically.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
+
+from ctp.atomic import write_text_atomic
 
 Policy = Literal["reservoir", "class_balanced"]
 POLICIES: tuple[str, ...] = ("reservoir", "class_balanced")
@@ -233,12 +234,7 @@ class InProcessMemory:
             "seen": self._counters.seen,
             "seen_per_label": self._counters.seen_per_label,
         }
-        tmp = path / "state.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / "state.json")
+        write_text_atomic(path / "state.json", json.dumps(state))
 
     @classmethod
     def load(cls, path: str | Path) -> InProcessMemory:

@@ -17,13 +17,13 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ctp.evaluate import autocast_for
 from ctp.images import decode_image
 from ctp.losses import contrastive_loss, distillation_loss
 from ctp.memory import MemoryItem
@@ -59,13 +59,6 @@ def preprocess_images(
     return torch.stack(
         [preprocess(decode_image(b, key=k, max_pixels=max_pixels)) for b, k in zip(images, keys, strict=True)]
     )
-
-
-def autocast_for(device: torch.device):
-    # bf16 on CUDA (no loss scaling needed); fp32 on CPU, where bf16 autocast is slower.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @torch.no_grad()
