@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo bench-continual bench-step clean
+.PHONY: setup servers test test-fast lint demo bench-continual bench-step clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Java, Maven and redis-server from apt when missing, and the Kafka jars from Maven Central
+servers: $(STAMP)
+	bash .ci/install-servers
+
 # README's test command
-test: $(STAMP)
+test: $(STAMP) servers
 	$(BIN)/ruff check ctp service tests benchmarks
 	$(BIN)/python -m pytest -q
 

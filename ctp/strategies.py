@@ -21,6 +21,7 @@ class Strategy:
     replay_fraction: float = 0.5  # share of each batch taken from memory when replaying
     kd_weight: float = 1.0  # weight of the KD term against the contrastive term
     kd_temperature: float = 2.0  # softmax temperature of KD (loss scaled by T^2)
+    kd_scope: str = "batch"  # KD over the whole batch, or "replay": the replayed pairs only
     pseudo_per_image: int = 1  # pseudo texts drawn per replayed image per step
     merge_alpha: float | None = None  # after the chunk: alpha * new + (1 - alpha) * old
 
@@ -36,6 +37,7 @@ STRATEGIES: dict[str, Strategy] = {
         # ablations of incclip (docs/results.md)
         Strategy("er_kd", replay=True, distill=True),
         Strategy("er_pt", replay=True, pseudo_texts=True),
+        Strategy("incclip_rkd", replay=True, distill=True, pseudo_texts=True, kd_scope="replay"),
         Strategy("incclip_wise", replay=True, distill=True, pseudo_texts=True, merge_alpha=0.8),
     )
 }

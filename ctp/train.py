@@ -188,10 +188,17 @@ def train_on_chunk(
                 loss = loss_clip
                 loss_kd = torch.zeros((), device=device)
                 if use_kd:
-                    t_img = torch.cat([t_img_new[idx], t_img_rep[ridx]]) if use_replay else t_img_new[idx]
-                    t_txt = torch.cat([t_txt_new[idx], t_txt_rep[ridx]]) if use_replay else t_txt_new[idx]
+                    if use_replay and strategy.kd_scope == "replay":
+                        # KD over the replayed pairs only: the teacher's knowledge is about old
+                        # data; its view of the new pairs would hold the new classes back.
+                        kd = slice(len(idx), b)
+                        t_img, t_txt = t_img_rep[ridx], t_txt_rep[ridx]
+                    else:
+                        kd = slice(0, b)
+                        t_img = torch.cat([t_img_new[idx], t_img_rep[ridx]]) if use_replay else t_img_new[idx]
+                        t_txt = torch.cat([t_txt_new[idx], t_txt_rep[ridx]]) if use_replay else t_txt_new[idx]
                     loss_kd = distillation_loss(
-                        scale * img_f @ txt_f[:b].T, t_scale * t_img @ t_txt.T,
+                        scale * img_f[kd] @ txt_f[kd].T, t_scale * t_img @ t_txt.T,
                         temperature=strategy.kd_temperature,
                     )
                     loss = loss + strategy.kd_weight * loss_kd
