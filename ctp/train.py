@@ -134,7 +134,8 @@ def train_on_chunk(
         ]
     if use_kd:
         # Teacher embeddings once per chunk; the loop only indexes them. [N, D] and [M, D]
-        t_img_new, t_txt_new = embed_pairs(teacher, images, tokens, device=device)
+        if not (use_replay and strategy.kd_scope == "replay"):
+            t_img_new, t_txt_new = embed_pairs(teacher, images, tokens, device=device)
         if use_replay:
             t_img_rep, t_txt_rep = embed_pairs(teacher, replay_images, rep_tokens, device=device)
         t_scale = unwrap(teacher).logit_scale.exp().detach().float()
