@@ -32,32 +32,24 @@ def synthetic_pairs(n: int, image_size: int, seed: int) -> list[Sample]:
     import numpy as np
 
     classes = ["circle", "square", "triangle", "star"]
-    pairs = generate_pairs(classes, max(1, n // len(classes)), np.random.default_rng(seed), image_size)
-    if image_size > 64:  # generated at a small size is enough: only the cost matters here
-        pass
-    return pairs
+    return generate_pairs(classes, max(1, n // len(classes)), np.random.default_rng(seed), image_size)
 
 
-def measure(bundle, *, samples, replay, strategy_name, batch_size, steps, device, teacher, rounds):
+def measure_once(bundle, *, images, samples, replay, rimg, strategy_name, batch_size, steps, device, teacher):
+    """One chunk of exactly ``steps`` steps: (seconds per loop step, seconds in all, ChunkResult)."""
     strategy = get_strategy(strategy_name)
-    images = preprocess_images([s.image for s in samples], [s.key for s in samples], bundle.preprocess_val)
-    rimg = preprocess_images([it.image for it in replay], [it.key for it in replay], bundle.preprocess_val)
     n_new = batch_size - (round(batch_size * strategy.replay_fraction) if strategy.replay else 0)
-    take = n_new * steps  # new pairs for exactly `steps` steps
-    per_step, totals = [], []
-    for _ in range(rounds):
-        model = copy.deepcopy(bundle.model)
-        t0 = time.perf_counter()
-        res = train_on_chunk(model, images=images[:take], texts=[s.text for s in samples[:take]],
-                             tokenizer=bundle.tokenizer, strategy=strategy,
-                             teacher=teacher if strategy.distill else None,
-                             replay=replay if strategy.replay else (), replay_images=rimg if strategy.replay else None,
-                             epochs=1, batch_size=batch_size, device=device, progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        totals.append(time.perf_counter() - t0)
-        per_step.append(res.seconds / res.steps)
-    return statistics.median(per_step), statistics.median(totals), res
+    take = n_new * steps
+    model = copy.deepcopy(bundle.model)
+    t0 = time.perf_counter()
+    res = train_on_chunk(model, images=images[:take], texts=[s.text for s in samples[:take]],
+                         tokenizer=bundle.tokenizer, strategy=strategy,
+                         teacher=teacher if strategy.distill else None,
+                         replay=replay if strategy.replay else (), replay_images=rimg if strategy.replay else None,
+                         epochs=1, batch_size=batch_size, device=device, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return res.seconds / res.steps, time.perf_counter() - t0, res
 
 
 def main(argv=None) -> int:
@@ -88,14 +80,16 @@ def main(argv=None) -> int:
     for it in replay:
         it.pseudo_texts = made[it.key]
 
-    results = {}
-    for _ in range(1):  # alternate the strategies round by round inside measure's repeats
-        for name in ("finetune", "incclip"):
-            results[name] = measure(bundle, samples=samples, replay=replay, strategy_name=name,
-                                    batch_size=args.batch_size, steps=args.steps, device=device,
-                                    teacher=teacher, rounds=args.rounds)
-    ft_step, ft_total, ft_res = results["finetune"]
-    ic_step, ic_total, ic_res = results["incclip"]
+    images = preprocess_images([s.image for s in samples], [s.key for s in samples], bundle.preprocess_val)
+    runs: dict[str, list] = {"finetune": [], "incclip": []}
+    for _ in range(args.rounds):  # alternate round by round so machine noise hits both alike
+        for name in runs:
+            runs[name].append(measure_once(bundle, images=images, samples=samples, replay=replay, rimg=rimg,
+                                           strategy_name=name, batch_size=args.batch_size, steps=args.steps,
+                                           device=device, teacher=teacher))
+    ft_step, ft_total = (statistics.median(r[i] for r in runs["finetune"]) for i in (0, 1))
+    ic_step, ic_total = (statistics.median(r[i] for r in runs["incclip"]) for i in (0, 1))
+    ic_res = runs["incclip"][-1][2]
     print(f"model {args.model}, batch {args.batch_size}, device {device}, {args.steps} steps x {args.rounds} rounds")
     print(f"finetune: {1000 * ft_step:.1f} ms/step ({args.batch_size / ft_step:.0f} pairs/s)")
     print(f"incclip : {1000 * ic_step:.1f} ms/step ({args.batch_size / ic_step:.0f} pairs/s), "
