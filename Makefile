@@ -31,8 +31,8 @@ lint: $(STAMP)
 
 # README's main job: the continual pipeline end to end on one machine (synthetic stream)
 demo: $(STAMP)
-	$(BIN)/ctp experiment --synthetic class-incremental --strategy incclip --out runs/demo-incclip
-	$(BIN)/ctp experiment --synthetic class-incremental --strategy finetune --out runs/demo-finetune
+	$(BIN)/ctp experiment --synthetic class-incremental-small --strategy incclip --out runs/demo-incclip
+	$(BIN)/ctp experiment --synthetic class-incremental-small --strategy finetune --out runs/demo-finetune
 	$(BIN)/ctp compare runs/demo-finetune runs/demo-incclip --plot runs/demo-compare.png
 
 bench-continual: $(STAMP)
