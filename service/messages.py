@@ -1,0 +1,146 @@
+"""The ingest message contract and its validation.
+
+A Kafka value is UTF-8 JSON: ``{"id": str (optional), "text": str, "image": base64 of
+JPEG/PNG/WebP bytes, "label": str (optional), "meta": object (optional)}``. ``validate_message``
+returns a ``ValidPair`` or raises ``InvalidMessage`` with a short machine-readable ``code`` and a
+human reason; ingest sends the original bytes and both to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
+
+from ctp.images import ImageDecodeError, decode_image
+
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class InvalidMessage(ValueError):
+    def __init__(self, code: str, reason: str):
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class IngestMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr | None = None
+    text: StrictStr
+    image: StrictStr
+    label: StrictStr | None = None
+    meta: dict | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 8_000_000
+    max_image_bytes: int = 5_000_000
+    max_image_pixels: int = 16_000_000
+    max_text_chars: int = 1000
+    max_label_chars: int = 200
+    max_id_chars: int = 200
+    max_meta_bytes: int = 16_000
+
+
+@dataclass
+class ValidPair:
+    id: str
+    text: str
+    image: bytes  # decoded-and-verified image bytes, as sent
+    ext: str  # "jpg" | "png" | "webp"
+    label: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def _clean_text(value: str, *, what: str, max_chars: int) -> str:
+    text = unicodedata.normalize("NFC", value).strip()
+    if not text:
+        raise InvalidMessage(f"empty_{what}", f"{what} is empty")
+    if len(text) > max_chars:
+        raise InvalidMessage(f"{what}_too_long", f"{what} has {len(text)} characters, limit {max_chars}")
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn") and c not in "\t\n"]
+    if bad:
+        raise InvalidMessage(f"{what}_control_chars",
+                             f"{what} holds control, surrogate or unassigned characters ({bad[0]!r})")
+    return text
+
+
+def safe_key(raw_id: str) -> str:
+    """A WebDataset key for an id: no dots or slashes (they split keys from extensions)."""
+    return _KEY_SAFE.sub("_", raw_id)[:200] or "_"
+
+
+def validate_message(value: bytes | None, *, default_id: str, limits: Limits = Limits()) -> ValidPair:
+    if value is None:
+        raise InvalidMessage("empty", "message has no value (tombstone)")
+    if len(value) > limits.max_message_bytes:
+        raise InvalidMessage("too_large", f"message of {len(value)} bytes, limit {limits.max_message_bytes}")
+    try:
+        decoded = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidMessage("not_utf8", f"value is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(decoded)
+    except json.JSONDecodeError as e:
+        raise InvalidMessage("not_json", f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage("not_object", f"value is a JSON {type(obj).__name__}, expected an object")
+    try:
+        msg = IngestMessage.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise InvalidMessage("schema", f"{where}: {first['msg']}") from None
+    text = _clean_text(msg.text, what="text", max_chars=limits.max_text_chars)
+    label = _clean_text(msg.label, what="label", max_chars=limits.max_label_chars) if msg.label is not None else None
+    pair_id = msg.id if msg.id is not None else default_id
+    pair_id = _clean_text(pair_id, what="id", max_chars=limits.max_id_chars)
+    meta = msg.meta or {}
+    if len(json.dumps(meta)) > limits.max_meta_bytes:
+        raise InvalidMessage("meta_too_large", f"meta is over {limits.max_meta_bytes} bytes of JSON")
+    # base64 is 4/3 of the bytes: refuse before decoding anything too large
+    if len(msg.image) > limits.max_image_bytes * 4 // 3 + 4:
+        raise InvalidMessage("image_too_large", f"image is over {limits.max_image_bytes} bytes")
+    try:
+        raw = base64.b64decode(msg.image, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidMessage("bad_base64", f"image is not valid base64 ({e})") from None
+    try:
+        decode_image(raw, key=pair_id, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+    except ImageDecodeError as e:
+        raise InvalidMessage("bad_image", e.reason) from None
+    return ValidPair(id=pair_id, text=text, image=raw, ext=_EXT[_sniff(raw)], label=label, meta=meta)
+
+
+def _sniff(raw: bytes) -> str:
+    if raw.startswith(b"\x89PNG"):
+        return "PNG"
+    if raw.startswith(b"\xff\xd8"):
+        return "JPEG"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "WEBP"
+    return "PNG"
+
+
+def encode_message(*, text: str, image: bytes, id: str | None = None, label: str | None = None,
+                   meta: dict | None = None) -> bytes:
+    """The producer side of the contract."""
+    obj = {"text": text, "image": base64.b64encode(image).decode("ascii")}
+    if id is not None:
+        obj["id"] = id
+    if label is not None:
+        obj["label"] = label
+    if meta:
+        obj["meta"] = meta
+    return json.dumps(obj).encode()
