@@ -246,8 +246,11 @@ def write_report(out: Path, metrics: dict) -> None:
                       "```", format_task_matrix(e["task_matrix"]), "```", "",
                       f"![task matrix](task_matrix_{name}.png)", ""]
             plot_task_matrix(e["task_matrix"], out / f"task_matrix_{name}.png", title=f"{metrics['strategy']}: {name}")
-    plot_accuracy_curves({metrics["strategy"]: metrics}, out / "accuracy.png")
-    lines += ["![accuracy after each chunk](accuracy.png)", ""]
+    if metrics["eval"]:
+        plot_accuracy_curves({metrics["strategy"]: metrics}, out / "accuracy.png")
+        lines += ["![accuracy after each chunk](accuracy.png)", ""]
+    else:
+        lines += ["No eval sets were given (--eval-classification / --eval-retrieval).", ""]
     lines += ["## Chunks", "", "| chunk | steps | pairs/s | loss | kd | pseudo kept | pseudo s | memory |",
               "|---|---|---|---|---|---|---|---|"]
     for c in metrics["chunk_reports"]:

@@ -69,6 +69,17 @@ def test_synthetic_source(tmp_path):
     assert set(m["eval"]) == {"synthetic", "synthetic_retrieval"}
 
 
+@pytest.mark.parametrize("generator", ["captioner", "random"])
+def test_other_pseudo_text_generators(tmp_path, tiny_stream, generator):
+    out = tmp_path / generator
+    assert main(["experiment", "--chunks", *map(str, tiny_stream.chunks), "--strategy", "incclip",
+                 "--generator", generator, "--model", "ctp-vit-micro-32", "--epochs", "1", "--memory-size", "20",
+                 "--no-progress", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["generator"] == generator
+    assert m["chunk_reports"][1]["pseudo"]["proposed"] > 0
+
+
 def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "--strategy", "incclip", "--out", str(tmp_path)])  # no data source
