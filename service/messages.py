@@ -81,7 +81,10 @@ def safe_key(raw_id: str) -> str:
     return _KEY_SAFE.sub("_", raw_id)[:200] or "_"
 
 
-def validate_message(value: bytes | None, *, default_id: str, limits: Limits = Limits()) -> ValidPair:
+DEFAULT_LIMITS = Limits()
+
+
+def validate_message(value: bytes | None, *, default_id: str, limits: Limits = DEFAULT_LIMITS) -> ValidPair:
     if value is None:
         raise InvalidMessage("empty", "message has no value (tombstone)")
     if len(value) > limits.max_message_bytes:

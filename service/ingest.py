@@ -1,0 +1,216 @@
+"""Ingest: Kafka topic -> validated pairs -> chunks on disk -> chunk queue, exactly once.
+
+Per assigned partition the worker buffers validated pairs and cuts a chunk when it holds
+``chunk_size`` pairs or its first message waited ``chunk_max_wait_s``. A cut chunk is written
+durably (``ChunkStore``), then one Redis script records it all at once: the chunk on the
+queue, the next offset to read for the partition, and the pair ids (for dropping duplicates).
+Only then are the Kafka offsets committed. The offsets kept in Redis are the source of truth:
+on (re)assignment a partition is sought to them, so messages after a crash are read again but
+can never land in a second chunk, whatever the chunk boundaries are the second time.
+
+Bad messages go to the dead-letter topic with the original bytes and headers ``ctp-error``
+(code), ``ctp-reason``, ``ctp-source`` (topic/partition/offset); they never stop the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import redis
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+
+from ctp.data import Sample
+from service.chunks import ChunkQueue, ChunkStore, chunk_id_for
+from service.messages import DEFAULT_LIMITS, InvalidMessage, Limits, ValidPair, validate_message
+
+logger = logging.getLogger(__name__)
+
+# KEYS: stream, enqueued marker, offsets hash, ids set. ARGV: chunk id, path, pairs, partition,
+# next offset, ids... (chunk id "" = no chunk, only advance the offset: all messages were bad)
+_RECORD = """
+if ARGV[1] ~= '' then
+  if redis.call('SET', KEYS[2], ARGV[1], 'NX') then
+    redis.call('XADD', KEYS[1], '*', 'chunk_id', ARGV[1], 'path', ARGV[2], 'pairs', ARGV[3])
+  end
+end
+local cur = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '-1')
+if tonumber(ARGV[5]) > cur then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
+for i = 6, #ARGV do redis.call('SADD', KEYS[4], ARGV[i]) end
+return 1
+"""
+
+
+@dataclass
+class PartitionBuffer:
+    first_offset: int | None = None
+    last_offset: int | None = None
+    started: float = 0.0  # monotonic time of the first message
+    pairs: list[tuple[int, ValidPair]] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+
+    def note(self, offset: int) -> None:
+        if self.first_offset is None:
+            self.first_offset = offset
+            self.started = time.monotonic()
+        self.last_offset = offset
+
+
+class IngestWorker:
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topic: str,
+        dlq_topic: str,
+        group: str,
+        redis_client: redis.Redis,
+        store: ChunkStore,
+        queue: ChunkQueue,
+        chunk_size: int = 256,
+        chunk_max_wait_s: float = 60.0,
+        limits: Limits = DEFAULT_LIMITS,
+        client_id: str = "ctp-ingest",
+        max_poll_interval_ms: int = 300_000,
+        poll_timeout_ms: int = 500,
+    ):
+        self.topic, self.dlq_topic, self.group = topic, dlq_topic, group
+        self.r = redis_client
+        self.store, self.queue = store, queue
+        self.chunk_size, self.chunk_max_wait_s, self.limits = chunk_size, chunk_max_wait_s, limits
+        self.poll_timeout_ms = poll_timeout_ms
+        self.stats: Counter[str] = Counter()
+        self.buffers: dict[int, PartitionBuffer] = {}
+        self._stop = threading.Event()
+        self._offsets_key = f"ctp:ingest:{topic}:offsets"
+        self._ids_key = f"ctp:ingest:{topic}:ids"
+        self._record = self.r.register_script(_RECORD)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group, client_id=client_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_interval_ms=max_poll_interval_ms, max_poll_records=500,
+        )
+        self.consumer.subscribe([topic], listener=_Rebalance(self))
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+
+    # -- lifecycle
+    def stop(self, *_args) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self, *, burst: bool = False, idle_s: float = 3.0) -> Counter[str]:
+        """Consume until stopped; ``burst``: until nothing arrived for ``idle_s`` and all is cut."""
+        last_data = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+                for tp, records in batches.items():
+                    for rec in records:
+                        self._handle(tp.partition, rec)
+                    last_data = time.monotonic()
+                self._cut_due(force=burst and time.monotonic() - last_data > idle_s / 2)
+                if burst and time.monotonic() - last_data > idle_s and not any(b.first_offset is not None for b in self.buffers.values()):
+                    break
+            self._cut_due(force=True)  # graceful stop: nothing half-done stays in memory
+        finally:
+            self.producer.flush()
+            self.consumer.close(autocommit=False)
+            self.producer.close()
+        return self.stats
+
+    # -- per message
+    def _handle(self, partition: int, rec) -> None:
+        buf = self.buffers.setdefault(partition, PartitionBuffer())
+        buf.note(rec.offset)
+        self.stats["messages"] += 1
+        default_id = f"{self.topic}-{partition}-{rec.offset}"
+        try:
+            pair = validate_message(rec.value, default_id=default_id, limits=self.limits)
+        except InvalidMessage as e:
+            self._dead_letter(rec, e)
+            return
+        except Exception as e:  # a bug must not stop ingest: dead-letter it with the error
+            logger.exception("unexpected error validating %s", default_id)
+            self._dead_letter(rec, InvalidMessage("internal", f"{type(e).__name__}: {e}"))
+            return
+        if pair.id in buf.ids or self.r.sismember(self._ids_key, pair.id):
+            self.stats["duplicates"] += 1
+            return
+        buf.ids.add(pair.id)
+        buf.pairs.append((rec.offset, pair))
+        self.stats["valid"] += 1
+        if len(buf.pairs) >= self.chunk_size:
+            self._cut(partition)
+
+    def _dead_letter(self, rec, err: InvalidMessage) -> None:
+        self.stats["dead_letters"] += 1
+        self.stats[f"dlq:{err.code}"] += 1
+        headers = [("ctp-error", err.code.encode()), ("ctp-reason", err.reason.encode()[:1000]),
+                   ("ctp-source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode())]
+        self.producer.send(self.dlq_topic, value=rec.value if rec.value is not None else b"", key=rec.key,
+                           headers=headers)
+        logger.info("dead letter %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, err)
+
+    # -- chunks
+    def _cut_due(self, *, force: bool) -> None:
+        now = time.monotonic()
+        for p, buf in list(self.buffers.items()):
+            if buf.first_offset is not None and (force or now - buf.started >= self.chunk_max_wait_s):
+                self._cut(p)
+
+    def _cut(self, partition: int) -> None:
+        buf = self.buffers[partition]
+        if buf.first_offset is None:
+            return
+        self.producer.flush()  # dead letters of this range are stored before it is committed
+        chunk_id, path, n = "", "", len(buf.pairs)
+        if buf.pairs:
+            chunk_id = chunk_id_for({partition: (buf.first_offset, buf.last_offset)})
+            samples = [Sample(key=f"p{partition}-o{off}", image=p.image, text=p.text, label=p.label,
+                              meta={"id": p.id, **p.meta}, ext=p.ext) for off, p in buf.pairs]
+            path = str(self.store.write(chunk_id, samples))
+        next_offset = buf.last_offset + 1
+        self._record(keys=[self.queue.stream, f"{self.queue.stream}:enqueued:{chunk_id}", self._offsets_key,
+                           self._ids_key],
+                     args=[chunk_id, path, n, partition, next_offset, *[p.id for _, p in buf.pairs]])
+        self.consumer.commit({TopicPartition(self.topic, partition): _offset_meta(next_offset)})
+        if chunk_id:
+            self.stats["chunks"] += 1
+            logger.info("chunk %s: %d pairs", chunk_id, n)
+        self.buffers[partition] = PartitionBuffer()
+
+    def stored_offset(self, partition: int) -> int | None:
+        v = self.r.hget(self._offsets_key, partition)
+        return int(v) if v is not None else None
+
+
+def _offset_meta(offset: int):
+    from kafka.structs import OffsetAndMetadata
+
+    try:
+        return OffsetAndMetadata(offset, "", -1)
+    except TypeError:  # older kafka-python: (offset, metadata)
+        return OffsetAndMetadata(offset, "")
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: IngestWorker):
+        self.w = worker
+
+    def on_partitions_revoked(self, revoked):
+        # Not yet chunked: the next owner reads these messages again from the stored offset.
+        for tp in revoked:
+            self.w.buffers.pop(tp.partition, None)
+
+    def on_partitions_assigned(self, assigned):
+        for tp in assigned:
+            stored = self.w.stored_offset(tp.partition)
+            if stored is not None:
+                self.w.consumer.seek(tp, stored)
+            self.w.buffers[tp.partition] = PartitionBuffer()

@@ -1,0 +1,96 @@
+"""Ingest against a real Kafka broker and a real Redis: chunks, dead letters, duplicates, replays."""
+
+import io
+import uuid
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from PIL import Image
+
+from ctp.data import read_chunk
+from service.chunks import ChunkQueue, ChunkStore
+from service.ingest import IngestWorker
+from service.messages import encode_message
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (i % 256, (7 * i) % 256, 90)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+BAD = [b"not json", b"[1,2]", b'{"text": 3, "image": "x"}', b'{"text": "a", "image": "%%%"}',
+       encode_message(text="a", image=b"definitely not an image"), encode_message(text="", image=_png(1)),
+       None]
+
+
+def _worker(kafka, redis_server, tmp_path, topic, group, **kw):
+    client = redis_server.client()
+    return IngestWorker(bootstrap=kafka.bootstrap, topic=topic, dlq_topic=f"{topic}.dlq", group=group,
+                        redis_client=client, store=ChunkStore(tmp_path / "chunks"), queue=ChunkQueue(client), **kw)
+
+
+def _dlq(kafka, topic, n):
+    c = KafkaConsumer(f"{topic}.dlq", bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest",
+                      consumer_timeout_ms=5000, group_id=None)
+    out = [r for r in c]
+    c.close()
+    return out
+
+
+def test_end_to_end_chunks_dead_letters_and_duplicates(kafka, redis_server, tmp_path):
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    kafka.create_topic(topic, partitions=2)
+    kafka.create_topic(f"{topic}.dlq", partitions=1)
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    n_valid = 520
+    for i in range(n_valid):
+        producer.send(topic, encode_message(id=f"pair-{i}", text=f"pair number {i}", image=_png(i), label=f"c{i % 4}"),
+                      partition=i % 2)
+        if i % 100 == 0:
+            producer.send(topic, BAD[(i // 100) % len(BAD)], partition=i % 2)
+    for i in range(0, 30):  # resent pairs: same ids, dropped
+        producer.send(topic, encode_message(id=f"pair-{i}", text=f"pair number {i}", image=_png(i)), partition=1)
+    producer.flush()
+
+    w = _worker(kafka, redis_server, tmp_path, topic, "ingest-a", chunk_size=100, chunk_max_wait_s=2)
+    stats = w.run(burst=True, idle_s=4)
+    assert stats["valid"] == n_valid and stats["duplicates"] == 30 and stats["dead_letters"] == 6
+
+    store = ChunkStore(tmp_path / "chunks")
+    queue = ChunkQueue(redis_server.client())
+    ids = []
+    while (task := queue.take("t", block_ms=50)) is not None:
+        ids += [s.meta["id"] for s in read_chunk(task.path)]
+        queue.ack(task)
+    assert sorted(ids) == sorted(f"pair-{i}" for i in range(n_valid))  # each valid pair exactly once
+    assert len(list(store.root.iterdir())) == stats["chunks"]
+
+    dead = _dlq(kafka, topic, 6)
+    assert len(dead) == 6
+    for rec in dead:
+        headers = dict(rec.headers)
+        assert headers["ctp-error"] and headers["ctp-reason"] and headers["ctp-source"].startswith(topic.encode())
+
+    # the same group again: everything is recorded, nothing new
+    w2 = _worker(kafka, redis_server, tmp_path, topic, "ingest-a", chunk_size=100)
+    assert w2.run(burst=True, idle_s=3)["chunks"] == 0
+
+
+def test_offsets_in_redis_win_over_kafka_commits(kafka, redis_server, tmp_path):
+    """A crash between recording a chunk and committing to Kafka must not give a second chunk."""
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    kafka.create_topic(topic, partitions=1)
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    for i in range(50):
+        producer.send(topic, encode_message(id=f"p{i}", text=f"t {i}", image=_png(i)))
+    producer.flush()
+    w = _worker(kafka, redis_server, tmp_path, topic, "g1", chunk_size=20)
+    w.consumer.commit = lambda *a, **k: None  # the commit never reaches Kafka (crash)
+    assert w.run(burst=True, idle_s=3)["chunks"] == 3
+    # a new worker in a new group starts from offset 0 in Kafka's view, but Redis says 50
+    w2 = _worker(kafka, redis_server, tmp_path, topic, "g1", chunk_size=7)
+    stats = w2.run(burst=True, idle_s=3)
+    assert stats["chunks"] == 0 and stats["valid"] == 0
