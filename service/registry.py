@@ -1,0 +1,101 @@
+"""Checkpoint registry: versions in Redis, files in the data dir, retention, and announcements.
+
+- ``{prefix}:next``: version counter (INCR); a version number is never reused.
+- ``{prefix}:v:{n}``: hash with ``path``, ``meta`` (JSON: model, strategy, chunks, metrics...),
+  ``created``.
+- ``{prefix}:history``: sorted set of live versions (score = version).
+- ``{prefix}:latest``: the newest version: the pollable pointer for watchers.
+- channel ``{prefix}:updates``: the version number is published when it becomes latest.
+
+A checkpoint is written whole on disk first (``ctp.checkpoint.save_checkpoint``), then recorded
+in one MULTI/EXEC; a crash in between leaves an unregistered directory, never a registered
+version without files. Retention keeps the newest ``keep`` versions (files and entries).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+
+from ctp.checkpoint import save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VersionInfo:
+    version: int
+    path: Path
+    meta: dict[str, Any]
+    created: float
+
+
+class Registry:
+    def __init__(self, client: redis.Redis, *, root: str | Path, prefix: str = "ctp:registry", keep: int = 5):
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.r = client
+        self.root = Path(root)
+        self.prefix = prefix
+        self.keep = keep
+        self.channel = f"{prefix}:updates"
+
+    def _vkey(self, version: int) -> str:
+        return f"{self.prefix}:v:{version}"
+
+    def publish(self, model: torch.nn.Module, meta: dict[str, Any]) -> VersionInfo:
+        version = int(self.r.incr(f"{self.prefix}:next"))
+        path = save_checkpoint(self.root / f"v{version:06d}", model, {**meta, "version": version})
+        created = time.time()
+        with self.r.pipeline() as pipe:
+            pipe.hset(self._vkey(version), mapping={"path": str(path), "meta": json.dumps(meta, default=str),
+                                                    "created": created})
+            pipe.zadd(f"{self.prefix}:history", {str(version): version})
+            pipe.set(f"{self.prefix}:latest", version)
+            pipe.publish(self.channel, version)
+            pipe.execute()
+        logger.info("published checkpoint version %d at %s", version, path)
+        self._retain()
+        return VersionInfo(version, path, meta, created)
+
+    def _retain(self) -> None:
+        live = [int(v) for v in self.r.zrange(f"{self.prefix}:history", 0, -1)]
+        for version in live[: max(0, len(live) - self.keep)]:
+            info = self.get(version)
+            with self.r.pipeline() as pipe:
+                pipe.zrem(f"{self.prefix}:history", str(version))
+                pipe.delete(self._vkey(version))
+                pipe.execute()
+            if info is not None:
+                shutil.rmtree(info.path, ignore_errors=True)
+
+    def get(self, version: int) -> VersionInfo | None:
+        h = self.r.hgetall(self._vkey(version))
+        if not h:
+            return None
+        return VersionInfo(version, Path(h[b"path"].decode()), json.loads(h[b"meta"]), float(h[b"created"]))
+
+    def latest_version(self) -> int | None:
+        v = self.r.get(f"{self.prefix}:latest")
+        return int(v) if v is not None else None
+
+    def latest(self) -> VersionInfo | None:
+        v = self.latest_version()
+        return self.get(v) if v is not None else None
+
+    def history(self) -> list[VersionInfo]:
+        return [info for v in self.r.zrange(f"{self.prefix}:history", 0, -1)
+                if (info := self.get(int(v))) is not None]
+
+    def subscribe(self) -> redis.client.PubSub:
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.channel)
+        return pubsub

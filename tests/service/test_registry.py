@@ -1,0 +1,39 @@
+import torch
+
+from ctp.checkpoint import load_checkpoint
+from ctp.models import create_model
+from service.registry import Registry
+
+
+def test_publish_latest_history_retention_and_announcements(redis_server, tmp_path):
+    reg = Registry(redis_server.client(), root=tmp_path, keep=2)
+    assert reg.latest() is None
+    sub = reg.subscribe()
+    model = create_model("ctp-vit-micro-32", seed=0).model
+    infos = []
+    for i in range(3):
+        with torch.no_grad():
+            model.logit_scale.fill_(float(i))
+        infos.append(reg.publish(model, {"model": "ctp-vit-micro-32", "chunks": i + 1, "strategy": "er"}))
+    assert [i.version for i in infos] == [1, 2, 3]
+    assert reg.latest_version() == 3 and reg.latest().meta["chunks"] == 3
+    assert [v.version for v in reg.history()] == [2, 3]  # keep=2
+    assert not infos[0].path.exists() and infos[2].path.exists()
+    bundle, meta = load_checkpoint(reg.latest().path)
+    assert meta["version"] == 3 and float(bundle.model.logit_scale) == 2.0
+    seen = []
+    for _ in range(50):
+        msg = sub.get_message(timeout=0.1)
+        if msg:
+            seen.append(int(msg["data"]))
+        if len(seen) == 3:
+            break
+    assert seen == [1, 2, 3]
+
+
+def test_versions_are_never_reused(redis_server, tmp_path):
+    client = redis_server.client()
+    model = create_model("ctp-vit-micro-32", seed=0).model
+    Registry(client, root=tmp_path).publish(model, {"model": "ctp-vit-micro-32"})
+    client.incr("ctp:registry:next")  # a writer that crashed after taking a number
+    assert Registry(client, root=tmp_path).publish(model, {"model": "ctp-vit-micro-32"}).version == 3
