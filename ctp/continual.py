@@ -164,7 +164,10 @@ class ContinualLearner:
 
         admitted = 0
         if self.memory is not None and (strategy.replay or strategy.pseudo_texts):
-            new_items = memory_items_from(chunk_samples, chunk=index, chunk_id=chunk_id)
+            # A chunk trained again after a crash may have reached memory already: offer each pair once.
+            present = set(self.memory.keys())
+            new_items = [it for it in memory_items_from(chunk_samples, chunk=index, chunk_id=chunk_id)
+                         if it.key not in present]
             admitted = len(self.memory.add(new_items, rng=rng).admitted)
         self.chunks_done += 1
         return ChunkReport(
