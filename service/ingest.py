@@ -214,3 +214,28 @@ class _Rebalance(ConsumerRebalanceListener):
             if stored is not None:
                 self.w.consumer.seek(tp, stored)
             self.w.buffers[tp.partition] = PartitionBuffer()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ctp ingest [--burst]``: run the ingest worker with the CTP_ settings."""
+    import argparse
+
+    from service.settings import load_settings
+
+    p = argparse.ArgumentParser(prog="ctp ingest", description="Kafka pairs -> validated chunks -> chunk queue")
+    p.add_argument("--burst", action="store_true", help="stop once the topic is drained")
+    args = p.parse_args(argv)
+    s = load_settings()
+    client = redis.Redis.from_url(s.redis_url)
+    worker = IngestWorker(
+        bootstrap=s.kafka_bootstrap, topic=s.topic, dlq_topic=s.dlq_topic, group=s.consumer_group,
+        redis_client=client, store=ChunkStore(s.data_dir / "chunks"), queue=ChunkQueue(client),
+        chunk_size=s.chunk_size, chunk_max_wait_s=s.chunk_max_wait_s,
+        limits=Limits(max_message_bytes=s.max_message_bytes, max_image_bytes=s.max_image_bytes,
+                      max_image_pixels=s.max_image_pixels, max_text_chars=s.max_text_chars,
+                      max_label_chars=s.max_label_chars),
+    )
+    worker.install_signal_handlers()
+    stats = worker.run(burst=args.burst)
+    print(dict(stats))
+    return 0

@@ -103,3 +103,29 @@ class TrainerWorker:
             logger.info("chunk %s -> version %d (%d pairs, %.1f s)", task.chunk_id, info.version, len(samples),
                         time.perf_counter() - t0)
         return self.stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ctp train [--burst]``: run the trainer worker with the CTP_ settings."""
+    import argparse
+
+    import redis
+
+    from service.settings import load_settings
+
+    p = argparse.ArgumentParser(prog="ctp train", description="chunk queue -> continual training -> checkpoints")
+    p.add_argument("--burst", action="store_true", help="stop once the chunk queue is empty")
+    p.add_argument("--generator", default="edit", help="pseudo-text generator: edit, captioner or random")
+    args = p.parse_args(argv)
+    s = load_settings()
+    client = redis.Redis.from_url(s.redis_url)
+    worker = TrainerWorker(
+        queue=ChunkQueue(client), registry=Registry(client, root=s.data_dir / "checkpoints", keep=s.keep_checkpoints),
+        memory=RedisMemory(client=client, max_items=s.memory_size, max_bytes=s.memory_max_bytes,
+                           policy=s.memory_policy),
+        model=s.model, pretrained=s.pretrained, strategy=s.strategy, generator=args.generator,
+        config=TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, device=s.device),
+    )
+    worker.install_signal_handlers()
+    print(worker.run(burst=args.burst))
+    return 0
