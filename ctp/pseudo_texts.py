@@ -86,19 +86,56 @@ class TokenEditGenerator:
 
     name = "edit"
 
-    def __init__(self, *, max_vocab: int = 4096, batch_size: int = 128):
+    def __init__(self, *, max_vocab: int = 4096, max_doc_freq: float = 0.5, batch_size: int = 128):
         self.max_vocab = max_vocab
+        # Words in more than this share of captions ("a", "the", "of") are function words: they
+        # are neither edited nor used as replacements, because swapping "a" for "the" makes a
+        # text that still describes the image, i.e. a false negative the guard may miss.
+        self.max_doc_freq = max_doc_freq
         self.batch_size = batch_size
-        self.token_counts: Counter[int] = Counter()
+        self.token_counts: Counter[int] = Counter()  # occurrences of whole-word tokens
+        self.doc_counts: Counter[int] = Counter()  # captions containing each token
+        self.num_docs = 0
+        # (previous token, next token) contexts of each word: a word is only replaced by a word
+        # seen in one of its contexts ("pink square" -> "pink circle", never "pink over"), so an
+        # edit swaps an attribute for another of its kind instead of making a non-sentence.
+        self.contexts: dict[int, set[tuple[int, int]]] = {}
 
     def fit(self, texts: Sequence[str], images: torch.Tensor, *, bundle) -> None:
         tokens = bundle.tokenizer(list(texts))
         words = _whole_word_ids(bundle)
-        ids = tokens.flatten().tolist()
-        self.token_counts.update(t for t in ids if t in words)
+        for row in tokens.tolist():
+            row = [t for t in row if t != 0]  # drop padding; SOT/EOT stay as boundaries
+            present = [t for t in row if t in words]
+            self.token_counts.update(present)
+            self.doc_counts.update(set(present))
+            for i in range(1, len(row) - 1):
+                if row[i] in words:
+                    self.contexts.setdefault(row[i], set()).add((row[i - 1], row[i + 1]))
+        self.num_docs += len(texts)
+
+    def substitutable(self, vocab: torch.Tensor) -> torch.Tensor:
+        """[V, V] bool: vocab[j] was seen in a context of vocab[i] (and i != j)."""
+        ids = vocab.tolist()
+        ctx = [self.contexts.get(t, set()) for t in ids]
+        owners: dict[tuple[int, int], list[int]] = {}
+        for i, cs in enumerate(ctx):
+            for c in cs:
+                owners.setdefault(c, []).append(i)
+        allowed = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+        for group in owners.values():
+            idx = torch.tensor(group)
+            allowed[idx[:, None], idx[None, :]] = True
+        allowed.fill_diagonal_(False)
+        return allowed
+
+    def function_words(self) -> set[int]:
+        return {t for t, n in self.doc_counts.items() if n > self.max_doc_freq * max(self.num_docs, 1)}
 
     def vocab(self) -> torch.Tensor:
-        return torch.tensor([t for t, _ in self.token_counts.most_common(self.max_vocab)], dtype=torch.long)
+        stop = self.function_words()
+        return torch.tensor([t for t, _ in self.token_counts.most_common() if t not in stop][: self.max_vocab],
+                            dtype=torch.long)
 
     def propose(self, items, images, *, bundle, num, rng):
         model = bundle.model
@@ -135,8 +172,14 @@ class TokenEditGenerator:
         # first-order gain of similarity for putting vocab v at position p: [n, L, V]
         gain = grad @ table.T - (grad * emb.detach()).sum(-1, keepdim=True)
         editable = _editable_positions(tokens, bundle)  # [n, L] bool
+        stop = torch.tensor(sorted(self.function_words()) or [-1], device=tokens.device)
+        editable &= ~torch.isin(tokens, stop)
         gain = gain.masked_fill(~editable[..., None], float("-inf"))
-        gain = gain.masked_fill(tokens[..., None] == vocab[None, None, :], float("-inf"))
+        # only substitutions seen in a shared context: [n, L, V] from the [V, V] table
+        allowed = self.substitutable(vocab).to(tokens.device)
+        pos_in_vocab = (tokens[..., None] == vocab[None, None, :]).float().argmax(-1)  # [n, L]
+        in_vocab = torch.isin(tokens, vocab)
+        gain = gain.masked_fill(~(allowed[pos_in_vocab] & in_vocab[..., None]), float("-inf"))
         n, L, V = gain.shape
         k = min(num, L * V)
         top = gain.reshape(n, L * V).topk(k, dim=1)

@@ -38,7 +38,7 @@ def test_edit_ranking_follows_the_gradient(tiny_chunks):
     """The top-ranked edit raises the image-text similarity more than the average edit."""
     bundle, items, images = _setup(tiny_chunks[0], n=8)
     gen = TokenEditGenerator()
-    gen.fit([s.text for s in tiny_chunks[0]], images, bundle=bundle)
+    gen.fit([s.text for s in tiny_chunks[0] + tiny_chunks[1]], images, bundle=bundle)
     props = gen.propose(items, images, bundle=bundle, num=64, rng=random.Random(0))
     with torch.no_grad():
         img_f = bundle.model.encode_image(images, normalize=True)
@@ -87,3 +87,22 @@ def test_a_huge_margin_keeps_nothing(tiny_chunks):
     gen.fit([s.text for s in tiny_chunks[1]], images, bundle=bundle)
     made, stats = make_pseudo_texts(gen, items, images, bundle=bundle, margin=5.0, rng=random.Random(0))
     assert all(v == [] for v in made.values()) and stats.kept == 0 and stats.proposed > 0
+
+
+def test_function_words_are_not_edited(tiny_chunks):
+    bundle, items, images = _setup(tiny_chunks[0], n=8)
+    gen = TokenEditGenerator(max_doc_freq=0.5)
+    texts = [s.text for s in tiny_chunks[0] + tiny_chunks[1]]
+    gen.fit(texts, images, bundle=bundle)
+    stop = gen.function_words()
+    a_id = bundle.tokenizer(["a"])[0][1].item()
+    assert a_id in stop  # "a" starts most captions
+    shape_id = bundle.tokenizer([tiny_chunks[0][0].label])[0][1].item()
+    assert shape_id not in stop and shape_id in gen.vocab().tolist()
+    for it, cands in zip(items, gen.propose(items, images, bundle=bundle, num=16, rng=random.Random(0)), strict=True):
+        orig = bundle.tokenizer([it.text])[0]
+        for c in cands:
+            edited = bundle.tokenizer([c])[0]
+            changed = (edited != orig).nonzero().flatten().tolist()
+            assert len(changed) == 1
+            assert orig[changed[0]].item() not in stop and edited[changed[0]].item() not in stop
