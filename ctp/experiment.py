@@ -169,8 +169,9 @@ def run(args: argparse.Namespace) -> dict:
     evals = {}
     for name, r in results.items():
         if r["kind"] == "classification" and labelled:
-            # Rows were measured with the groups known at the time; recompute with the final
-            # grouping so every row uses the same columns (a group's classes never change later).
+            # Each row was measured with the groups known then; a class's group is the chunk that
+            # first showed it, which later chunks cannot change, so the columns agree across rows
+            # (classes not seen yet belong to no group).
             matrix = r["rows"]
         else:
             matrix = [[row[0]] + [None] * (len(row) - 1) for row in _whole_set_rows(r)]
