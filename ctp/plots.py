@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,6 +36,7 @@ def plot_accuracy_curves(runs: dict[str, dict | list[dict]], path: Path) -> Path
                 ax.fill_between(x, mean - arr.std(0), mean + arr.std(0), alpha=0.2)
         ax.set_title(name)
         ax.set_xlabel("after chunk")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("acc1" if "retrieval" not in name else "mean recall@1")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
