@@ -96,7 +96,7 @@ def test_experiment_under_torchrun(tmp_path, tiny_stream):
     import sys
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "service.cli", "experiment", "--chunks", *map(str, tiny_stream.chunks),
            "--eval-classification", f"shapes={tiny_stream.classification}", "--strategy", "incclip",
            "--model", "ctp-vit-micro-32", "--epochs", "1", "--batch-size", "16", "--memory-size", "20",
