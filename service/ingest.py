@@ -139,7 +139,10 @@ class IngestWorker:
             logger.exception("unexpected error validating %s", default_id)
             self._dead_letter(rec, InvalidMessage("internal", f"{type(e).__name__}: {e}"))
             return
-        if pair.id in buf.ids or self.r.sismember(self._ids_key, pair.id):
+        # Ids in any of this worker's open buffers, or recorded with an earlier chunk. (Another
+        # worker's open buffer is not visible: producers should key messages by id, so resent
+        # pairs land in the same partition and so in the same worker.)
+        if any(pair.id in b.ids for b in self.buffers.values()) or self.r.sismember(self._ids_key, pair.id):
             self.stats["duplicates"] += 1
             return
         buf.ids.add(pair.id)
