@@ -94,3 +94,29 @@ def test_offsets_in_redis_win_over_kafka_commits(kafka, redis_server, tmp_path):
     w2 = _worker(kafka, redis_server, tmp_path, topic, "g1", chunk_size=7)
     stats = w2.run(burst=True, idle_s=3)
     assert stats["chunks"] == 0 and stats["valid"] == 0
+
+
+def test_produce_command_feeds_ingest(kafka, redis_server, tmp_path, monkeypatch):
+    """`ctp produce --synthetic tiny` then `ctp ingest --burst`, both through the CLI and CTP_ env."""
+    from service.cli import main
+
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    kafka.create_topic(topic, partitions=2)
+    monkeypatch.setenv("CTP_KAFKA_BOOTSTRAP", kafka.bootstrap)
+    monkeypatch.setenv("CTP_TOPIC", topic)
+    monkeypatch.setenv("CTP_DLQ_TOPIC", f"{topic}.dlq")
+    monkeypatch.setenv("CTP_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("CTP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CTP_CHUNK_SIZE", "50")
+    assert main(["produce", "--synthetic", "tiny", "--data-dir", str(tmp_path / "syn")]) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "no image"}\nnot json\n')
+    assert main(["produce", "--jsonl", str(bad)]) == 0
+    assert main(["ingest", "--burst"]) == 0
+    queue = ChunkQueue(redis_server.client())
+    ids = []
+    while (task := queue.take("t", block_ms=50)) is not None:
+        ids += [s.meta["id"] for s in read_chunk(task.path)]
+        queue.ack(task)
+    assert len(ids) == len(set(ids)) == 160  # the tiny stream: 2 chunks of 80 pairs
+    assert len(_dlq(kafka, topic, 2)) == 2
