@@ -182,7 +182,51 @@ def _cluster_id() -> str:
             return cid
 
 
-class KafkaServer:
+class _LocalServer:
+    """What a server process started by this module shares: pid, state, log, dir cleanup."""
+
+    LOG_NAME = "server.log"
+    _proc: subprocess.Popen[bytes] | None
+    _owns_dir: bool
+    data_dir: Path | None
+    keep: bool
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_path(self) -> Path:
+        if self.data_dir is None:
+            raise RuntimeError(f"{type(self).__name__} has no data dir yet")
+        return self.data_dir / self.LOG_NAME
+
+    def _remove_owned_dir(self) -> None:
+        if self._owns_dir and not self.keep and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+            self._owns_dir = False
+
+    def start(self) -> Self:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def stop(self, *, kill: bool = False) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class KafkaServer(_LocalServer):
     """One Kafka 4.x node in KRaft combined mode (broker + controller) on loopback.
 
     ``start()`` picks free ports (unless given), writes ``server.properties`` into its data dir,
@@ -229,20 +273,6 @@ class KafkaServer:
         if self.port is None:
             raise RuntimeError("KafkaServer is not started")
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def log_path(self) -> Path:
-        if self.data_dir is None:
-            raise RuntimeError("KafkaServer has no data dir yet")
-        return self.data_dir / "server.log"
 
     # -- lifecycle
     def start(self) -> Self:
@@ -381,10 +411,7 @@ class KafkaServer:
         if self._proc is not None:
             _stop_pid(self._proc, name="Kafka", timeout=self.stop_timeout, kill=kill)
             log.info("Kafka (pid %d) stopped", self._proc.pid)
-        if self._owns_dir and not self.keep and self.data_dir is not None:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
-            self.data_dir = None
-            self._owns_dir = False
+        self._remove_owned_dir()
 
     # -- helpers
     def create_topic(
@@ -402,14 +429,6 @@ class KafkaServer:
         finally:
             admin.close()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         state = f"pid={self.pid} bootstrap={self.bootstrap}" if self.running else "stopped"
         return f"KafkaServer({state})"
@@ -418,7 +437,7 @@ class KafkaServer:
 # ---------------------------------------------------------------------------------------------- Redis
 
 
-class RedisServer:
+class RedisServer(_LocalServer):
     """A ``redis-server`` on a free loopback port with its own dir (and AOF when ``aof``).
 
     RDB snapshots are off (``save ""``): with ``aof`` every write is appended to the AOF
@@ -426,6 +445,8 @@ class RedisServer:
     the machine at most the last second). ``restart()`` keeps dir and port, so a client's URL and
     the persisted data both survive it.
     """
+
+    LOG_NAME = "redis.log"
 
     def __init__(
         self,
@@ -453,20 +474,6 @@ class RedisServer:
         if self.port is None:
             raise RuntimeError("RedisServer is not started")
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def log_path(self) -> Path:
-        if self.data_dir is None:
-            raise RuntimeError("RedisServer has no data dir yet")
-        return self.data_dir / "redis.log"
 
     def start(self) -> Self:
         if self.running:
@@ -506,7 +513,7 @@ class RedisServer:
             self._wait_ready()
         except BaseException:
             self._terminate(kill=True)
-            self._cleanup()
+            self._remove_owned_dir()
             raise
         log.info("Redis up at %s (pid %d, aof=%s, dir %s)", self.url, self._proc.pid, self.aof, self.data_dir)
         return self
@@ -541,19 +548,13 @@ class RedisServer:
         if self._proc is not None:
             _stop_pid(self._proc, name="redis-server", timeout=self.stop_timeout, kill=kill)
 
-    def _cleanup(self) -> None:
-        if self._owns_dir and not self.keep and self.data_dir is not None:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
-            self.data_dir = None
-            self._owns_dir = False
-
     def stop(self, *, kill: bool = False) -> None:
         """Stop by pid: SIGTERM (Redis flushes and fsyncs the AOF and exits), SIGKILL if it hangs.
 
         ``kill=True`` sends SIGKILL at once: a crash, for persistence tests.
         """
         self._terminate(kill=kill)
-        self._cleanup()
+        self._remove_owned_dir()
 
     def restart(self, *, kill: bool = False) -> Self:
         """Stop (SIGKILL if ``kill``) and start again on the same port with the same dir and data."""
@@ -565,14 +566,6 @@ class RedisServer:
         import redis
 
         return redis.Redis.from_url(self.url, **kwargs)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"pid={self.pid} url={self.url}" if self.running else "stopped"
