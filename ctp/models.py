@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def create_model(
             ckpt_file = str(path)
         else:
             tag = pretrained  # open_clip hub tag; open_clip resolves it from its cache
-    fork = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
+    fork = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
     with fork:
         if seed is not None:
             torch.manual_seed(seed)
@@ -90,14 +91,6 @@ def create_model(
         name=name,
         config=dict(config),
     )
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
