@@ -31,17 +31,14 @@ import torch
 from ctp.checkpoint import save_checkpoint
 from ctp.continual import ContinualLearner, TrainConfig
 from ctp.data import load_classification_set, load_retrieval_set, read_chunk
-from ctp.evaluate import evaluate_classification, evaluate_retrieval
 from ctp.memory import POLICIES, create_memory
-from ctp.metrics import continual_summary, format_task_matrix, group_accuracy
+from ctp.metrics import format_task_matrix
 from ctp.models import DEFAULT_MODEL, create_model
 from ctp.pseudo_texts import GENERATORS, create_generator
 from ctp.strategies import STRATEGIES, get_strategy
+from ctp.tracking import EvalTracker
 
 logger = logging.getLogger(__name__)
-
-RETRIEVAL_SCORE = "mean_recall@1"  # (image_retrieval_recall@1 + text_retrieval_recall@1) / 2
-
 
 def _named_dir(value: str) -> tuple[str, Path]:
     name, sep, path = value.partition("=")
@@ -133,55 +130,19 @@ def run(args: argparse.Namespace) -> dict:
     learner = ContinualLearner(bundle=bundle, strategy=strategy, memory=memory, generator=generator, config=config,
                                pretrained=bool(args.pretrained))
 
-    cls_sets = {name: load_classification_set(d) for name, d in eval_cls.items()}
-    ret_sets = {name: load_retrieval_set(d) for name, d in eval_ret.items()}
-    chunk_labels: list[set[str]] = []
-    results: dict[str, dict] = {
-        name: {"kind": "classification", "after_chunk": [], "rows": []} for name in cls_sets
-    } | {name: {"kind": "retrieval", "after_chunk": [], "rows": []} for name in ret_sets}
+    tracker = EvalTracker({name: load_classification_set(d) for name, d in eval_cls.items()},
+                          {name: load_retrieval_set(d) for name, d in eval_ret.items()})
     chunk_reports = []
     t_start = time.perf_counter()
     for i, chunk_dir in enumerate(chunk_dirs):
         samples = read_chunk(chunk_dir)
         if not samples:
             raise SystemExit(f"chunk {chunk_dir} holds no samples")
-        chunk_labels.append({s.label for s in samples if s.label})
         report = learner.learn_chunk(samples, chunk_id=Path(chunk_dir).name)
         chunk_reports.append(report.to_dict())
-        num_groups = len(chunk_dirs)
-        for name, ds in cls_sets.items():
-            res = evaluate_classification(bundle.model, ds, preprocess=bundle.preprocess_val,
-                                          tokenizer=bundle.tokenizer, device=args.device)
-            results[name]["after_chunk"].append(res.metrics)
-            results[name]["rows"].append(
-                group_accuracy(res.correct, ds.targets, class_groups(ds.classnames, chunk_labels, num_groups),
-                               num_groups)
-            )
-        for name, ds in ret_sets.items():
-            m = evaluate_retrieval(bundle.model, ds, preprocess=bundle.preprocess_val,
-                                   tokenizer=bundle.tokenizer, device=args.device)
-            m[RETRIEVAL_SCORE] = (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
-            results[name]["after_chunk"].append(m)
-            results[name]["rows"].append([m[RETRIEVAL_SCORE]] + [None] * (num_groups - 1))
-        logger.info("after chunk %d: %s", i, {n: r["after_chunk"][-1] for n, r in results.items()})
-
-    labelled = any(chunk_labels)
-    evals = {}
-    for name, r in results.items():
-        if r["kind"] == "classification" and labelled:
-            # Each row was measured with the groups known then; a class's group is the chunk that
-            # first showed it, which later chunks cannot change, so the columns agree across rows
-            # (classes not seen yet belong to no group).
-            matrix = r["rows"]
-        else:
-            matrix = [[row[0]] + [None] * (len(row) - 1) for row in _whole_set_rows(r)]
-        entry = {"kind": r["kind"], "after_chunk": r["after_chunk"], "final": r["after_chunk"][-1],
-                 **continual_summary(matrix)}
-        if r["kind"] == "classification":
-            entry["task_matrix"] = matrix
-        else:
-            entry["score"] = RETRIEVAL_SCORE
-        evals[name] = entry
+        evals = tracker.after_chunk(bundle, [s.label for s in samples], device=args.device)
+        logger.info("after chunk %d: %s", i, {n: e["final"] for n, e in evals.items()})
+    evals = tracker.summary()
     metrics = {
         "strategy": strategy.name,
         "chunks": len(chunk_dirs),
@@ -205,25 +166,6 @@ def run(args: argparse.Namespace) -> dict:
     })
     write_report(out, metrics)
     return metrics
-
-
-def class_groups(classnames: list[str], chunk_labels: list[set[str]], num_groups: int) -> dict[int, int]:
-    """Class index -> first chunk whose pairs carry that class name; unlabelled: all in group 0."""
-    if not any(chunk_labels):
-        return dict.fromkeys(range(len(classnames)), 0)
-    index = {c: k for k, c in enumerate(classnames)}
-    first: dict[int, int] = {}
-    for j, labels in enumerate(chunk_labels):
-        for lab in labels:
-            if lab in index:
-                first.setdefault(index[lab], j)
-    return first
-
-
-def _whole_set_rows(r: dict) -> list[list[float | None]]:
-    if r["kind"] == "retrieval":
-        return r["rows"]
-    return [[m["acc1"]] + [None] * (len(row) - 1) for m, row in zip(r["after_chunk"], r["rows"], strict=True)]
 
 
 def write_report(out: Path, metrics: dict) -> None:
