@@ -55,8 +55,28 @@ class Settings(BaseSettings):
     lr: float = Field(2e-3, gt=0)
     device: str = "cpu"  # cpu, cuda or cuda:N
     keep_checkpoints: int = Field(5, gt=0)  # retention: last N versions on disk
+    # eval sets measured after every chunk, stored with the version: "name=dir[,name=dir...]"
+    eval_classification: str = ""  # CLIP_benchmark wds layout (design.md)
+    eval_retrieval: str = ""
     # API
     api_key: SecretStr | None = None  # required by write endpoints when set
+    # serving (ctp serve)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)  # 0: a free port (tests)
+    serve_checkpoint_dir: Path | None = None  # serve checkpoints from this dir instead of the registry
+    watch_interval_s: float = Field(2.0, gt=0)  # poll for new versions / chunks this often
+    max_batch_size: int = Field(32, gt=0)  # requests per forward
+    max_wait_ms: float = Field(5.0, ge=0)  # a batch waits at most this long to fill
+    queue_size: int = Field(256, gt=0)  # requests waiting for a forward; more get 503
+    max_body_bytes: int = Field(10_000_000, gt=0)  # request bodies over this get 413
+    max_labels: int = Field(256, gt=0)  # labels per /classify request
+    max_templates: int = Field(16, gt=0)  # templates per /classify request
+    max_k: int = Field(100, gt=0)  # results per /retrieve request
+    label_cache_size: int = Field(65_536, gt=0)  # cached label text embeddings (LRU)
+    ann_threshold: int = Field(200_000, gt=0)  # gallery size from which retrieval uses faiss HNSW
+    gallery_shards: list[Path] = []  # extra WebDataset shard dirs in the retrieval gallery
+    gallery_max_items: int = Field(1_000_000, gt=0)  # the gallery stops growing past this
+    cors_origins: list[str] = []  # CORS is off unless origins are given
 
     @field_validator("strategy")
     @classmethod
@@ -64,6 +84,18 @@ class Settings(BaseSettings):
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; choose from {sorted(STRATEGIES)}")
         return v
+
+    @field_validator("eval_classification", "eval_retrieval")
+    @classmethod
+    def _named_dirs(cls, v: str) -> str:
+        parse_named_dirs(v)
+        return v
+
+    def eval_classification_sets(self) -> dict[str, Path]:
+        return parse_named_dirs(self.eval_classification)
+
+    def eval_retrieval_sets(self) -> dict[str, Path]:
+        return parse_named_dirs(self.eval_retrieval)
 
     @field_validator("device")
     @classmethod
@@ -87,6 +119,19 @@ class Settings(BaseSettings):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"expected a redis:// URL, got {v!r}")
         return v
+
+
+def parse_named_dirs(value: str) -> dict[str, Path]:
+    """``"a=/x,b=/y"`` -> {"a": Path("/x"), "b": Path("/y")}; each dir must exist."""
+    out: dict[str, Path] = {}
+    for part in filter(None, (x.strip() for x in value.split(","))):
+        name, sep, directory = part.partition("=")
+        if not sep or not name.strip() or not directory.strip():
+            raise ValueError(f"expected name=dir[,name=dir...], got {part!r}")
+        if not Path(directory.strip()).is_dir():
+            raise ValueError(f"eval set directory not found: {directory.strip()}")
+        out[name.strip()] = Path(directory.strip())
+    return out
 
 
 def load_settings(**overrides) -> Settings:

@@ -10,29 +10,73 @@ the latest checkpoint's ``chunk_ids`` was published before the ack was lost: it 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
 
 from ctp.continual import ContinualLearner, TrainConfig
-from ctp.data import read_chunk
+from ctp.data import load_classification_set, load_retrieval_set, read_chunk
 from ctp.models import create_model
 from ctp.pseudo_texts import create_generator
 from ctp.strategies import get_strategy
-from service.chunks import ChunkQueue
+from ctp.tracking import EvalTracker
+from service.chunks import ChunkQueue, ChunkTask
 from service.redis_memory import RedisMemory
 from service.registry import Registry
 
 logger = logging.getLogger(__name__)
+
+DEAD_CHUNKS = "ctp:chunks:dead"  # hash chunk id -> reason, for chunks that failed max_attempts times
 
 
 @dataclass
 class TrainerStats:
     chunks: int = 0
     skipped: int = 0  # already in the latest checkpoint
+    failed: int = 0  # attempts that raised (the chunk stays pending and is tried again)
+    dead: int = 0  # chunks given up after max_attempts
     last_version: int | None = None
+
+
+class _RankMemory:
+    """The shared Redis memory as seen by one rank of a torchrun trainer.
+
+    Every rank runs the same continual step, so every rank must read the same memory: a barrier
+    after ``sample`` keeps rank 0's writes (pseudo texts, admissions) after every rank's read,
+    and only rank 0 writes. Ranks > 0 keep their computed pseudo texts locally for the step.
+    """
+
+    def __init__(self, inner: RedisMemory, rank: int):
+        self.inner, self.rank = inner, rank
+
+    def sample(self, n, *, rng):
+        items = self.inner.sample(n, rng=rng)
+        dist.barrier()
+        return items
+
+    def add(self, items, *, rng):
+        if self.rank == 0:
+            return self.inner.add(items, rng=rng)
+        from ctp.memory import AddResult
+
+        return AddResult(admitted=[], evicted=[])
+
+    def set_pseudo_texts(self, texts, *, version):
+        if self.rank == 0:
+            self.inner.set_pseudo_texts(texts, version=version)
+
+    def __getattr__(self, name):  # keys, get, __len__ via len(), nbytes, label_counts: reads
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 class TrainerWorker:
@@ -49,23 +93,39 @@ class TrainerWorker:
         config: TrainConfig,
         consumer: str | None = None,
         claim_idle_ms: int = 600_000,
+        max_attempts: int = 3,
+        eval_classification: dict[str, Path] | None = None,
+        eval_retrieval: dict[str, Path] | None = None,
     ):
-        self.queue, self.registry, self.memory = queue, registry, memory
-        self.model_name, self.strategy = model, get_strategy(strategy)
+        self.queue, self.registry = queue, registry
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.memory = _RankMemory(memory, self.rank) if self.world > 1 else memory
+        self.model_name, self.pretrained, self.strategy = model, pretrained, get_strategy(strategy)
+        self.generator_name = generator
         self.config = config
-        self.consumer = consumer or f"trainer-{socket.gethostname()}"
-        self.claim_idle_ms = claim_idle_ms
+        self.consumer = consumer or f"trainer-{socket.gethostname()}-{os.getpid()}"
+        self.claim_idle_ms, self.max_attempts = claim_idle_ms, max_attempts
         self.stats = TrainerStats()
+        self._failures: Counter[str] = Counter()
         self._stop = threading.Event()
-        latest = registry.latest()
-        # resume from the newest checkpoint; else the configured (pre)trained weights
-        self.bundle = create_model(model, pretrained=str(latest.path) if latest else pretrained,
-                                   device=config.device, seed=config.seed)
-        self.trained_ids: list[str] = list(latest.meta.get("chunk_ids", [])) if latest else []
+        self._eval_sets = ({n: load_classification_set(d) for n, d in (eval_classification or {}).items()},
+                           {n: load_retrieval_set(d) for n, d in (eval_retrieval or {}).items()})
+        self._load()
+
+    def _load(self) -> None:
+        """Model, learner and eval curves from the newest checkpoint; else the configured weights."""
+        latest = self.registry.latest()
+        self.bundle = create_model(self.model_name, pretrained=str(latest.path) if latest else self.pretrained,
+                                   device=self.config.device, seed=self.config.seed)
+        meta = latest.meta if latest else {}
+        self.trained_ids: list[str] = list(meta.get("chunk_ids", []))
+        self.tracker = EvalTracker(*self._eval_sets, state=meta.get("eval_state"))
         self.learner = ContinualLearner(
-            bundle=self.bundle, strategy=self.strategy, memory=memory,
-            generator=create_generator(generator) if self.strategy.pseudo_texts else None,
-            config=config, chunks_done=len(self.trained_ids), pretrained=bool(pretrained) or latest is not None,
+            bundle=self.bundle, strategy=self.strategy, memory=self.memory,
+            generator=create_generator(self.generator_name) if self.strategy.pseudo_texts else None,
+            config=self.config, chunks_done=len(self.trained_ids),
+            pretrained=bool(self.pretrained) or latest is not None,
         )
 
     def stop(self, *_args) -> None:
@@ -75,42 +135,89 @@ class TrainerWorker:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
 
+    def _next(self, *, burst: bool, block_ms: int) -> ChunkTask | str | None:
+        """Rank 0 takes the next chunk and tells the other ranks: a task, None (idle) or "stop"."""
+        msg: ChunkTask | str | None = None
+        if self.rank == 0:
+            if self._stop.is_set():
+                msg = "stop"
+            else:
+                msg = self.queue.take(self.consumer, block_ms=block_ms, min_idle_ms=self.claim_idle_ms)
+                if msg is None and burst:
+                    msg = "stop"
+        if self.world > 1:
+            box = [msg]
+            dist.broadcast_object_list(box, src=0)
+            msg = box[0]
+        return msg
+
     def run(self, *, burst: bool = False, block_ms: int = 1000) -> TrainerStats:
-        """Train chunks until stopped; ``burst``: until the queue is empty."""
-        while not self._stop.is_set():
-            task = self.queue.take(self.consumer, block_ms=block_ms, min_idle_ms=self.claim_idle_ms)
+        """Train chunks until stopped; ``burst``: until the queue is empty. Rank 0 drives."""
+        while True:
+            task = self._next(burst=burst, block_ms=block_ms)
+            if task == "stop":
+                break
             if task is None:
-                if burst:
-                    break
                 continue
+            assert isinstance(task, ChunkTask)
             if task.chunk_id in self.trained_ids:
                 logger.info("chunk %s is in the latest checkpoint already; acking", task.chunk_id)
-                self.queue.ack(task)
+                if self.rank == 0:
+                    self.queue.ack(task)
                 self.stats.skipped += 1
                 continue
-            t0 = time.perf_counter()
-            samples = read_chunk(task.path)
-            report = self.learner.learn_chunk(samples, chunk_id=task.chunk_id)
-            self.trained_ids.append(task.chunk_id)
-            info = self.registry.publish(self.bundle.model, {
-                "model": self.model_name, "config": self.bundle.config, "strategy": self.strategy.name,
-                "chunks": len(self.trained_ids), "chunk_ids": self.trained_ids,
-                "train": report.to_dict(), "seconds": time.perf_counter() - t0,
-            })
-            self.queue.ack(task)
-            self.stats.chunks += 1
-            self.stats.last_version = info.version
-            logger.info("chunk %s -> version %d (%d pairs, %.1f s)", task.chunk_id, info.version, len(samples),
-                        time.perf_counter() - t0)
+            try:
+                self._train(task)
+            except Exception as e:  # a bad chunk must not stop the worker; its model state is reloaded
+                self._failed(task, e)
         return self.stats
+
+    def _train(self, task: ChunkTask) -> None:
+        t0 = time.perf_counter()
+        samples = read_chunk(task.path)
+        if not samples:
+            raise ValueError(f"chunk {task.chunk_id} at {task.path} holds no pairs")
+        report = self.learner.learn_chunk(samples, chunk_id=task.chunk_id)
+        if self.rank != 0:
+            self.trained_ids.append(task.chunk_id)
+            return
+        meta = {"model": self.model_name, "config": self.bundle.config, "strategy": self.strategy.name,
+                "chunks": len(self.trained_ids) + 1, "chunk_ids": [*self.trained_ids, task.chunk_id],
+                "pairs": len(samples), "train": report.to_dict()}
+        if self.tracker:
+            evals = self.tracker.after_chunk(self.bundle, [s.label for s in samples], device=self.config.device)
+            meta["metrics"] = {n: {**(e["final"] or {}), "avg_accuracy": e["avg_accuracy"],
+                                   "forgetting": e["forgetting"], "bwt": e["bwt"]} for n, e in evals.items()}
+            meta["eval_state"] = self.tracker.state()
+        meta["seconds"] = time.perf_counter() - t0
+        info = self.registry.publish(self.bundle.model, meta)
+        self.trained_ids.append(task.chunk_id)
+        self.queue.ack(task)
+        self.stats.chunks += 1
+        self.stats.last_version = info.version
+        logger.info("chunk %s -> version %d (%d pairs, %.1f s)", task.chunk_id, info.version, len(samples),
+                    time.perf_counter() - t0)
+
+    def _failed(self, task: ChunkTask, err: Exception) -> None:
+        self._failures[task.chunk_id] += 1
+        attempts = max(task.deliveries, self._failures[task.chunk_id])
+        self.stats.failed += 1
+        logger.exception("chunk %s failed (attempt %d of %d): %s", task.chunk_id, attempts, self.max_attempts, err)
+        if self.rank == 0 and attempts >= self.max_attempts:
+            self.queue.r.hset(DEAD_CHUNKS, task.chunk_id, f"{type(err).__name__}: {err}"[:1000])
+            self.queue.ack(task)
+            self.stats.dead += 1
+            logger.error("chunk %s given up after %d attempts; recorded in %s", task.chunk_id, attempts, DEAD_CHUNKS)
+        self._load()  # training may have changed the model half-way: start again from the checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ctp train [--burst]``: run the trainer worker with the CTP_ settings."""
+    """``ctp train [--burst]``: the trainer worker with the CTP_ settings; under torchrun, DDP."""
     import argparse
 
     import redis
 
+    from ctp.experiment import init_distributed
     from service.settings import load_settings
 
     p = argparse.ArgumentParser(prog="ctp train", description="chunk queue -> continual training -> checkpoints")
@@ -118,14 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generator", default="edit", help="pseudo-text generator: edit, captioner or random")
     args = p.parse_args(argv)
     s = load_settings()
+    rank, device = init_distributed(s.device)
     client = redis.Redis.from_url(s.redis_url)
     worker = TrainerWorker(
         queue=ChunkQueue(client), registry=Registry(client, root=s.data_dir / "checkpoints", keep=s.keep_checkpoints),
         memory=RedisMemory(client=client, max_items=s.memory_size, max_bytes=s.memory_max_bytes,
                            policy=s.memory_policy),
         model=s.model, pretrained=s.pretrained, strategy=s.strategy, generator=args.generator,
-        config=TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, device=s.device),
+        config=TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, device=device, progress=rank == 0),
+        eval_classification=s.eval_classification_sets(), eval_retrieval=s.eval_retrieval_sets(),
     )
     worker.install_signal_handlers()
-    print(worker.run(burst=args.burst))
+    stats = worker.run(burst=args.burst)
+    if rank == 0:
+        print(stats)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0

@@ -29,6 +29,8 @@ def test_environment_is_read(monkeypatch):
         ("CTP_KAFKA_BOOTSTRAP", "localhost", "CTP_KAFKA_BOOTSTRAP"),
         ("CTP_REDIS_URL", "http://x", "CTP_REDIS_URL"),
         ("CTP_MEMORY_POLICY", "lru", "CTP_MEMORY_POLICY"),
+        ("CTP_EVAL_CLASSIFICATION", "no-equals-sign", "CTP_EVAL_CLASSIFICATION"),
+        ("CTP_EVAL_RETRIEVAL", "coco=/does/not/exist", "CTP_EVAL_RETRIEVAL"),
     ],
 )
 def test_invalid_settings_name_the_variable(monkeypatch, var, value, needle):
@@ -39,3 +41,12 @@ def test_invalid_settings_name_the_variable(monkeypatch, var, value, needle):
 
 def test_every_field_has_an_env_name():
     assert all(not name.startswith("_") for name in Settings.model_fields)
+
+
+def test_eval_sets_are_named_dirs(monkeypatch, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.setenv("CTP_EVAL_CLASSIFICATION", f"first={tmp_path / 'a'}, second={tmp_path / 'b'}")
+    s = load_settings()
+    assert s.eval_classification_sets() == {"first": tmp_path / "a", "second": tmp_path / "b"}
+    assert s.eval_retrieval_sets() == {}

@@ -1,13 +1,21 @@
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+from ctp.checkpoint import load_checkpoint
 
 from ctp.continual import TrainConfig
 from ctp.synthetic import make_stream
 from service.chunks import ChunkQueue
 from service.redis_memory import RedisMemory
 from service.registry import Registry
-from service.trainer import TrainerWorker
+from service.trainer import DEAD_CHUNKS, TrainerWorker
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _worker(client, root, **kw):
@@ -50,3 +58,60 @@ def test_a_chunk_published_but_not_acked_is_not_trained_again(redis_server, tmp_
     stats = w2.run(burst=True, block_ms=50)
     assert stats.skipped == 1 and stats.chunks == 0
     assert Registry(client, root=tmp_path / "ckpt").latest_version() == 1 and queue.pending() == 0
+
+
+def test_eval_sets_are_measured_and_stored_with_each_version(redis_server, tmp_path):
+    stream = make_stream(tmp_path / "stream", "tiny")
+    client = redis_server.client()
+    queue = ChunkQueue(client)
+    queue.enqueue("chunk_000", stream.chunks[0], 80)
+    _worker(client, tmp_path / "ckpt", eval_classification={"syn": stream.classification},
+            eval_retrieval={"syn_ret": stream.retrieval}).run(burst=True, block_ms=50)
+    # a restarted worker continues the curves from the checkpoint's metadata
+    queue.enqueue("chunk_001", stream.chunks[1], 80)
+    _worker(client, tmp_path / "ckpt", eval_classification={"syn": stream.classification},
+            eval_retrieval={"syn_ret": stream.retrieval}).run(burst=True, block_ms=50)
+    reg = Registry(client, root=tmp_path / "ckpt")
+    v1, v2 = reg.history()
+    assert set(v2.meta["metrics"]) == {"syn", "syn_ret"}
+    assert 0 <= v2.meta["metrics"]["syn"]["acc1"] <= 1 and v2.meta["metrics"]["syn"]["forgetting"] is not None
+    rows = v2.meta["eval_state"]["results"]["syn"]["rows"]
+    assert len(rows) == 2 and all(len(r) == 2 for r in rows)
+    assert rows[0][0] == v1.meta["eval_state"]["results"]["syn"]["rows"][0][0]
+    assert v2.meta["eval_state"]["chunk_labels"][0] == v1.meta["eval_state"]["chunk_labels"][0]
+
+
+def test_a_bad_chunk_is_retried_then_set_aside_and_the_worker_goes_on(redis_server, tmp_path):
+    stream = make_stream(tmp_path / "stream", "tiny")
+    client = redis_server.client()
+    queue = ChunkQueue(client)
+    queue.enqueue("chunk_gone", tmp_path / "no-such-chunk", 80)
+    queue.enqueue("chunk_000", stream.chunks[0], 80)
+    stats = _worker(client, tmp_path / "ckpt", max_attempts=2).run(burst=True, block_ms=50)
+    assert stats.failed == 2 and stats.dead == 1 and stats.chunks == 1
+    assert b"no-such-chunk" in client.hget(DEAD_CHUNKS, "chunk_gone")
+    assert queue.pending() == 0
+    latest = Registry(client, root=tmp_path / "ckpt").latest()
+    assert latest.meta["chunk_ids"] == ["chunk_000"]
+    load_checkpoint(latest.path)  # loadable
+
+
+@pytest.mark.timeout(600)
+def test_trainer_under_torchrun_trains_each_chunk_once(redis_server, tmp_path):
+    stream = make_stream(tmp_path / "stream", "tiny")
+    client = redis_server.client()
+    queue = ChunkQueue(client)
+    for d in stream.chunks:
+        queue.enqueue(d.name, d, 80)
+    env = {**os.environ, "CTP_REDIS_URL": redis_server.url, "CTP_DATA_DIR": str(tmp_path / "data"),
+           "CTP_MODEL": "ctp-vit-micro-32", "CTP_EPOCHS": "1", "CTP_BATCH_SIZE": "16", "CTP_MEMORY_SIZE": "30",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "service.cli", "train",
+                          "--burst"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reg = Registry(client, root=tmp_path / "data" / "checkpoints")
+    assert [v.version for v in reg.history()] == [1, 2]  # one version per chunk: rank 0 alone publishes
+    assert reg.latest().meta["chunk_ids"] == ["chunk_000", "chunk_001"]
+    assert queue.pending() == 0
+    assert len(RedisMemory(client=client, max_items=30)) == 30  # admitted once, not once per rank
