@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 STREAM = "ctp:chunks"
 GROUP = "ctp-trainers"
+DEAD_CHUNKS = "ctp:chunks:dead"  # hash: chunk id -> reason, chunks the trainer gave up on after max attempts
 
 
 def chunk_id_for(offsets: dict[int, tuple[int, int]]) -> str:

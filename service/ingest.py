@@ -45,6 +45,11 @@ return 1
 """
 
 
+def offsets_key(topic: str) -> str:
+    """Redis hash partition -> next offset to read: recorded with each chunk, the source of truth."""
+    return f"ctp:ingest:{topic}:offsets"
+
+
 @dataclass
 class PartitionBuffer:
     first_offset: int | None = None
@@ -86,7 +91,7 @@ class IngestWorker:
         self.stats: Counter[str] = Counter()
         self.buffers: dict[int, PartitionBuffer] = {}
         self._stop = threading.Event()
-        self._offsets_key = f"ctp:ingest:{topic}:offsets"
+        self._offsets_key = offsets_key(topic)
         self._ids_key = f"ctp:ingest:{topic}:ids"
         self._record = self.r.register_script(_RECORD)
         self.consumer = KafkaConsumer(

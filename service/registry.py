@@ -77,6 +77,21 @@ class Registry:
             if info is not None:
                 shutil.rmtree(info.path, ignore_errors=True)
 
+    def remove_unregistered(self) -> list[Path]:
+        """Delete what a crash mid-publish left: temp dirs and version dirs never registered.
+
+        Call it from the single trainer at start, when no publish can be in progress.
+        """
+        if not self.root.is_dir():
+            return []
+        live = {Path(info.path).name for info in self.history()}
+        removed = [d for d in self.root.iterdir()
+                   if d.is_dir() and d.name not in live and (d.name.startswith(".v") or d.name[:1] == "v")]
+        for d in removed:
+            shutil.rmtree(d, ignore_errors=True)
+            logger.info("removed unregistered checkpoint dir %s", d)
+        return removed
+
     def get(self, version: int) -> VersionInfo | None:
         h = self.r.hgetall(self._vkey(version))
         if not h:

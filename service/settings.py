@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     lr: float = Field(2e-3, gt=0)
     device: str = "cpu"  # cpu, cuda or cuda:N
     keep_checkpoints: int = Field(5, gt=0)  # retention: last N versions on disk
+    trainer_name: str | None = None  # chunk-queue consumer name; default: the host name (stable across restarts)
+    claim_idle_s: float = Field(600.0, gt=0)  # a chunk idle this long at another trainer is taken over
     # eval sets measured after every chunk, stored with the version: "name=dir[,name=dir...]"
     eval_classification: str = ""  # CLIP_benchmark wds layout (design.md)
     eval_retrieval: str = ""

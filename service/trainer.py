@@ -10,7 +10,6 @@ the latest checkpoint's ``chunk_ids`` was published before the ack was lost: it 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import threading
@@ -27,13 +26,11 @@ from ctp.models import create_model
 from ctp.pseudo_texts import create_generator
 from ctp.strategies import get_strategy
 from ctp.tracking import EvalTracker
-from service.chunks import ChunkQueue, ChunkTask
+from service.chunks import DEAD_CHUNKS, ChunkQueue, ChunkTask
 from service.redis_memory import RedisMemory
 from service.registry import Registry
 
 logger = logging.getLogger(__name__)
-
-DEAD_CHUNKS = "ctp:chunks:dead"  # hash chunk id -> reason, for chunks that failed max_attempts times
 
 
 @dataclass
@@ -104,13 +101,16 @@ class TrainerWorker:
         self.model_name, self.pretrained, self.strategy = model, pretrained, get_strategy(strategy)
         self.generator_name = generator
         self.config = config
-        self.consumer = consumer or f"trainer-{socket.gethostname()}-{os.getpid()}"
+        # A stable name: a restarted worker first takes the chunks it held when it died.
+        self.consumer = consumer or f"trainer-{socket.gethostname()}"
         self.claim_idle_ms, self.max_attempts = claim_idle_ms, max_attempts
         self.stats = TrainerStats()
         self._failures: Counter[str] = Counter()
         self._stop = threading.Event()
         self._eval_sets = ({n: load_classification_set(d) for n, d in (eval_classification or {}).items()},
                            {n: load_retrieval_set(d) for n, d in (eval_retrieval or {}).items()})
+        if self.rank == 0:
+            registry.remove_unregistered()
         self._load()
 
     def _load(self) -> None:
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         model=s.model, pretrained=s.pretrained, strategy=s.strategy, generator=args.generator,
         config=TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, device=device, progress=rank == 0),
         eval_classification=s.eval_classification_sets(), eval_retrieval=s.eval_retrieval_sets(),
+        consumer=s.trainer_name, claim_idle_ms=int(s.claim_idle_s * 1000),
     )
     worker.install_signal_handlers()
     stats = worker.run(burst=args.burst)

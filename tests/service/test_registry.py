@@ -1,6 +1,6 @@
 import torch
 
-from ctp.checkpoint import load_checkpoint
+from ctp.checkpoint import load_checkpoint, save_checkpoint
 from ctp.models import create_model
 from service.registry import Registry
 
@@ -20,7 +20,7 @@ def test_publish_latest_history_retention_and_announcements(redis_server, tmp_pa
     assert [v.version for v in reg.history()] == [2, 3]  # keep=2
     assert not infos[0].path.exists() and infos[2].path.exists()
     bundle, meta = load_checkpoint(reg.latest().path)
-    assert meta["version"] == 3 and float(bundle.model.logit_scale) == 2.0
+    assert meta["version"] == 3 and float(bundle.model.logit_scale.detach()) == 2.0
     seen = []
     for _ in range(50):
         msg = sub.get_message(timeout=0.1)
@@ -37,3 +37,14 @@ def test_versions_are_never_reused(redis_server, tmp_path):
     Registry(client, root=tmp_path).publish(model, {"model": "ctp-vit-micro-32"})
     client.incr("ctp:registry:next")  # a writer that crashed after taking a number
     assert Registry(client, root=tmp_path).publish(model, {"model": "ctp-vit-micro-32"}).version == 3
+
+
+def test_dirs_left_by_a_crash_mid_publish_are_removed(redis_server, tmp_path):
+    reg = Registry(redis_server.client(), root=tmp_path)
+    model = torch.nn.Linear(2, 2)
+    kept = reg.publish(model, {"chunks": 1})
+    save_checkpoint(tmp_path / "v000002", model, {})  # written, then the process died before registering
+    (tmp_path / ".v000003.abc").mkdir()  # died while writing
+    removed = reg.remove_unregistered()
+    assert sorted(p.name for p in removed) == [".v000003.abc", "v000002"]
+    assert [p.name for p in tmp_path.iterdir()] == [kept.path.name]

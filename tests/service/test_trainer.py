@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 
 from ctp.checkpoint import load_checkpoint
-
 from ctp.continual import TrainConfig
 from ctp.synthetic import make_stream
-from service.chunks import ChunkQueue
+from service.chunks import DEAD_CHUNKS, ChunkQueue
 from service.redis_memory import RedisMemory
 from service.registry import Registry
-from service.trainer import DEAD_CHUNKS, TrainerWorker
+from service.trainer import TrainerWorker
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,100 @@
+"""``ctp status``: where the pipeline stands: topic lag, chunks pending, memory, model versions.
+
+``collect_status(settings)`` returns one JSON-able dict (also served by the API for the
+dashboard). Each part is gathered on its own: Kafka down still shows Redis figures and says
+what failed, so the command is useful exactly when something is wrong.
+
+Lag is the number of messages on the topic that are not yet in a chunk: the partition's end
+offset minus the next offset ingest recorded in Redis with its last chunk (the source of truth;
+the Kafka group commit follows it), per partition and summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import redis
+
+from service.chunks import DEAD_CHUNKS, ChunkQueue
+from service.ingest import offsets_key
+from service.redis_memory import RedisMemory
+from service.registry import Registry
+from service.settings import Settings, load_settings
+
+
+def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> dict[str, Any]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=timeout_ms + 1000,
+                             api_version_auto_timeout_ms=timeout_ms, consumer_timeout_ms=timeout_ms)
+    try:
+        partitions = consumer.partitions_for_topic(settings.topic) or set()
+        tps = [TopicPartition(settings.topic, p) for p in sorted(partitions)]
+        ends = consumer.end_offsets(tps) if tps else {}
+        stored = r.hgetall(offsets_key(settings.topic))
+        per = {}
+        for tp in tps:
+            done = int(stored.get(str(tp.partition).encode(), 0))
+            per[tp.partition] = {"end": ends[tp], "chunked": done, "lag": max(0, ends[tp] - done)}
+        return {"topic": settings.topic, "partitions": per, "lag": sum(p["lag"] for p in per.values()),
+                "produced": sum(p["end"] for p in per.values())}
+    finally:
+        consumer.close()
+
+
+def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
+    r = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    out: dict[str, Any] = {"time": time.time(), "errors": {}}
+    try:
+        q = ChunkQueue(r)
+        out["chunks"] = {"pending": q.pending(), "enqueued": int(r.xlen(q.stream)), "dead": int(r.hlen(DEAD_CHUNKS))}
+        mem = RedisMemory(client=r, max_items=settings.memory_size)
+        out["memory"] = {"items": len(mem), "bytes": mem.nbytes(), "capacity": settings.memory_size}
+        reg = Registry(r, root=settings.data_dir / "checkpoints", keep=settings.keep_checkpoints)
+        out["versions"] = [{"version": v.version, "created": v.created, "chunks": v.meta.get("chunks"),
+                            "strategy": v.meta.get("strategy"), "metrics": v.meta.get("metrics", {})}
+                           for v in reg.history()]
+        out["latest"] = reg.latest_version()
+    except redis.RedisError as e:
+        out["errors"]["redis"] = f"{type(e).__name__}: {e}"
+    if kafka:
+        try:
+            out["ingest"] = topic_lag(settings, r)
+        except Exception as e:  # broker down or unreachable: report it, show the rest
+            out["errors"]["kafka"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def format_status(s: dict[str, Any]) -> str:
+    lines = []
+    if "ingest" in s:
+        ing = s["ingest"]
+        parts = ", ".join(f"p{p}: {v['lag']}" for p, v in ing["partitions"].items())
+        lines.append(f"topic {ing['topic']}: {ing['produced']} produced, lag {ing['lag']} ({parts or 'no partitions'})")
+    if "chunks" in s:
+        c = s["chunks"]
+        lines.append(f"chunks: {c['enqueued']} enqueued, {c['pending']} pending, {c['dead']} set aside")
+    if "memory" in s:
+        lines.append(f"memory: {s['memory']['items']} pairs, {s['memory']['bytes'] / 1e6:.1f} MB")
+    if "versions" in s:
+        lines.append(f"model versions: latest {s['latest']}, {len(s['versions'])} kept")
+        for v in s["versions"][-5:]:
+            metrics = "; ".join(f"{n} acc1={m.get('acc1', m.get('mean_recall@1', 0)):.3f}"
+                                for n, m in (v["metrics"] or {}).items() if m)
+            lines.append(f"  v{v['version']}: {v['chunks']} chunks, {v['strategy']}"
+                         f"{', ' + metrics if metrics else ''}")
+    for part, err in s["errors"].items():
+        lines.append(f"{part}: UNAVAILABLE ({err})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ctp status", description="topic lag, chunks pending, memory, model versions")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    args = p.parse_args(argv)
+    s = collect_status(load_settings())
+    print(json.dumps(s, indent=2) if args.json else format_status(s))
+    return 1 if s["errors"] else 0
