@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 class KafkaSink:
     """A kafka-python producer made on first use (the API starts without Kafka); thread-safe."""
 
-    def __init__(self, *, bootstrap: str, topic: str, max_request_size: int, timeout_s: float = 10.0):
+    def __init__(self, *, bootstrap: str, topic: str, max_request_size: int, timeout_s: float = 5.0):
         self.bootstrap = bootstrap
         self.topic = topic
         self.max_request_size = max_request_size
@@ -36,7 +36,9 @@ class KafkaSink:
             if self._producer is None:
                 self._producer = KafkaProducer(bootstrap_servers=self.bootstrap.split(","), acks="all",
                                                max_request_size=self.max_request_size,
+                                               bootstrap_timeout_ms=int(self.timeout_s * 1000),
                                                request_timeout_ms=int(self.timeout_s * 1000),
+                                               delivery_timeout_ms=int(self.timeout_s * 1000) + 1000,
                                                max_block_ms=int(self.timeout_s * 1000))
         meta = self._producer.send(self.topic, value=value, key=key).get(timeout=self.timeout_s)
         return meta.partition, meta.offset
