@@ -434,6 +434,21 @@ class KafkaServer(_LocalServer):
         return f"KafkaServer({state})"
 
 
+def ensure_topics(bootstrap: str, topics: Mapping[str, int], *, timeout_s: float = 30.0) -> list[str]:
+    """Create the topics (name -> partitions) that do not exist yet; returns the ones created."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        missing = [name for name in topics if name not in set(admin.list_topics())]
+        if missing:
+            admin.create_topics([NewTopic(name, topics[name], 1) for name in missing], validate_only=False)
+        return missing
+    finally:
+        admin.close()
+
+
 # ---------------------------------------------------------------------------------------------- Redis
 
 

@@ -81,6 +81,7 @@ class IngestWorker:
         limits: Limits = DEFAULT_LIMITS,
         client_id: str = "ctp-ingest",
         max_poll_interval_ms: int = 300_000,
+        session_timeout_ms: int = 10_000,
         poll_timeout_ms: int = 500,
     ):
         self.topic, self.dlq_topic, self.group = topic, dlq_topic, group
@@ -97,6 +98,9 @@ class IngestWorker:
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group, client_id=client_id, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_interval_ms=max_poll_interval_ms, max_poll_records=500,
+            # a member that died is noticed after this long (kafka-python's 45 s default delays
+            # every restart after a crash by as much); heartbeats run on their own thread
+            session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
         )
         self.consumer.subscribe([topic], listener=_Rebalance(self))
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
@@ -109,9 +113,13 @@ class IngestWorker:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
 
-    def run(self, *, burst: bool = False, idle_s: float = 3.0) -> Counter[str]:
-        """Consume until stopped; ``burst``: until nothing arrived for ``idle_s`` and all is cut."""
-        last_data = time.monotonic()
+    def run(self, *, burst: bool = False, idle_s: float = 3.0, assign_timeout_s: float = 120.0) -> Counter[str]:
+        """Consume until stopped; ``burst``: until nothing arrived for ``idle_s`` and all is cut.
+
+        In burst mode the idle clock starts once partitions are assigned: joining a group whose
+        previous member died waits for that member's session to time out first.
+        """
+        started = last_data = time.monotonic()
         try:
             while not self._stop.is_set():
                 batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
@@ -119,6 +127,11 @@ class IngestWorker:
                     for rec in records:
                         self._handle(tp.partition, rec)
                     last_data = time.monotonic()
+                if burst and not self.consumer.assignment():
+                    if time.monotonic() - started > assign_timeout_s:
+                        raise TimeoutError(f"no partitions of {self.topic} assigned in {assign_timeout_s:.0f} s")
+                    last_data = time.monotonic()
+                    continue
                 self._cut_due(force=burst and time.monotonic() - last_data > idle_s / 2)
                 if burst and time.monotonic() - last_data > idle_s and not any(b.first_offset is not None for b in self.buffers.values()):
                     break
@@ -217,6 +230,7 @@ class _Rebalance(ConsumerRebalanceListener):
             self.w.buffers.pop(tp.partition, None)
 
     def on_partitions_assigned(self, assigned):
+        logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
         for tp in assigned:
             stored = self.w.stored_offset(tp.partition)
             if stored is not None:
@@ -239,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap=s.kafka_bootstrap, topic=s.topic, dlq_topic=s.dlq_topic, group=s.consumer_group,
         redis_client=client, store=ChunkStore(s.data_dir / "chunks"), queue=ChunkQueue(client),
         chunk_size=s.chunk_size, chunk_max_wait_s=s.chunk_max_wait_s,
+        session_timeout_ms=s.kafka_session_timeout_ms, max_poll_interval_ms=s.kafka_max_poll_interval_ms,
         limits=Limits(max_message_bytes=s.max_message_bytes, max_image_bytes=s.max_image_bytes,
                       max_image_pixels=s.max_image_pixels, max_text_chars=s.max_text_chars,
                       max_label_chars=s.max_label_chars),

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     topic: str = "ctp.pairs"  # ingest topic
     dlq_topic: str = "ctp.pairs.dlq"  # dead letters: bad messages with the reason
     consumer_group: str = "ctp-ingest"
+    kafka_session_timeout_ms: int = Field(10_000, ge=6_000)  # a dead ingest member is replaced after this
+    kafka_max_poll_interval_ms: int = Field(300_000, gt=0)  # longest pause between polls (a slow disk)
     # Redis
     redis_url: str = "redis://127.0.0.1:6379/0"
     # storage

@@ -29,7 +29,7 @@ def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> 
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=timeout_ms + 1000,
-                             api_version_auto_timeout_ms=timeout_ms, consumer_timeout_ms=timeout_ms)
+                             consumer_timeout_ms=timeout_ms)
     try:
         partitions = consumer.partitions_for_topic(settings.topic) or set()
         tps = [TopicPartition(settings.topic, p) for p in sorted(partitions)]
@@ -82,13 +82,18 @@ def format_status(s: dict[str, Any]) -> str:
     if "versions" in s:
         lines.append(f"model versions: latest {s['latest']}, {len(s['versions'])} kept")
         for v in s["versions"][-5:]:
-            metrics = "; ".join(f"{n} acc1={m.get('acc1', m.get('mean_recall@1', 0)):.3f}"
-                                for n, m in (v["metrics"] or {}).items() if m)
+            metrics = "; ".join(_headline(n, m) for n, m in (v["metrics"] or {}).items() if m)
             lines.append(f"  v{v['version']}: {v['chunks']} chunks, {v['strategy']}"
                          f"{', ' + metrics if metrics else ''}")
     for part, err in s["errors"].items():
         lines.append(f"{part}: UNAVAILABLE ({err})")
     return "\n".join(lines)
+
+
+def _headline(name: str, m: dict[str, Any]) -> str:
+    key = "acc1" if "acc1" in m else "mean_recall@1"
+    extra = f" forgetting={m['forgetting']:.3f}" if m.get("forgetting") else ""
+    return f"{name} {key}={m.get(key, float('nan')):.3f}{extra}"
 
 
 def main(argv: list[str] | None = None) -> int:

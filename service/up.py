@@ -1,0 +1,186 @@
+"""``ctp up [--demo]``: the whole local stack on one machine, stopped together on Ctrl-C.
+
+Starts Kafka (KRaft, single node) and Redis (AOF) under the data dir, unless ``CTP_KAFKA_BOOTSTRAP``
+/ ``CTP_REDIS_URL`` are set in the environment (then those are used as they are); creates the
+topics; runs ``ctp ingest``, ``ctp train`` and ``ctp serve`` (when the API is installed) as child
+processes with the same CTP_ settings; prints where everything is and a status line now and
+then. A child that dies is started again (with a growing pause), so one bad moment does not end
+the stack. ``--demo`` also streams the synthetic class-incremental data through it, with the
+stream's eval sets measured after every chunk, and settings sized for a CPU.
+
+State survives a restart: ``DATA_DIR/kafka``, ``DATA_DIR/redis`` (AOF), chunks and checkpoints
+stay, and ports are remembered in ``DATA_DIR/up.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.infra import KafkaServer, RedisServer, free_port, port_open
+
+DEMO_STREAM = "class-incremental-small"
+# CPU-sized demo: a chunk per 200 pairs, few epochs; any CTP_ variable set by the user wins.
+DEMO_SETTINGS = {"CTP_CHUNK_SIZE": "200", "CTP_CHUNK_MAX_WAIT_S": "20", "CTP_EPOCHS": "8",
+                 "CTP_MEMORY_SIZE": "400"}
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    once: bool = False  # a job (the demo producer): not restarted after it succeeds
+    done: bool = field(default=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", *self.argv], env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def stop(self, timeout: float) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # a trainer mid-chunk: safe to kill, the chunk stays queued
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _ports(data_dir: Path) -> dict[str, int]:
+    path = data_dir / "up.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    ports = {}
+    for name in ("kafka", "kafka_controller", "redis"):
+        port = saved.get(name)
+        ports[name] = port if port and not port_open(port) else free_port()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ports))
+    return ports
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.settings import load_settings
+
+    p = argparse.ArgumentParser(prog="ctp up", description=__doc__.splitlines()[0])
+    p.add_argument("--demo", action="store_true", help=f"also stream the synthetic {DEMO_STREAM} data through it")
+    p.add_argument("--rate", type=float, default=40.0, help="demo: pairs per second")
+    p.add_argument("--partitions", type=int, default=2, help="partitions of a new topic")
+    p.add_argument("--no-api", action="store_true", help="do not start the API server")
+    p.add_argument("--status-every", type=float, default=15.0, help="seconds between status lines (0: none)")
+    args = p.parse_args(argv)
+
+    env = dict(os.environ)
+    if args.demo:
+        env = {**DEMO_SETTINGS, **env}
+    settings = load_settings(**{k[4:].lower(): v for k, v in env.items() if k.startswith("CTP_")})
+    data_dir = settings.data_dir.resolve()
+    env["CTP_DATA_DIR"] = str(data_dir)
+    ports = _ports(data_dir)
+    servers: list[KafkaServer | RedisServer] = []
+    children: list[Child] = []
+    stop = False
+
+    def on_signal(*_):
+        nonlocal stop
+        stop = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if "CTP_KAFKA_BOOTSTRAP" not in os.environ:
+            kafka = KafkaServer(port=ports["kafka"], controller_port=ports["kafka_controller"],
+                                data_dir=data_dir / "kafka", num_partitions=args.partitions).start()
+            servers.append(kafka)
+            env["CTP_KAFKA_BOOTSTRAP"] = kafka.bootstrap
+        if "CTP_REDIS_URL" not in os.environ:
+            redis_server = RedisServer(port=ports["redis"], aof=True, data_dir=data_dir / "redis").start()
+            servers.append(redis_server)
+            env["CTP_REDIS_URL"] = redis_server.url
+        from service.infra import ensure_topics
+
+        ensure_topics(env["CTP_KAFKA_BOOTSTRAP"], {settings.topic: args.partitions, settings.dlq_topic: 1})
+        if args.demo:
+            from ctp.synthetic import make_stream
+
+            stream = make_stream(data_dir / "demo-stream", DEMO_STREAM)
+            env.setdefault("CTP_EVAL_CLASSIFICATION", f"synthetic={stream.classification}")
+            env.setdefault("CTP_EVAL_RETRIEVAL", f"synthetic_retrieval={stream.retrieval}")
+        logs = data_dir / "logs"
+        children = [Child("ingest", ["ingest"], logs / "ingest.log"), Child("trainer", ["train"], logs / "trainer.log")]
+        api = not args.no_api and importlib.util.find_spec("service.api") is not None
+        if api:
+            children.append(Child("api", ["serve"], logs / "api.log"))
+        if args.demo:
+            children.append(Child("producer", ["produce", "--shards", *map(str, stream.chunks), "--rate",
+                                               str(args.rate)], logs / "producer.log", once=True))
+        for c in children:
+            c.start(env)
+        lines = [f"ctp up: data in {data_dir}",
+                 f"  kafka   {env['CTP_KAFKA_BOOTSTRAP']}  topic {settings.topic} (dead letters: {settings.dlq_topic})",
+                 f"  redis   {env['CTP_REDIS_URL']}"]
+        if api:
+            host, port = env.get("CTP_API_HOST", "127.0.0.1"), env.get("CTP_API_PORT", "8000")
+            lines.append(f"  api     http://{host}:{port}  (docs at /docs, dashboard at /)")
+        lines += [f"  logs    {logs}/{{{','.join(c.name for c in children)}}}.log",
+                  f"  status  CTP_REDIS_URL={env['CTP_REDIS_URL']} CTP_KAFKA_BOOTSTRAP={env['CTP_KAFKA_BOOTSTRAP']} "
+                  f"ctp status", "Ctrl-C stops everything."]
+        print("\n".join(lines), flush=True)
+        _supervise(children, env, servers, args.status_every, lambda: stop)
+    finally:
+        print("ctp up: stopping", flush=True)
+        for c in reversed(children):
+            c.stop(timeout=30)
+        for s in reversed(servers):
+            s.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
+
+
+def _supervise(children: list[Child], env: dict[str, str], servers, status_every: float, stopped) -> None:
+    from service.settings import Settings
+    from service.status import collect_status, format_status
+
+    last_status = time.monotonic()
+    while not stopped():
+        time.sleep(0.5)
+        for s in servers:
+            if not s.running:
+                raise SystemExit(f"{s!r} exited; log: {s.log_path}")
+        for c in children:
+            if c.done or c.proc is None or c.proc.poll() is None:
+                continue
+            rc = c.proc.returncode
+            if c.once and rc == 0:
+                c.done = True
+                print(f"ctp up: {c.name} finished", flush=True)
+                continue
+            if c.next_start == 0.0:
+                c.restarts += 1
+                c.next_start = time.monotonic() + min(60.0, 2.0 ** c.restarts)
+                print(f"ctp up: {c.name} exited with {rc}; restart {c.restarts} in "
+                      f"{c.next_start - time.monotonic():.0f} s (log {c.log})", flush=True)
+            elif time.monotonic() >= c.next_start:
+                c.next_start = 0.0
+                c.start(env)
+        if status_every and time.monotonic() - last_status >= status_every:
+            last_status = time.monotonic()
+            try:
+                s = Settings(**{k[4:].lower(): v for k, v in env.items() if k.startswith("CTP_")})
+                print("status: " + format_status(collect_status(s)).replace("\n", "\n  "), flush=True)
+            except Exception as e:  # status is a convenience: never let it end the stack
+                print(f"ctp up: status unavailable: {e}", flush=True)
