@@ -45,8 +45,34 @@ def _env(kafka, redis_server, tmp_path, topic, **extra) -> dict[str, str]:
 
 
 def _ctp(env, *args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, cwd=ROOT,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _wait(cond, timeout: float, what: str, procs=()):
@@ -209,3 +235,27 @@ def test_trainer_killed_mid_chunk_resumes_from_the_last_good_checkpoint(kafka, r
     assert len(mem) == 30 and len(set(mem.keys())) == 30
     ckpt_dirs = sorted(d.name for d in (tmp_path / "data" / "checkpoints").iterdir())
     assert ckpt_dirs == sorted(Path(v.path).name for v in reg.history())  # no half-written leftovers
+
+
+def test_ctp_up_demo_runs_the_stack_and_ctrl_c_stops_it_all(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTP_")}
+    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CTP_DATA_DIR": str(tmp_path / "data"),
+                "CTP_MODEL": "ctp-vit-micro-32", "CTP_EPOCHS": "1", "CTP_CHUNK_MAX_WAIT_S": "2"})
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--demo", "--no-api", "--rate", "0",
+                               "--status-every", "5"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: "model versions: latest 2" in log.read_text(), 600, "two versions from the demo", [up])
+        children = _descendants(up.pid)
+        assert len(children) >= 4  # kafka, redis-server, ingest, trainer (the producer may be done)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(120) == 0, log.read_text()[-3000:]
+    finally:
+        if up.poll() is None:
+            up.kill()
+    text = log.read_text()
+    assert "kafka   127.0.0.1:" in text and "redis   redis://127.0.0.1:" in text and "ctp up: stopping" in text
+    time.sleep(1)
+    assert not [pid for pid in children if _alive(pid)]
+    assert (tmp_path / "data" / "redis").is_dir() and (tmp_path / "data" / "kafka").is_dir()  # state kept
