@@ -2,9 +2,10 @@
 
 Per assigned partition the worker buffers validated pairs and cuts a chunk when it holds
 ``chunk_size`` pairs or its first message waited ``chunk_max_wait_s``. A cut chunk is written
-durably (``ChunkStore``), then one Redis script records it all at once: the chunk on the
-queue, the next offset to read for the partition, and the pair ids (for dropping duplicates).
-Only then are the Kafka offsets committed. The offsets kept in Redis are the source of truth:
+durably (``ChunkStore``) by a writer thread while consuming goes on, then one Redis script
+records it all at once: the chunk on the queue, the next offset to read for the partition, and
+the pair ids (for dropping duplicates). Only then are the Kafka offsets committed (by the
+consumer's thread; before a rebalance gives partitions away, every cut is recorded first). The offsets kept in Redis are the source of truth:
 on (re)assignment a partition is sought to them, so messages after a crash are read again but
 can never land in a second chunk, whatever the chunk boundaries are the second time.
 
@@ -18,7 +19,8 @@ import logging
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis
@@ -48,6 +50,14 @@ return 1
 def offsets_key(topic: str) -> str:
     """Redis hash partition -> next offset to read: recorded with each chunk, the source of truth."""
     return f"ctp:ingest:{topic}:offsets"
+
+
+@dataclass
+class _Job:
+    future: Future
+    partition: int
+    next_offset: int
+    ids: set[str]
 
 
 @dataclass
@@ -91,6 +101,12 @@ class IngestWorker:
         self.poll_timeout_ms = poll_timeout_ms
         self.stats: Counter[str] = Counter()
         self.buffers: dict[int, PartitionBuffer] = {}
+        # cut chunks are written and recorded by one writer thread, in order, while consuming
+        # goes on; the main thread commits each to Kafka once it is recorded
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctp-chunk-writer")
+        self._inflight: deque[_Job] = deque()
+        self._batch_recorded: set[str] = set()
+        self.max_inflight = 2
         self._stop = threading.Event()
         self._offsets_key = offsets_key(topic)
         self._ids_key = f"ctp:ingest:{topic}:ids"
@@ -124,50 +140,65 @@ class IngestWorker:
             while not self._stop.is_set():
                 batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
                 for tp, records in batches.items():
-                    for rec in records:
-                        self._handle(tp.partition, rec)
+                    self._handle_batch(tp.partition, records)
                     last_data = time.monotonic()
+                self._complete_done()
                 if burst and not self.consumer.assignment():
                     if time.monotonic() - started > assign_timeout_s:
                         raise TimeoutError(f"no partitions of {self.topic} assigned in {assign_timeout_s:.0f} s")
                     last_data = time.monotonic()
                     continue
                 self._cut_due(force=burst and time.monotonic() - last_data > idle_s / 2)
-                if burst and time.monotonic() - last_data > idle_s and not any(b.first_offset is not None for b in self.buffers.values()):
+                if (burst and time.monotonic() - last_data > idle_s and not self._inflight
+                        and not any(b.first_offset is not None for b in self.buffers.values())):
                     break
             self._cut_due(force=True)  # graceful stop: nothing half-done stays in memory
+            self.drain()
         finally:
+            self._writer.shutdown(wait=True)  # a write under way finishes (recorded, not committed)
             self.producer.flush()
             self.consumer.close(autocommit=False)
             self.producer.close()
         return self.stats
 
     # -- per message
-    def _handle(self, partition: int, rec) -> None:
-        buf = self.buffers.setdefault(partition, PartitionBuffer())
-        buf.note(rec.offset)
+    def _handle_batch(self, partition: int, records) -> None:
+        """Validate a poll's records, look their ids up in Redis at once, then buffer them in order."""
+        checked = [(rec, self._validate(partition, rec)) for rec in records]
+        ids = [pair.id for _, pair in checked if pair is not None]
+        # An id seen before is in Redis (recorded with a chunk: one SMISMEMBER for the batch), in
+        # a chunk being written, in an open buffer, or recorded during this batch.
+        self._batch_recorded = set()
+        known = {i for i, hit in zip(ids, self.r.smismember(self._ids_key, ids), strict=True) if hit} if ids else set()
+        for rec, pair in checked:
+            buf = self.buffers.setdefault(partition, PartitionBuffer())
+            buf.note(rec.offset)
+            if pair is None:
+                continue
+            # Ids in any of this worker's open buffers, or recorded with an earlier chunk. (Another
+            # worker's open buffer is not visible: producers should key messages by id, so resent
+            # pairs land in the same partition and so in the same worker.)
+            if (pair.id in known or pair.id in self._batch_recorded or any(pair.id in j.ids for j in self._inflight)
+                    or any(pair.id in b.ids for b in self.buffers.values())):
+                self.stats["duplicates"] += 1
+                continue
+            buf.ids.add(pair.id)
+            buf.pairs.append((rec.offset, pair))
+            self.stats["valid"] += 1
+            if len(buf.pairs) >= self.chunk_size:
+                self._cut(partition)
+
+    def _validate(self, partition: int, rec) -> ValidPair | None:
         self.stats["messages"] += 1
         default_id = f"{self.topic}-{partition}-{rec.offset}"
         try:
-            pair = validate_message(rec.value, default_id=default_id, limits=self.limits)
+            return validate_message(rec.value, default_id=default_id, limits=self.limits)
         except InvalidMessage as e:
             self._dead_letter(rec, e)
-            return
         except Exception as e:  # a bug must not stop ingest: dead-letter it with the error
             logger.exception("unexpected error validating %s", default_id)
             self._dead_letter(rec, InvalidMessage("internal", f"{type(e).__name__}: {e}"))
-            return
-        # Ids in any of this worker's open buffers, or recorded with an earlier chunk. (Another
-        # worker's open buffer is not visible: producers should key messages by id, so resent
-        # pairs land in the same partition and so in the same worker.)
-        if any(pair.id in b.ids for b in self.buffers.values()) or self.r.sismember(self._ids_key, pair.id):
-            self.stats["duplicates"] += 1
-            return
-        buf.ids.add(pair.id)
-        buf.pairs.append((rec.offset, pair))
-        self.stats["valid"] += 1
-        if len(buf.pairs) >= self.chunk_size:
-            self._cut(partition)
+        return None
 
     def _dead_letter(self, rec, err: InvalidMessage) -> None:
         self.stats["dead_letters"] += 1
@@ -186,25 +217,48 @@ class IngestWorker:
                 self._cut(p)
 
     def _cut(self, partition: int) -> None:
+        """Hand the partition's buffer to the writer thread; consuming goes on meanwhile."""
         buf = self.buffers[partition]
         if buf.first_offset is None:
             return
-        self.producer.flush()  # dead letters of this range are stored before it is committed
+        self.buffers[partition] = PartitionBuffer()
+        future = self._writer.submit(self._write_and_record, partition, buf)
+        self._inflight.append(_Job(future, partition, buf.last_offset + 1, buf.ids))
+        while len(self._inflight) > self.max_inflight:  # backpressure: the disk sets the pace
+            self._complete_oldest()
+
+    def _write_and_record(self, partition: int, buf: PartitionBuffer) -> tuple[str, int]:
+        """Writer thread: shards durably on disk, then the one Redis record (queue, offset, ids)."""
+        self.producer.flush()  # dead letters of this range are stored before it is recorded
         chunk_id, path, n = "", "", len(buf.pairs)
         if buf.pairs:
             chunk_id = chunk_id_for({partition: (buf.first_offset, buf.last_offset)})
             samples = [Sample(key=f"p{partition}-o{off}", image=p.image, text=p.text, label=p.label,
                               meta={"id": p.id, **p.meta}, ext=p.ext) for off, p in buf.pairs]
             path = str(self.store.write(chunk_id, samples))
-        next_offset = buf.last_offset + 1
         self._record(keys=[self.queue.stream, f"{self.queue.stream}:enqueued:{chunk_id}", self._offsets_key,
                            self._ids_key],
-                     args=[chunk_id, path, n, partition, next_offset, *[p.id for _, p in buf.pairs]])
-        self.consumer.commit({TopicPartition(self.topic, partition): _offset_meta(next_offset)})
+                     args=[chunk_id, path, n, partition, buf.last_offset + 1, *[p.id for _, p in buf.pairs]])
+        return chunk_id, n
+
+    def _complete_oldest(self) -> None:
+        """Main thread: wait for the oldest cut to be recorded, then commit its offset to Kafka."""
+        job = self._inflight.popleft()
+        chunk_id, n = job.future.result()  # a failed write raises here: nothing is committed
+        self._batch_recorded |= job.ids
+        self.consumer.commit({TopicPartition(self.topic, job.partition): _offset_meta(job.next_offset)})
         if chunk_id:
             self.stats["chunks"] += 1
             logger.info("chunk %s: %d pairs", chunk_id, n)
-        self.buffers[partition] = PartitionBuffer()
+
+    def _complete_done(self) -> None:
+        while self._inflight and self._inflight[0].future.done():
+            self._complete_oldest()
+
+    def drain(self) -> None:
+        """Every cut recorded and committed (before a rebalance gives partitions away, and at stop)."""
+        while self._inflight:
+            self._complete_oldest()
 
     def stored_offset(self, partition: int) -> int | None:
         v = self.r.hget(self._offsets_key, partition)
@@ -225,7 +279,9 @@ class _Rebalance(ConsumerRebalanceListener):
         self.w = worker
 
     def on_partitions_revoked(self, revoked):
-        # Not yet chunked: the next owner reads these messages again from the stored offset.
+        # Cut chunks are recorded before the partitions go (the next owner starts at the
+        # recorded offsets); what is not chunked yet the next owner reads again.
+        self.w.drain()
         for tp in revoked:
             self.w.buffers.pop(tp.partition, None)
 
