@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup servers test test-fast lint demo bench-continual bench-step clean
+.PHONY: setup servers test test-fast lint demo experiment bench-continual bench-step bench-ingest clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,8 +29,13 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check ctp service tests benchmarks
 
-# README's main job: the continual pipeline end to end on one machine (synthetic stream)
-demo: $(STAMP)
+# README's main job: the whole pipeline on one machine (Kafka, Redis, ingest, trainer, API) fed
+# the synthetic stream; stops when every pair is trained and prints/plots the accuracy curves
+demo: $(STAMP) servers
+	CTP_DATA_DIR=runs/demo-stack $(BIN)/ctp up --demo --exit-when-done
+
+# the continual method offline: incclip vs finetune on the same chunks, compared
+experiment: $(STAMP)
 	$(BIN)/ctp experiment --synthetic class-incremental-small --strategy incclip --out runs/demo-incclip
 	$(BIN)/ctp experiment --synthetic class-incremental-small --strategy finetune --out runs/demo-finetune
 	$(BIN)/ctp compare runs/demo-finetune runs/demo-incclip --plot runs/demo-compare.png
@@ -40,6 +45,9 @@ bench-continual: $(STAMP)
 
 bench-step: $(STAMP)
 	$(BIN)/python benchmarks/step_cost.py
+
+bench-ingest: $(STAMP) servers
+	$(BIN)/python benchmarks/ingest.py --out runs/bench-ingest
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

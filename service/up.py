@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", type=int, default=2, help="partitions of a new topic")
     p.add_argument("--no-api", action="store_true", help="do not start the API server")
     p.add_argument("--status-every", type=float, default=15.0, help="seconds between status lines (0: none)")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="demo: stop once every produced pair is trained, and report the curves")
     args = p.parse_args(argv)
+    if args.exit_when_done and not args.demo:
+        p.error("--exit-when-done needs --demo")
 
     env = dict(os.environ)
     if args.demo:
@@ -139,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"  status  CTP_REDIS_URL={env['CTP_REDIS_URL']} CTP_KAFKA_BOOTSTRAP={env['CTP_KAFKA_BOOTSTRAP']} "
                   f"ctp status", "Ctrl-C stops everything."]
         print("\n".join(lines), flush=True)
-        _supervise(children, env, servers, args.status_every, lambda: stop)
+        _supervise(children, env, servers, args.status_every, lambda: stop, exit_when_done=args.exit_when_done)
+        if args.exit_when_done:
+            _report(env, data_dir)
     finally:
         print("ctp up: stopping", flush=True)
         for c in reversed(children):
@@ -151,11 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _supervise(children: list[Child], env: dict[str, str], servers, status_every: float, stopped) -> None:
+def _settings(env: dict[str, str]):
     from service.settings import Settings
+
+    return Settings(**{k[4:].lower(): v for k, v in env.items() if k.startswith("CTP_")})
+
+
+def _supervise(children: list[Child], env: dict[str, str], servers, status_every: float, stopped, *,
+               exit_when_done: bool = False) -> None:
     from service.status import collect_status, format_status
 
-    last_status = time.monotonic()
+    last_status = last_check = time.monotonic()
     while not stopped():
         time.sleep(0.5)
         for s in servers:
@@ -180,7 +192,46 @@ def _supervise(children: list[Child], env: dict[str, str], servers, status_every
         if status_every and time.monotonic() - last_status >= status_every:
             last_status = time.monotonic()
             try:
-                s = Settings(**{k[4:].lower(): v for k, v in env.items() if k.startswith("CTP_")})
-                print("status: " + format_status(collect_status(s)).replace("\n", "\n  "), flush=True)
+                print("status: " + format_status(collect_status(_settings(env))).replace("\n", "\n  "), flush=True)
             except Exception as e:  # status is a convenience: never let it end the stack
                 print(f"ctp up: status unavailable: {e}", flush=True)
+        if exit_when_done and time.monotonic() - last_check >= 2.0:
+            last_check = time.monotonic()
+            if all(c.done for c in children if c.once) and _all_trained(collect_status(_settings(env))):
+                print("ctp up: every produced pair is trained", flush=True)
+                return
+
+
+def _all_trained(s: dict) -> bool:
+    return (not s["errors"] and s["ingest"]["lag"] == 0 and s["chunks"]["pending"] == 0
+            and s["chunks"]["enqueued"] > 0 and s["latest"] is not None)
+
+
+def _report(env: dict[str, str], data_dir: Path) -> None:
+    """The demo's outcome: the eval curves of the newest version, printed and plotted."""
+    import redis
+
+    from ctp.plots import plot_accuracy_curves
+    from service.registry import Registry
+
+    settings = _settings(env)
+    latest = Registry(redis.Redis.from_url(settings.redis_url), root=settings.data_dir / "checkpoints").latest()
+    results = (latest.meta.get("eval_state") or {}).get("results", {}) if latest else {}
+    evals = {}
+    print(f"ctp up: version {latest.version if latest else None} after {latest.meta['chunks'] if latest else 0} chunks")
+    for name, r in results.items():
+        after = [m for m in r["after_chunk"] if m]
+        if not after:
+            continue
+        key = "acc1" if r["kind"] == "classification" else "mean_recall@1"
+        evals[name] = {"after_chunk": after, "score": key}
+        m = latest.meta["metrics"][name]
+        print(f"  {name}: {key} after each chunk " + " ".join(f"{a[key]:.3f}" for a in after)
+              + f"; average accuracy {_f(m.get('avg_accuracy'))}, forgetting {_f(m.get('forgetting'))}")
+    if evals:
+        path = plot_accuracy_curves({settings.strategy: {"eval": evals}}, data_dir / "demo-accuracy.png")
+        print(f"  plot: {path}")
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
