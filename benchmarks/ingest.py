@@ -1,6 +1,6 @@
 """Ingest throughput against the raw limit, and freshness, on a real Kafka broker and Redis.
 
-    python benchmarks/ingest.py [--pairs 4000] [--image-size 128] [--partitions 2] [--rounds 2]
+    python benchmarks/ingest.py [--pairs 8192] [--image-size 128] [--partitions 2] [--rounds 2]
                                 [--freshness-seconds 40] [--rate 40] [--out runs/bench-ingest]
 
 Throughput: the same topic of N pairs is read, alternately, by
@@ -177,7 +177,7 @@ def freshness(kafka: KafkaServer, redis_server: RedisServer, tmp: Path, *, secon
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=4096, help="a multiple of partitions x chunk size")
+    p.add_argument("--pairs", type=int, default=8192, help="a multiple of partitions x chunk size")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--partitions", type=int, default=2)
     p.add_argument("--chunk-size", type=int, default=256)

@@ -205,3 +205,19 @@ def test_retrieval_set_validation(tmp_path):
         write_retrieval_set(tmp_path, images=[_img(0)], captions=[["two\nlines"]])
     with pytest.raises(ValueError, match="caption"):
         write_retrieval_set(tmp_path, images=[_img(0)], captions=[[]])
+
+
+def test_tar_headers_match_tarfile_and_long_or_unicode_names_fall_back_to_pax(tmp_path):
+    from ctp.data import _tar_header
+
+    for name, size in [("p0-o1.jpg", 12345), ("a.txt", 0), ("x" * 96 + ".jpg", 7)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+        assert _tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    long_key, uni_key = "k" * 120, "café"
+    write_shards([Sample(key=long_key, image=b"\x89PNG-not-decoded", text="t", ext="png"),
+                  Sample(key=uni_key, image=b"\x89PNG-x", text="u", ext="png")], tmp_path, shard_size=10)
+    with tarfile.open(next(tmp_path.glob("*.tar"))) as tar:
+        assert sorted(tar.getnames()) == sorted([f"{long_key}.png", f"{long_key}.txt", f"{uni_key}.png",
+                                                 f"{uni_key}.txt"])
+        assert tar.extractfile(f"{uni_key}.txt").read() == b"u"
