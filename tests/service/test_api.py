@@ -192,27 +192,32 @@ def test_ingest_needs_the_key(client, pairs):
 
 
 def test_full_queue_is_503_with_retry_after(server, pairs):
-    """Hold the forward thread; the queue (size 256 here) fills, and requests past it get 503."""
+    """Hold the forward thread; the queue (cut to 2 here) fills, and requests past it get 503."""
     ctx = server.app.state.ctx
+    body = {"image": b64(pairs[0].image), "labels": CLASSES}
+    server.client.post("/classify", json=body).raise_for_status()  # label embeddings cached: 1 job a request
     gate = threading.Event()
-    ctx.batcher._executor.submit(gate.wait)  # the next forward waits behind this
-    old_size = ctx.batcher._queue.maxsize
-    ctx.batcher._queue._maxsize = 2
     statuses = []
 
     def one():
         with httpx.Client(base_url=server.url, timeout=30) as c:
-            r = c.post("/classify", json={"image": b64(pairs[0].image), "labels": CLASSES})
+            r = c.post("/classify", json=body)
             statuses.append((r.status_code, r.headers.get("retry-after")))
 
+    old_size, old_batch = ctx.batcher._queue._maxsize, ctx.batcher.max_batch_size
+    ctx.batcher._executor.submit(gate.wait)  # the next forward waits behind this
+    ctx.batcher._queue._maxsize = 2
+    ctx.batcher.max_batch_size = 1  # the worker takes exactly one job into the blocked forward
     threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: len(statuses) >= 5, timeout=20)  # 1 in the batch + 2 queued wait; 5 refused
-    gate.set()
-    for t in threads:
-        t.join(30)
-    ctx.batcher._queue._maxsize = old_size
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(statuses) >= 5, timeout=30)  # 1 taken by the worker + 2 queued wait; 5 refused
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(30)
+        ctx.batcher._queue._maxsize, ctx.batcher.max_batch_size = old_size, old_batch
     assert sorted(s for s, _ in statuses) == [200] * 3 + [503] * 5
     assert all(ra == "1" for s, ra in statuses if s == 503)
 
