@@ -241,12 +241,13 @@ class IngestWorker:
                      args=[chunk_id, path, n, partition, buf.last_offset + 1, *[p.id for _, p in buf.pairs]])
         return chunk_id, n
 
-    def _complete_oldest(self) -> None:
+    def _complete_oldest(self, *, commit: bool = True) -> None:
         """Main thread: wait for the oldest cut to be recorded, then commit its offset to Kafka."""
         job = self._inflight.popleft()
         chunk_id, n = job.future.result()  # a failed write raises here: nothing is committed
         self._batch_recorded |= job.ids
-        self.consumer.commit({TopicPartition(self.topic, job.partition): _offset_meta(job.next_offset)})
+        if commit:
+            self.consumer.commit({TopicPartition(self.topic, job.partition): _offset_meta(job.next_offset)})
         if chunk_id:
             self.stats["chunks"] += 1
             logger.info("chunk %s: %d pairs", chunk_id, n)
@@ -255,10 +256,10 @@ class IngestWorker:
         while self._inflight and self._inflight[0].future.done():
             self._complete_oldest()
 
-    def drain(self) -> None:
-        """Every cut recorded and committed (before a rebalance gives partitions away, and at stop)."""
+    def drain(self, *, commit: bool = True) -> None:
+        """Every cut recorded (and committed to Kafka unless ``commit=False``)."""
         while self._inflight:
-            self._complete_oldest()
+            self._complete_oldest(commit=commit)
 
     def stored_offset(self, partition: int) -> int | None:
         v = self.r.hget(self._offsets_key, partition)
@@ -279,9 +280,11 @@ class _Rebalance(ConsumerRebalanceListener):
         self.w = worker
 
     def on_partitions_revoked(self, revoked):
-        # Cut chunks are recorded before the partitions go (the next owner starts at the
-        # recorded offsets); what is not chunked yet the next owner reads again.
-        self.w.drain()
+        # Cut chunks are recorded before the partitions go: the next owner starts at the offsets
+        # recorded in Redis. (No Kafka commit here: kafka-python runs this callback on its IO
+        # thread, where blocking calls are refused; Redis is the source of truth anyway.) What
+        # is not chunked yet the next owner reads again.
+        self.w.drain(commit=False)
         for tp in revoked:
             self.w.buffers.pop(tp.partition, None)
 

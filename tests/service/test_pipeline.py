@@ -259,3 +259,45 @@ def test_ctp_up_demo_runs_the_stack_and_ctrl_c_stops_it_all(tmp_path):
     time.sleep(1)
     assert not [pid for pid in children if _alive(pid)]
     assert (tmp_path / "data" / "redis").is_dir() and (tmp_path / "data" / "kafka").is_dir()  # state kept
+
+
+def test_two_ingest_workers_share_the_partitions_and_hand_over_on_stop(kafka, redis_server, tmp_path):
+    """Scale-out: a second consumer takes half the partitions; when one stops (SIGTERM), the other
+    takes its partitions over from the recorded offsets: still every pair exactly once."""
+    topic = f"scale-{uuid.uuid4().hex[:6]}"
+    kafka.create_topic(topic, partitions=4)
+    env = _env(kafka, redis_server, tmp_path, topic, CTP_CHUNK_SIZE="30", CTP_CHUNK_MAX_WAIT_S="1")
+    r = redis_server.client()
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    ids = _produce_valid(tmp_path / "a.jsonl", 300, "a")
+    for line in (tmp_path / "a.jsonl").read_bytes().splitlines():
+        producer.send(topic, line, key=json.loads(line)["id"].encode())
+    producer.flush()
+    logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
+    workers = [_ctp(env, "ingest", log=logs[0]), _ctp(env, "ingest", log=logs[1])]
+    try:
+        # both hold partitions at once (the group split the topic between them)
+        def split():
+            a, b = _last_assignment(logs[0]), _last_assignment(logs[1])
+            return a and b and not a & b and len(a | b) == 4
+        _wait(split, 120, "the partitions split between the two", workers)
+        workers[0].send_signal(signal.SIGTERM)
+        assert workers[0].wait(60) == 0
+        more = _produce_valid(tmp_path / "b.jsonl", 200, "b")
+        for line in (tmp_path / "b.jsonl").read_bytes().splitlines():
+            producer.send(topic, line, key=json.loads(line)["id"].encode())
+        producer.flush()
+        _wait(lambda: sum(_queued_ids(r).values()) >= 500, 180, "all pairs chunked", workers[1:])
+        assert _last_assignment(logs[1]) == {0, 1, 2, 3}
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+                w.wait(60)
+    assert _queued_ids(r) == Counter(ids + more)
+    assert not [log for log in logs if "Traceback" in log.read_text()]  # a clean handover, no callback errors
+
+
+def _last_assignment(log: Path) -> set[int]:
+    lines = [x for x in log.read_text().splitlines() if "partitions assigned: [" in x]
+    return set(json.loads(lines[-1].split("partitions assigned: ", 1)[1])) if lines else set()
