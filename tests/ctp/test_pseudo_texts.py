@@ -45,8 +45,8 @@ def test_edit_ranking_follows_the_gradient(tiny_chunks):
     top_gain, mean_gain = 0.0, 0.0
     for i, cands in enumerate(props):
         sims = bundle.model.encode_text(bundle.tokenizer(cands), normalize=True) @ img_f[i]
-        top_gain += float(sims[:4].mean())
-        mean_gain += float(sims.mean())
+        top_gain += float(sims[:4].mean().detach())
+        mean_gain += float(sims.mean().detach())
     assert top_gain > mean_gain
 
 
