@@ -1,0 +1,254 @@
+"""What the dashboard page shows: ``ctp status`` plus the curves of the newest version's eval state.
+
+``DashboardStatus.gather()`` (blocking; the API runs it in a thread) returns one JSON-able dict:
+everything ``service.status.collect_status`` reports, and
+
+- ``ingest``: topic lag and ``produced`` from Kafka, with ``rate_per_s``: messages produced per
+  second, from successive ``produced`` counts (over the last ``rate_window_s``). Kafka is asked
+  by a background thread, never by the request: an unreachable broker takes kafka-python 30 s to
+  give up, and the page must not wait for that. Until the first answer ``ingest_pending`` is true.
+- ``serving``: the version this process serves (null before the first load).
+- ``curves``: per eval set, after each chunk: the headline score (classification ``acc1``,
+  retrieval ``mean_recall@1``), average accuracy and forgetting (design.md definitions) from the
+  task matrix in the newest version's ``eval_state`` (ctp.tracking format).
+- ``version_metrics``: per eval set, one point per registry version: its chunks, score,
+  forgetting and average accuracy from the version's ``metrics``.
+
+Non-finite floats become null (JSON has no NaN). Redis away: ``errors.redis`` and the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ctp.checkpoint import load_meta
+from service.registry import Registry
+from service.serving import DirectorySource, ModelHolder
+from service.settings import Settings
+from service.status import collect_status, topic_lag
+
+logger = logging.getLogger(__name__)
+
+SCORE = {"classification": "acc1", "retrieval": "mean_recall@1"}
+
+
+def finite(x: Any) -> Any:
+    """``x`` with every NaN/inf float (at any depth) replaced by None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite(v) for v in x]
+    return x
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def task_matrix(result: dict[str, Any], labelled: bool) -> list[list[float | None]]:
+    """The R of one eval set's state, as ``EvalTracker.summary`` builds it (unlabelled stream or
+    retrieval set: one column, the whole set's score)."""
+    rows = [[_num(v) for v in row] for row in result.get("rows") or []]
+    if result.get("kind") == "classification" and not labelled:
+        after = result.get("after_chunk") or []
+        return [[_num(m.get("acc1")) if isinstance(m, dict) else None] + [None] * (len(row) - 1)
+                for m, row in zip(after, rows, strict=False)]
+    return rows
+
+
+def matrix_curves(R: list[list[float | None]]) -> tuple[list[float | None], list[float]]:
+    """Average accuracy and forgetting after each chunk T of ``R`` (ctp.metrics definitions), in
+    O(cells): the max over earlier rows is kept per column as T advances."""
+    avg: list[float | None] = []
+    forget: list[float] = []
+    best: dict[int, float] = {}  # column j -> max over rows i < T of R[i][j]
+    for T, row in enumerate(R):
+        seen = [row[j] for j in range(min(T + 1, len(row))) if row[j] is not None]
+        avg.append(sum(seen) / len(seen) if seen else None)
+        terms = [best[j] - row[j] for j in range(min(T, len(row))) if row[j] is not None and j in best]
+        forget.append(sum(terms) / len(terms) if terms else 0.0)
+        for j, v in enumerate(row):
+            if v is not None:
+                best[j] = max(best.get(j, v), v)
+    return avg, forget
+
+
+def eval_curves(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Per eval set of ``meta["eval_state"]``: score, average accuracy, forgetting after each chunk."""
+    state = (meta or {}).get("eval_state") or {}
+    labelled = any(state.get("chunk_labels") or [])
+    sets = {}
+    for name, result in (state.get("results") or {}).items():
+        if not isinstance(result, dict):
+            continue
+        kind = result.get("kind", "classification")
+        key = SCORE.get(kind, "acc1")
+        after = result.get("after_chunk") or []
+        score = [_num(m.get(key)) if isinstance(m, dict) else None for m in after]
+        avg, forget = matrix_curves(task_matrix(result, labelled))
+        measured = [m is not None for m in after]
+        sets[name] = {"kind": kind, "score": key, "after_chunk": score,
+                      "avg_accuracy": [a if ok else None for a, ok in zip(avg, measured, strict=False)],
+                      "forgetting": [f if ok else None for f, ok in zip(forget, measured, strict=False)]}
+    return {"version": (meta or {}).get("version"), "chunks": len(state.get("chunk_labels") or []), "sets": sets}
+
+
+def version_metrics(versions: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per eval set, one point per version that has metrics for it: the forgetting curve over versions."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for v in versions:
+        for name, m in (v.get("metrics") or {}).items():
+            if not isinstance(m, dict):
+                continue
+            key = "acc1" if "acc1" in m else "mean_recall@1"
+            out.setdefault(name, []).append({
+                "version": str(v.get("version")), "chunks": v.get("chunks"), "score": key,
+                "value": _num(m.get(key)), "forgetting": _num(m.get("forgetting")),
+                "avg_accuracy": _num(m.get("avg_accuracy")), "bwt": _num(m.get("bwt"))})
+    return out
+
+
+class IngestRate:
+    """Messages per second from successive ``(time, produced)`` samples over the last ``window_s``."""
+
+    def __init__(self, window_s: float = 60.0):
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int]] = deque(maxlen=1000)
+
+    def add(self, t: float, produced: int) -> None:
+        if self.samples and produced < self.samples[-1][1]:  # topic recreated: start again
+            self.samples.clear()
+        self.samples.append((t, produced))
+        while len(self.samples) > 2 and self.samples[0][0] < t - self.window_s:
+            self.samples.popleft()
+
+    def per_s(self) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        (t0, p0), (t1, p1) = self.samples[0], self.samples[-1]
+        return (p1 - p0) / (t1 - t0) if t1 > t0 else None
+
+
+class KafkaLag:
+    """The topic's lag, refreshed by one background thread at most every ``every_s`` while asked."""
+
+    def __init__(self, settings: Settings, *, every_s: float = 2.0, retry_s: float = 15.0,
+                 rate_window_s: float = 60.0, timeout_ms: int = 5000):
+        self.settings = settings
+        self.every_s = every_s
+        self.retry_s = retry_s  # after a failure: kafka-python logs every reconnect, spare the log
+        self.timeout_ms = timeout_ms
+        self.rate = IngestRate(rate_window_s)
+        self.ingest: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.checked_at: float | None = None
+        self._next_at = -math.inf  # monotonic time from which the next check may start
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> dict[str, Any]:
+        """The last answer (``ingest``, ``error``, ``checked_at``); starts a refresh when due."""
+        with self._lock:
+            idle = self._thread is None or not self._thread.is_alive()
+            if idle and time.monotonic() >= self._next_at:
+                self._next_at = time.monotonic() + self.every_s
+                self._thread = threading.Thread(target=self._check, name="ctp-dashboard-kafka", daemon=True)
+                self._thread.start()
+            return {"ingest": self.ingest, "error": self.error, "checked_at": self.checked_at}
+
+    def _check(self) -> None:
+        r = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
+        try:
+            lag = topic_lag(self.settings, r, timeout_ms=self.timeout_ms)
+            now = time.time()
+            with self._lock:
+                self.rate.add(now, int(lag["produced"]))
+                self.ingest = {**lag, "rate_per_s": self.rate.per_s()}
+                self.error, self.checked_at = None, now
+        except Exception as e:  # noqa: BLE001 - broker or Redis away: report it, keep the page up
+            with self._lock:
+                self.ingest, self.error, self.checked_at = None, f"{type(e).__name__}: {e}", time.time()
+                self._next_at = time.monotonic() + self.retry_s
+        finally:
+            r.close()
+
+
+class DashboardStatus:
+    def __init__(self, settings: Settings, holder: ModelHolder, *, kafka: KafkaLag | None = None):
+        self.settings = settings
+        self.holder = holder
+        self.kafka = kafka if kafka is not None else KafkaLag(settings)
+        self._curves_key: Any = None
+        self._curves: dict[str, Any] = eval_curves(None)
+
+    def gather(self) -> dict[str, Any]:
+        s = self.settings
+        out = collect_status(s, kafka=False)
+        k = self.kafka.poll()
+        if k["ingest"] is not None:
+            out["ingest"] = k["ingest"]
+        elif k["error"] is not None:
+            out["errors"]["kafka"] = k["error"]
+        out["ingest_pending"] = k["checked_at"] is None
+        out["ingest_checked_at"] = k["checked_at"]
+        if isinstance(self.holder.source, DirectorySource):  # no registry: versions are the dir's
+            try:
+                out["versions"] = self.holder.source.history()
+                out["latest"] = out["versions"][-1]["version"] if out["versions"] else None
+            except Exception as e:  # noqa: BLE001
+                out["errors"]["checkpoints"] = f"{type(e).__name__}: {e}"
+        out["serving"] = self._serving()
+        out["curves"] = self._latest_curves()
+        out["version_metrics"] = version_metrics(out.get("versions") or [])
+        return finite(out)
+
+    def _serving(self) -> dict[str, Any] | None:
+        snap = self.holder.snapshot
+        if snap is None:
+            return None
+        m = snap.meta
+        return {"model_version": snap.version, "model": m.get("model"), "strategy": m.get("strategy"),
+                "chunks": m.get("chunks"), "loaded_at": snap.loaded_at, "gallery_size": len(snap.index),
+                "index": snap.index.kind, "swaps": self.holder.stats.swaps}
+
+    def _latest_meta(self) -> tuple[Any, dict[str, Any] | None]:
+        """(identity, meta) of the newest version: the registry's or the checkpoint dir's; the served
+        snapshot's when neither answers."""
+        source = self.holder.source
+        try:
+            if isinstance(source, DirectorySource):
+                ref = source.latest()
+                if ref is not None:
+                    return ref.key, None if ref.key == self._curves_key else load_meta(Path(ref.path))
+            else:
+                r = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
+                try:
+                    reg = Registry(r, root=self.settings.data_dir / "checkpoints", keep=self.settings.keep_checkpoints)
+                    version = reg.latest_version()
+                    if version is not None and ("registry", version) == self._curves_key:
+                        return self._curves_key, None  # unchanged: keep the curves computed
+                    info = reg.get(version) if version is not None else None
+                    if info is not None:
+                        return ("registry", version), {**info.meta, "version": info.version}
+                finally:
+                    r.close()
+        except Exception as e:  # noqa: BLE001 - Redis or disk away: fall back to what is served
+            logger.debug("newest version's metadata unavailable: %s", e)
+        snap = self.holder.snapshot
+        return (("served", snap.version, snap.load_id), snap.meta) if snap is not None else (None, None)
+
+    def _latest_curves(self) -> dict[str, Any]:
+        key, meta = self._latest_meta()
+        if key != self._curves_key and (meta is not None or key is None):
+            self._curves_key, self._curves = key, eval_curves(meta)
+        return self._curves
