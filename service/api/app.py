@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import ServeContext
 from service.api.errors import BodyLimit, error_response, install_error_handlers
-from service.api.routes import classify, ingest, model, ops, retrieve
+from service.api.routes import classify, dashboard, ingest, model, ops, retrieve
 from service.batching import Batcher, Overloaded
 from service.messages import Limits
 from service.registry import Registry
@@ -30,7 +30,7 @@ from service.telemetry import ServeMetrics
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = frozenset({"/classify", "/retrieve", "/model", "/ingest", "/healthz", "/readyz", "/metrics"})
+ENDPOINTS = frozenset({"/classify", "/retrieve", "/model", "/ingest", "/healthz", "/readyz", "/metrics", "/", "/status"})
 
 
 def version_source(settings: Settings) -> VersionSource:
@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None, *, source: VersionSource | None
         metrics.overloaded.inc()
         return error_response(503, "overloaded", str(exc), {"Retry-After": "1"})
 
-    for r in (classify.router, retrieve.router, model.router, ingest.router, ops.router):
+    for r in (classify.router, retrieve.router, model.router, ingest.router, ops.router, dashboard.router):
         app.include_router(r)
     if s.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=s.cors_origins, allow_methods=["GET", "POST"],
