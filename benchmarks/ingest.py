@@ -118,7 +118,7 @@ def freshness(kafka: KafkaServer, redis_server: RedisServer, tmp: Path, *, secon
     settings = {"CTP_KAFKA_BOOTSTRAP": kafka.bootstrap, "CTP_TOPIC": topic, "CTP_DLQ_TOPIC": f"{topic}.dlq",
                 "CTP_REDIS_URL": redis_server.url, "CTP_DATA_DIR": str(tmp / "fresh"), "CTP_MODEL": model,
                 "CTP_EPOCHS": str(epochs), "CTP_CHUNK_SIZE": str(chunk_size), "CTP_CHUNK_MAX_WAIT_S": str(max_wait),
-                "CTP_BATCH_SIZE": "32", "CTP_MEMORY_SIZE": "200"}
+                "CTP_BATCH_SIZE": "32", "CTP_MEMORY_SIZE": "200", "CTP_KEEP_CHECKPOINTS": "1000"}
     env = {**os.environ, **settings, "PYTHONPATH": str(ROOT)}
     logs = tmp / "fresh-logs"
     logs.mkdir(parents=True, exist_ok=True)

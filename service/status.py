@@ -29,7 +29,7 @@ def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> 
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=timeout_ms + 1000,
-                             consumer_timeout_ms=timeout_ms)
+                             bootstrap_timeout_ms=timeout_ms, consumer_timeout_ms=timeout_ms)
     try:
         partitions = consumer.partitions_for_topic(settings.topic) or set()
         tps = [TopicPartition(settings.topic, p) for p in sorted(partitions)]
