@@ -9,8 +9,9 @@
 #   docker/install.sh package [--no-deps]   pip install "$SRC[service]" (not editable) and the
 #                                        healthcheck as ctp-healthcheck next to the ctp script.
 #   docker/install.sh check [--cuda]     from the installed copy (not the source tree): every role's
-#                                        module imports, `ctp --help` lists them, package data is
-#                                        there; --cuda: torch is a CUDA build (no GPU needed).
+#                                        module imports, `ctp --help` lists them, every package-data
+#                                        pattern of pyproject.toml matches files; --cuda: torch is a
+#                                        CUDA build (no GPU needed).
 #   docker/install.sh user               the non-root user (uid 10001) and /data owned by it.
 #
 # Several steps may follow one another in one call: `install.sh package check --cuda user`.
@@ -68,11 +69,11 @@ step_check() {
     local bin
     bin=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
     # from / so the current directory cannot shadow the installed packages
-    (cd / && CHECK_CUDA=$cuda "$PYTHON" - <<'PY'
+    (cd / && CHECK_CUDA=$cuda "$PYTHON" - "$SRC/pyproject.toml" <<'PY'
 import importlib
-import importlib.resources
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 roles = ["service.ingest", "service.trainer", "service.api", "service.produce", "service.status", "service.up"]
@@ -83,11 +84,14 @@ import ctp
 installed = Path(ctp.__file__).resolve()
 if not installed.is_relative_to(Path(sys.prefix).resolve()):
     sys.exit(f"ctp imported from {installed}, not from the environment at {sys.prefix}")
-configs = list((importlib.resources.files("ctp") / "model_configs").iterdir())
-if not any(p.name.endswith(".json") for p in configs):
-    sys.exit("ctp/model_configs/*.json missing from the installed package")
-if not (importlib.resources.files("service") / "kafka_pom.xml").is_file():
-    sys.exit("service/kafka_pom.xml missing from the installed package")
+# every package-data pattern of pyproject.toml matches files in the installed copy
+with open(sys.argv[1], "rb") as f:
+    package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+for package, patterns in package_data.items():
+    root = Path(importlib.import_module(package).__file__).parent
+    for pattern in patterns:
+        if not any(p.is_file() for p in root.glob(pattern)):
+            sys.exit(f"package data {package}/{pattern} missing from the installed package")
 import torch
 
 print(f"ctp {installed.parent}; torch {torch.__version__} (CUDA build: {torch.version.cuda})")
