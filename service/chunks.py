@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,16 @@ class ChunkStore:
     def read(self, chunk_id: str) -> list[Sample]:
         return read_chunk(self.path(chunk_id))
 
-    def remove_partial(self) -> int:
-        """Delete temp dirs left by a crash mid-write; returns how many."""
+    def remove_partial(self, *, older_than_s: float = 3600.0) -> int:
+        """Delete temp dirs left by a crash mid-write; returns how many.
+
+        Only those untouched for ``older_than_s``: another ingest worker sharing the directory
+        may be writing one right now.
+        """
         n = 0
+        cutoff = time.time() - older_than_s
         for p in self.root.glob(".*"):
-            if p.is_dir():
+            if p.is_dir() and p.stat().st_mtime < cutoff:
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
         return n

@@ -360,6 +360,9 @@ class KafkaServer(_LocalServer):
             "transaction.state.log.min.isr": "1",
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
+            # messages up to CTP_MAX_MESSAGE_BYTES (8 MB) and then some, like the compose broker
+            "message.max.bytes": "10485760",
+            "replica.fetch.max.bytes": "10485760",
             "num.network.threads": "2",
             "num.io.threads": "2",
         }

@@ -97,6 +97,8 @@ class IngestWorker:
         self.topic, self.dlq_topic, self.group = topic, dlq_topic, group
         self.r = redis_client
         self.store, self.queue = store, queue
+        if (removed := store.remove_partial()) > 0:
+            logger.info("removed %d chunk dirs a crash left half-written", removed)
         self.chunk_size, self.chunk_max_wait_s, self.limits = chunk_size, chunk_max_wait_s, limits
         self.poll_timeout_ms = poll_timeout_ms
         self.stats: Counter[str] = Counter()

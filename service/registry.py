@@ -30,6 +30,10 @@ from ctp.checkpoint import save_checkpoint
 logger = logging.getLogger(__name__)
 
 
+class FencedOut(RuntimeError):
+    """The publisher no longer holds the lease it published under."""
+
+
 @dataclass
 class VersionInfo:
     version: int
@@ -51,17 +55,33 @@ class Registry:
     def _vkey(self, version: int) -> str:
         return f"{self.prefix}:v:{version}"
 
-    def publish(self, model: torch.nn.Module, meta: dict[str, Any]) -> VersionInfo:
+    def publish(self, model: torch.nn.Module, meta: dict[str, Any], *,
+                fence: tuple[str, str] | None = None) -> VersionInfo:
+        """Write the checkpoint, then register it in one transaction.
+
+        ``fence=(key, value)``: register only while Redis ``key`` still holds ``value`` (the
+        trainer's lease), checked under WATCH in the same transaction; else ``FencedOut``
+        and nothing is registered (a trainer that lost its lease cannot fork the lineage).
+        """
         version = int(self.r.incr(f"{self.prefix}:next"))
         path = save_checkpoint(self.root / f"v{version:06d}", model, {**meta, "version": version})
         created = time.time()
         with self.r.pipeline() as pipe:
-            pipe.hset(self._vkey(version), mapping={"path": str(path), "meta": json.dumps(meta, default=str),
-                                                    "created": created})
-            pipe.zadd(f"{self.prefix}:history", {str(version): version})
-            pipe.set(f"{self.prefix}:latest", version)
-            pipe.publish(self.channel, version)
-            pipe.execute()
+            try:
+                if fence is not None:
+                    pipe.watch(fence[0])
+                    if pipe.get(fence[0]) != fence[1].encode():
+                        raise FencedOut(f"lease {fence[0]} is not held by {fence[1]}")
+                pipe.multi()
+                pipe.hset(self._vkey(version), mapping={"path": str(path), "meta": json.dumps(meta, default=str),
+                                                        "created": created})
+                pipe.zadd(f"{self.prefix}:history", {str(version): version})
+                pipe.set(f"{self.prefix}:latest", version)
+                pipe.publish(self.channel, version)
+                pipe.execute()
+            except (FencedOut, redis.WatchError):
+                shutil.rmtree(path, ignore_errors=True)
+                raise FencedOut(f"lease {fence[0] if fence else '?'} lost before version {version} was registered") from None
         logger.info("published checkpoint version %d at %s", version, path)
         self._retain()
         return VersionInfo(version, path, meta, created)

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     device: str = "cpu"  # cpu, cuda or cuda:N
     keep_checkpoints: int = Field(5, gt=0)  # retention: last N versions on disk
     trainer_name: str | None = None  # chunk-queue consumer name; default: the host name (stable across restarts)
+    trainer_lease_s: float = Field(30.0, ge=1)  # one active trainer: a standby takes over this long after it dies
     claim_idle_s: float = Field(600.0, gt=0)  # a chunk idle this long at another trainer is taken over
     # eval sets measured after every chunk, stored with the version: "name=dir[,name=dir...]"
     eval_classification: str = ""  # CLIP_benchmark wds layout (design.md)

@@ -43,6 +43,7 @@ MEANINGS: dict[str, tuple[str, str]] = {
     "device": ("train, api", "`cpu`, `cuda` or `cuda:N`"),
     "keep_checkpoints": ("train, api", "retention: the newest N versions are kept on disk and in the registry"),
     "trainer_name": ("train", "consumer name in the chunk queue; default `trainer-<hostname>` (keep it stable across restarts)"),
+    "trainer_lease_s": ("train", "one active trainer per registry: a standby (or a restart) takes over this long after the holder stops renewing"),
     "claim_idle_s": ("train", "a chunk pending this long at another (dead) trainer is taken over"),
     "eval_classification": ("train", "classification eval sets measured after every chunk, `name=dir[,name=dir]` (CLIP_benchmark wds layout)"),
     "eval_retrieval": ("train", "retrieval eval sets measured after every chunk, `name=dir[,name=dir]`"),

@@ -10,10 +10,12 @@ the latest checkpoint's ``chunk_ids`` was published before the ack was lost: it 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from ctp.strategies import get_strategy
 from ctp.tracking import EvalTracker
 from service.chunks import DEAD_CHUNKS, ChunkQueue, ChunkTask
 from service.redis_memory import RedisMemory
-from service.registry import Registry
+from service.registry import FencedOut, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class TrainerStats:
     skipped: int = 0  # already in the latest checkpoint
     failed: int = 0  # attempts that raised (the chunk stays pending and is tried again)
     dead: int = 0  # chunks given up after max_attempts
+    fenced: bool = False  # stopped: the lease was lost, another trainer took over
     last_version: int | None = None
 
 
@@ -76,6 +79,65 @@ class _RankMemory:
         return len(self.inner)
 
 
+class TrainerLease:
+    """One active trainer per registry: a Redis key set with a TTL, renewed while it works.
+
+    A second trainer (a standby, or a restart while the dead one's lease still runs) waits for
+    the key to expire. The registry registers a version only while the key still names this
+    holder (``Registry.publish(fence=...)``), so a trainer that lost its lease during a long
+    pause cannot fork the lineage.
+    """
+
+    KEY = "ctp:trainer:lease"
+    _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+    _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+    def __init__(self, client, holder: str, *, ttl_s: float = 30.0):
+        self.r, self.holder, self.ttl_ms = client, holder, int(ttl_s * 1000)
+        self._renew = client.register_script(self._RENEW)
+        self._release = client.register_script(self._RELEASE)
+        self._thread: threading.Thread | None = None
+        self.lost = threading.Event()
+        self._done = threading.Event()
+
+    @property
+    def fence(self) -> tuple[str, str]:
+        return self.KEY, self.holder
+
+    def acquire(self, stop: threading.Event) -> bool:
+        """Wait until this holder has the lease (or ``stop``); then keep it renewed."""
+        waited = False
+        while not stop.is_set():
+            if self.r.set(self.KEY, self.holder, nx=True, px=self.ttl_ms):
+                self._thread = threading.Thread(target=self._keep, name="ctp-trainer-lease", daemon=True)
+                self._thread.start()
+                return True
+            if not waited:
+                logger.info("another trainer holds %s (%s): standing by", self.KEY, self.r.get(self.KEY))
+                waited = True
+            stop.wait(min(1.0, self.ttl_ms / 3000))
+        return False
+
+    def _keep(self) -> None:
+        while not self._done.wait(self.ttl_ms / 3000):
+            try:
+                ok = self._renew(keys=[self.KEY], args=[self.holder, self.ttl_ms])
+            except Exception as e:  # Redis away for a moment: try again; the TTL covers 2 misses
+                logger.warning("lease renewal failed: %s", e)
+                continue
+            if not ok:
+                logger.error("lost the trainer lease %s; stopping after this chunk", self.KEY)
+                self.lost.set()
+                return
+
+    def release(self) -> None:
+        self._done.set()
+        try:
+            self._release(keys=[self.KEY], args=[self.holder])
+        except Exception as e:  # it expires on its own
+            logger.warning("lease release failed: %s", e)
+
+
 class TrainerWorker:
     def __init__(
         self,
@@ -91,6 +153,7 @@ class TrainerWorker:
         consumer: str | None = None,
         claim_idle_ms: int = 600_000,
         max_attempts: int = 3,
+        lease_s: float = 30.0,
         eval_classification: dict[str, Path] | None = None,
         eval_retrieval: dict[str, Path] | None = None,
     ):
@@ -109,13 +172,13 @@ class TrainerWorker:
         self._stop = threading.Event()
         self._eval_sets = ({n: load_classification_set(d) for n, d in (eval_classification or {}).items()},
                            {n: load_retrieval_set(d) for n, d in (eval_retrieval or {}).items()})
-        if self.rank == 0:
-            registry.remove_unregistered()
+        self.lease = TrainerLease(queue.r, f"{self.consumer}:{os.getpid()}:{uuid.uuid4().hex[:8]}", ttl_s=lease_s)
         self._load()
 
     def _load(self) -> None:
         """Model, learner and eval curves from the newest checkpoint; else the configured weights."""
         latest = self.registry.latest()
+        self.loaded_version = latest.version if latest else None
         self.bundle = create_model(self.model_name, pretrained=str(latest.path) if latest else self.pretrained,
                                    device=self.config.device, seed=self.config.seed)
         meta = latest.meta if latest else {}
@@ -151,9 +214,37 @@ class TrainerWorker:
             msg = box[0]
         return msg
 
+    def _start(self) -> bool:
+        """Rank 0 takes the lease (waiting as a standby if needed); all ranks catch up with the
+        registry (versions published while standing by) and clear what a crash left."""
+        got = self.lease.acquire(self._stop) if self.rank == 0 else True
+        if self.world > 1:
+            box = [got]
+            dist.broadcast_object_list(box, src=0)
+            got = box[0]
+        if not got:
+            return False
+        if self.rank == 0:
+            self.registry.remove_unregistered()
+        if self.registry.latest_version() != self.loaded_version:
+            self._load()
+        return True
+
     def run(self, *, burst: bool = False, block_ms: int = 1000) -> TrainerStats:
         """Train chunks until stopped; ``burst``: until the queue is empty. Rank 0 drives."""
+        if not self._start():
+            return self.stats
+        try:
+            self._loop(burst=burst, block_ms=block_ms)
+        finally:
+            if self.rank == 0:
+                self.lease.release()
+        return self.stats
+
+    def _loop(self, *, burst: bool, block_ms: int) -> None:
         while True:
+            if self.lease.lost.is_set():
+                self._stop.set()
             task = self._next(burst=burst, block_ms=block_ms)
             if task == "stop":
                 break
@@ -168,9 +259,12 @@ class TrainerWorker:
                 continue
             try:
                 self._train(task)
+            except FencedOut as e:  # another trainer holds the lineage now: leave the chunk to it
+                logger.error("%s; stopping", e)
+                self.stats.fenced = True
+                return
             except Exception as e:  # a bad chunk must not stop the worker; its model state is reloaded
                 self._failed(task, e)
-        return self.stats
 
     def _train(self, task: ChunkTask) -> None:
         t0 = time.perf_counter()
@@ -190,7 +284,7 @@ class TrainerWorker:
                                    "forgetting": e["forgetting"], "bwt": e["bwt"]} for n, e in evals.items()}
             meta["eval_state"] = self.tracker.state()
         meta["seconds"] = time.perf_counter() - t0
-        info = self.registry.publish(self.bundle.model, meta)
+        info = self.registry.publish(self.bundle.model, meta, fence=self.lease.fence)
         self.trained_ids.append(task.chunk_id)
         self.queue.ack(task)
         self.stats.chunks += 1
@@ -234,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         model=s.model, pretrained=s.pretrained, strategy=s.strategy, generator=args.generator,
         config=TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, device=device, progress=rank == 0),
         eval_classification=s.eval_classification_sets(), eval_retrieval=s.eval_retrieval_sets(),
-        consumer=s.trainer_name, claim_idle_ms=int(s.claim_idle_s * 1000),
+        consumer=s.trainer_name, claim_idle_ms=int(s.claim_idle_s * 1000), lease_s=s.trainer_lease_s,
     )
     worker.install_signal_handlers()
     stats = worker.run(burst=args.burst)
@@ -242,4 +336,4 @@ def main(argv: list[str] | None = None) -> int:
         print(stats)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return 3 if stats.fenced else 0

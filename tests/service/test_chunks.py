@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 
@@ -25,7 +26,10 @@ def test_store_writes_whole_chunks_once(tmp_path):
     assert os.stat(p).st_mtime_ns == mtime and store.read("p0-0-9")[0].key == "a0"
     (tmp_path / ".p0-10-19.abc").mkdir()  # a crash mid-write leaves only a hidden temp dir
     assert not store.exists("p0-10-19")
-    assert store.remove_partial() == 1
+    assert store.remove_partial() == 0  # fresh: maybe another worker is writing it
+    old = time.time() - 7200
+    os.utime(tmp_path / ".p0-10-19.abc", (old, old))
+    assert store.remove_partial() == 1 and not (tmp_path / ".p0-10-19.abc").exists()
 
 
 def test_queue_enqueue_is_idempotent_and_acks(redis_server):

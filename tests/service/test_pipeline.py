@@ -42,7 +42,7 @@ def _env(kafka, redis_server, tmp_path, topic, **extra) -> dict[str, str]:
             "CTP_KAFKA_BOOTSTRAP": kafka.bootstrap, "CTP_TOPIC": topic, "CTP_DLQ_TOPIC": f"{topic}.dlq",
             "CTP_REDIS_URL": redis_server.url, "CTP_DATA_DIR": str(tmp_path / "data"),
             "CTP_MODEL": "ctp-vit-micro-32", "CTP_EPOCHS": "1", "CTP_BATCH_SIZE": "32", "CTP_MEMORY_SIZE": "60",
-            "CTP_MAX_MESSAGE_BYTES": "200000", **extra}
+            "CTP_MAX_MESSAGE_BYTES": "200000", "CTP_TRAINER_LEASE_S": "2", **extra}
 
 
 def _ctp(env, *args, log: Path) -> subprocess.Popen:

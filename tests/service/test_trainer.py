@@ -2,12 +2,14 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from ctp.checkpoint import load_checkpoint
 from ctp.continual import TrainConfig
+from ctp.models import create_model
 from ctp.synthetic import make_stream
 from service.chunks import DEAD_CHUNKS, ChunkQueue
 from service.redis_memory import RedisMemory
@@ -23,12 +25,18 @@ def _worker(client, root, **kw):
                          strategy="incclip", config=TrainConfig(epochs=1, batch_size=32, progress=False), **kw)
 
 
-def test_chunks_become_versions(redis_server, tmp_path):
+def _queued(redis_server, tmp_path, chunks: int = 2):
+    """The tiny synthetic stream; its first ``chunks`` chunks queued. -> (stream, client, queue)"""
     stream = make_stream(tmp_path / "stream", "tiny")
     client = redis_server.client()
     queue = ChunkQueue(client)
-    for d in stream.chunks:
+    for d in stream.chunks[:chunks]:
         queue.enqueue(d.name, d, 80)
+    return stream, client, queue
+
+
+def test_chunks_become_versions(redis_server, tmp_path):
+    stream, client, queue = _queued(redis_server, tmp_path)
     stats = _worker(client, tmp_path / "ckpt").run(burst=True, block_ms=50)
     assert stats.chunks == 2 and stats.last_version == 2
     reg = Registry(client, root=tmp_path / "ckpt")
@@ -40,10 +48,7 @@ def test_chunks_become_versions(redis_server, tmp_path):
 
 
 def test_a_chunk_published_but_not_acked_is_not_trained_again(redis_server, tmp_path):
-    stream = make_stream(tmp_path / "stream", "tiny")
-    client = redis_server.client()
-    queue = ChunkQueue(client)
-    queue.enqueue("chunk_000", stream.chunks[0], 80)
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
     w = _worker(client, tmp_path / "ckpt", consumer="w1")
 
     def crash(task):
@@ -60,10 +65,7 @@ def test_a_chunk_published_but_not_acked_is_not_trained_again(redis_server, tmp_
 
 
 def test_eval_sets_are_measured_and_stored_with_each_version(redis_server, tmp_path):
-    stream = make_stream(tmp_path / "stream", "tiny")
-    client = redis_server.client()
-    queue = ChunkQueue(client)
-    queue.enqueue("chunk_000", stream.chunks[0], 80)
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
     _worker(client, tmp_path / "ckpt", eval_classification={"syn": stream.classification},
             eval_retrieval={"syn_ret": stream.retrieval}).run(burst=True, block_ms=50)
     # a restarted worker continues the curves from the checkpoint's metadata
@@ -81,9 +83,7 @@ def test_eval_sets_are_measured_and_stored_with_each_version(redis_server, tmp_p
 
 
 def test_a_bad_chunk_is_retried_then_set_aside_and_the_worker_goes_on(redis_server, tmp_path):
-    stream = make_stream(tmp_path / "stream", "tiny")
-    client = redis_server.client()
-    queue = ChunkQueue(client)
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=0)
     queue.enqueue("chunk_gone", tmp_path / "no-such-chunk", 80)
     queue.enqueue("chunk_000", stream.chunks[0], 80)
     stats = _worker(client, tmp_path / "ckpt", max_attempts=2).run(burst=True, block_ms=50)
@@ -97,11 +97,7 @@ def test_a_bad_chunk_is_retried_then_set_aside_and_the_worker_goes_on(redis_serv
 
 @pytest.mark.timeout(600)
 def test_trainer_under_torchrun_trains_each_chunk_once(redis_server, tmp_path):
-    stream = make_stream(tmp_path / "stream", "tiny")
-    client = redis_server.client()
-    queue = ChunkQueue(client)
-    for d in stream.chunks:
-        queue.enqueue(d.name, d, 80)
+    stream, client, queue = _queued(redis_server, tmp_path)
     env = {**os.environ, "CTP_REDIS_URL": redis_server.url, "CTP_DATA_DIR": str(tmp_path / "data"),
            "CTP_MODEL": "ctp-vit-micro-32", "CTP_EPOCHS": "1", "CTP_BATCH_SIZE": "16", "CTP_MEMORY_SIZE": "30",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -114,3 +110,41 @@ def test_trainer_under_torchrun_trains_each_chunk_once(redis_server, tmp_path):
     assert reg.latest().meta["chunk_ids"] == ["chunk_000", "chunk_001"]
     assert queue.pending() == 0
     assert len(RedisMemory(client=client, max_items=30)) == 30  # admitted once, not once per rank
+
+
+def test_one_trainer_at_a_time_a_standby_takes_over_from_the_latest_version(redis_server, tmp_path):
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
+    first = _worker(client, tmp_path / "ckpt", consumer="a", lease_s=2)
+    second = _worker(client, tmp_path / "ckpt", consumer="b", lease_s=2)  # loaded before version 1 exists
+    assert first.lease.acquire(threading.Event())  # the active trainer
+    done = {}
+    standby = threading.Thread(target=lambda: done.setdefault("stats", second.run(burst=True, block_ms=50)))
+    standby.start()
+    first.lease.release()
+    first_stats = _worker(client, tmp_path / "ckpt", consumer="a", lease_s=2).run(burst=True, block_ms=50)
+    standby.join(60)
+    # whichever held the lease trained chunk 0; then chunk 1 goes to the other, on top of version 1
+    queue.enqueue("chunk_001", stream.chunks[1], 80)
+    assert first_stats.chunks + done["stats"].chunks == 1
+    third = _worker(client, tmp_path / "ckpt", consumer="c", lease_s=2).run(burst=True, block_ms=50)
+    assert third.chunks == 1
+    assert Registry(client, root=tmp_path / "ckpt").latest().meta["chunk_ids"] == ["chunk_000", "chunk_001"]
+
+
+def test_a_publish_without_the_lease_is_refused_and_leaves_nothing(redis_server, tmp_path):
+    from service.registry import FencedOut
+    from service.trainer import TrainerLease
+
+    client = redis_server.client()
+    reg = Registry(client, root=tmp_path / "ckpt")
+    model = create_model("ctp-vit-micro-32", seed=0).model
+    lease = TrainerLease(client, "me", ttl_s=5)
+    client.set(TrainerLease.KEY, "someone-else")
+    with pytest.raises(FencedOut):
+        reg.publish(model, {"chunks": 1}, fence=lease.fence)
+    assert reg.latest() is None and not any((tmp_path / "ckpt").iterdir())
+    client.delete(TrainerLease.KEY)
+    assert lease.acquire(threading.Event())
+    assert reg.publish(model, {"chunks": 1}, fence=lease.fence).version == 2  # version 1 was burnt
+    lease.release()
+    assert client.get(TrainerLease.KEY) is None
