@@ -81,6 +81,10 @@ def test_classify_multipart_default_template_and_top_k(client, pairs):
                                              "top_k": 2}).json()["predictions"]
     assert [x["label"] for x in as_json] == [x["label"] for x in preds]
     assert as_json[0]["score"] == pytest.approx(preds[0]["score"], abs=1e-5)
+    # curl -F labels=a,b,c: one field of comma-separated labels
+    one_field = client.post("/classify", files={"file": ("x.png", p.image, "image/png")},
+                            data={"labels": ",".join(CLASSES), "templates": ["a {c}"]}).json()["predictions"]
+    assert sorted(x["label"] for x in one_field) == sorted(CLASSES) and one_field[0]["label"] == p.label
 
 
 def test_retrieve_text_finds_images_of_the_class_and_image_finds_its_caption(client, pairs):

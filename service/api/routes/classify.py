@@ -27,7 +27,8 @@ _MULTIPART = {
     "required": ["file", "labels"],
     "properties": {
         "file": {"type": "string", "format": "binary"},
-        "labels": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "labels": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                   "description": "one field per label, or one field of comma-separated labels"},
         "templates": {"type": "array", "items": {"type": "string"}},
         "top_k": {"type": "integer", "minimum": 1},
     },
@@ -55,6 +56,8 @@ async def _parse(request: Request, ctx: ServeContext) -> tuple[bytes, list[str],
         if len(raw) > s.max_image_bytes:
             raise ApiError(413, "image_too_large", f"image is over {s.max_image_bytes} bytes")
         labels = [v for v in form.getlist("labels") if isinstance(v, str)]
+        if len(labels) == 1 and "," in labels[0]:  # `-F labels=cat,dog`: one field, comma-separated
+            labels = [x.strip() for x in labels[0].split(",") if x.strip()]
         if not labels:
             raise ApiError(422, "missing_labels", "form needs one or more 'labels' fields")
         templates = [v for v in form.getlist("templates") if isinstance(v, str)] or None
