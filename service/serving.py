@@ -475,9 +475,13 @@ class ModelHolder:
                 self.listener.gallery_changed(len(index))
 
     def _embed_dirs(self, snap: Snapshot, index: GalleryIndex, dirs: Sequence[Path]) -> GalleryIndex:
+        """Embed the pairs of ``dirs`` with ``snap``'s model, ``embed_batch_size`` images at a time
+        (memory holds one batch of preprocessed images, not the gallery), into a new index."""
         ids: list[str] = []
         texts: list[str] = []
-        images: list[Tensor] = []
+        pending: list[Tensor] = []
+        img_parts: list[Tensor] = []
+        bs = self.embed_batch_size
         room = self.gallery_max_items - len(index)
         for d in dirs:
             try:
@@ -492,13 +496,17 @@ class ModelHolder:
                         continue
                     ids.append(str(s.meta.get("id", f"{d.name}/{s.key}")))
                     texts.append(s.text)
-                    images.append(snap.preprocess(pil))
+                    pending.append(snap.preprocess(pil))
+                    if len(pending) == bs:
+                        img_parts.append(snap.encode_images(torch.stack(pending)))
+                        pending = []
             except (OSError, ValueError) as e:  # a damaged shard: keep what was read before it
                 logger.warning("gallery dir %s unreadable: %s", d, e)
+        if pending:
+            img_parts.append(snap.encode_images(torch.stack(pending)))
         if not ids:
             return index
-        bs = self.embed_batch_size
-        img_emb = torch.cat([snap.encode_images(torch.stack(images[s:s + bs])) for s in range(0, len(images), bs)])
+        img_emb = torch.cat(img_parts)
         txt_emb = torch.cat([snap.encode_texts(texts[s:s + bs]) for s in range(0, len(texts), bs)])
         return index.extend(ids, texts, img_emb, txt_emb)
 
