@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -239,26 +238,46 @@ def test_trainer_killed_mid_chunk_resumes_from_the_last_good_checkpoint(kafka, r
 
 
 def test_ctp_up_demo_runs_the_stack_and_ctrl_c_stops_it_all(tmp_path):
+    """`ctp up --demo`: servers, ingest, trainer and the API; the API serves the versions as they
+    land and answers /classify; Ctrl-C stops every process and the state stays on disk."""
+    import httpx
+
+    from service.infra import free_port
+
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTP_")}
     env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CTP_DATA_DIR": str(tmp_path / "data"),
-                "CTP_MODEL": "ctp-vit-micro-32", "CTP_EPOCHS": "1", "CTP_CHUNK_MAX_WAIT_S": "2"})
+                "CTP_MODEL": "ctp-vit-micro-32", "CTP_EPOCHS": "1", "CTP_CHUNK_MAX_WAIT_S": "2",
+                "CTP_API_PORT": str(port), "CTP_WATCH_INTERVAL_S": "0.5"})
     log = tmp_path / "up.log"
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--demo", "--no-api", "--rate", "0",
+        up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--demo", "--rate", "0",
                                "--status-every", "5"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     try:
-        def two_versions():  # status lines come every 5 s: the count may jump past 2
-            return any(int(v) >= 2 for v in re.findall(r"model versions: latest (\d+)", log.read_text()))
-        _wait(two_versions, 600, "two versions from the demo", [up])
+        def served(at_least: int):
+            try:
+                r = api.get("/model")
+            except httpx.HTTPError:
+                return False
+            return r.status_code == 200 and int(r.json()["model_version"]) >= at_least
+        _wait(lambda: served(1), 600, "the API serving version 1", [up])
+        _wait(lambda: served(2), 600, "the API swapping to version 2", [up])
+        chunk0 = make_stream(tmp_path / "data" / "demo-stream", "class-incremental-small").chunks[0]
+        image = read_chunk(chunk0)[0].image
+        r = api.post("/classify", files={"file": ("x.png", image, "image/png")}, data={"labels": "circle,square,star"})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 3 and int(r.json()["model_version"]) >= 2
         children = _descendants(up.pid)
-        assert len(children) >= 4  # kafka, redis-server, ingest, trainer (the producer may be done)
+        assert len(children) >= 5  # kafka, redis-server, ingest, trainer, api (the producer may be done)
         up.send_signal(signal.SIGINT)
         assert up.wait(120) == 0, log.read_text()[-3000:]
     finally:
+        api.close()
         if up.poll() is None:
             up.kill()
     text = log.read_text()
     assert "kafka   127.0.0.1:" in text and "redis   redis://127.0.0.1:" in text and "ctp up: stopping" in text
+    assert f"api     http://127.0.0.1:{port}" in text
     time.sleep(1)
     assert not [pid for pid in children if _alive(pid)]
     assert (tmp_path / "data" / "redis").is_dir() and (tmp_path / "data" / "kafka").is_dir()  # state kept
