@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.infra import KafkaServer, RedisServer, free_port, port_open
+from service.infra import KafkaServer, RedisServer, _parent_death_prefix, free_port, port_open
 
 DEMO_STREAM = "class-incremental-small"
 # CPU-sized demo: a chunk per 200 pairs, few epochs; any CTP_ variable set by the user wins.
@@ -47,8 +47,9 @@ class Child:
     def start(self, env: dict[str, str]) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", *self.argv], env=env, stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # SIGTERM to the child if `ctp up` itself dies (even by SIGKILL): no orphaned roles
+            self.proc = subprocess.Popen([*_parent_death_prefix(), sys.executable, "-m", "service.cli", *self.argv],
+                                         env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def stop(self, timeout: float) -> None:
         if self.proc is None or self.proc.poll() is not None:
