@@ -186,10 +186,24 @@ class _LocalServer:
     """What a server process started by this module shares: pid, state, log, dir cleanup."""
 
     LOG_NAME = "server.log"
-    _proc: subprocess.Popen[bytes] | None
-    _owns_dir: bool
-    data_dir: Path | None
-    keep: bool
+
+    def __init__(self, *, port: int | None, data_dir: Path | None, keep: bool, start_timeout: float,
+                 stop_timeout: float) -> None:
+        self.port = port  # None: a free port at start()
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.keep = keep  # keep a temp data dir after stop() (for post-mortems)
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._owns_dir = False
+
+    def _ensure_data_dir(self, prefix: str) -> Path:
+        """The data dir, made: a temp dir this server owns (removed at stop) when none was given."""
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+            self._owns_dir = True
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir
 
     @property
     def pid(self) -> int | None:
@@ -252,20 +266,15 @@ class KafkaServer(_LocalServer):
         java: str = "java",
         config: Mapping[str, str] | None = None,
     ) -> None:
+        super().__init__(port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout,
+                         stop_timeout=stop_timeout)  # port: the PLAINTEXT listener
         self.num_partitions = num_partitions  # default partitions of auto-created topics
-        self.port = port  # PLAINTEXT listener; None: a free port at start()
         self.controller_port = controller_port  # KRaft CONTROLLER listener; None: a free port
-        self.data_dir = Path(data_dir) if data_dir is not None else None
-        self.keep = keep  # keep the temp data dir after stop() (for post-mortems)
         self.heap = heap  # -Xmx; the broker idles well under 256m, 512m leaves headroom
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
         self.cache_dir = cache_dir
         self.version = version
         self.java = java
         self.config = dict(config or {})  # extra/overriding server.properties entries
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._owns_dir = False
 
     # -- addresses
     @property
@@ -286,10 +295,7 @@ class KafkaServer(_LocalServer):
                 "Install it (apt-get install -y openjdk-17-jre-headless) or run `bash .ci/install-servers`."
             )
         classpath = kafka_classpath(self.cache_dir, version=self.version)
-        if self.data_dir is None:
-            self.data_dir = Path(tempfile.mkdtemp(prefix="ctp-kafka-"))
-            self._owns_dir = True
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_data_dir("ctp-kafka-")
         self.port = self.port or free_port()
         self.controller_port = self.controller_port or free_port()
         while self.controller_port == self.port:
@@ -477,15 +483,10 @@ class RedisServer(_LocalServer):
         stop_timeout: float = 10.0,
         executable: str = "redis-server",
     ) -> None:
+        super().__init__(port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout,
+                         stop_timeout=stop_timeout)  # port: kept by restart()
         self.aof = aof
-        self.port = port  # None: a free port at the first start(), kept by restart()
-        self.data_dir = Path(data_dir) if data_dir is not None else None
-        self.keep = keep  # keep the temp dir after stop()
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
         self.executable = executable
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._owns_dir = False
 
     @property
     def url(self) -> str:
@@ -502,10 +503,7 @@ class RedisServer(_LocalServer):
                 f"{self.executable!r} is not on PATH. Install it (apt-get install -y redis-server) "
                 "or run `bash .ci/install-servers`."
             )
-        if self.data_dir is None:
-            self.data_dir = Path(tempfile.mkdtemp(prefix="ctp-redis-"))
-            self._owns_dir = True
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_data_dir("ctp-redis-")
         self.port = self.port or free_port()
         conf = self.data_dir / "redis.conf"
         lines = [
