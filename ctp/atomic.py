@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -29,3 +33,33 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temp dir beside ``path`` to fill; on success it becomes ``path`` whole.
+
+    The temp dir (``.NAME.xxxx``: hidden, so readers globbing ``path``'s parent skip it) is
+    fsynced, renamed into place and the parent fsynced. An existing ``path`` is replaced when
+    ``replace`` (moved aside first, so a crash between the two renames leaves one complete copy);
+    otherwise the rename fails. On any error the temp dir is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if replace and path.exists():
+            # rename() cannot replace a non-empty directory
+            old = path.parent / f".{path.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ctp.atomic import fsync_dir, fsync_file
+from ctp.atomic import atomic_directory, fsync_file
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "meta.json"
@@ -37,32 +35,14 @@ def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
     """Write ``path/`` atomically; an existing checkpoint at ``path`` is replaced whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         weights = tmp / WEIGHTS_NAME
         save_file(state_dict_for_save(model), str(weights), metadata={"format": "pt"})
         fsync_file(weights)
-        meta_path = tmp / META_NAME
-        with open(meta_path, "w") as f:
+        with open(tmp / META_NAME, "w") as f:
             json.dump({"format_version": FORMAT_VERSION, **meta}, f, indent=2, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if path.exists():
-            # rename() cannot replace a non-empty directory; move the old one aside first so a
-            # crash between the two renames leaves one complete copy on disk.
-            old = path.parent / f".{path.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

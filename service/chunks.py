@@ -8,9 +8,7 @@ directory write and the enqueue are both idempotent on it.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from ctp.atomic import fsync_dir
+from ctp.atomic import atomic_directory
 from ctp.data import Sample, read_chunk, write_shards
 
 logger = logging.getLogger(__name__)
@@ -53,14 +51,8 @@ class ChunkStore:
         if final.is_dir():  # written before a crash: the same offsets give the same content
             logger.info("chunk %s already on disk", chunk_id)
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{chunk_id}.", dir=self.root))
-        try:
-            write_shards(samples, tmp, shard_size=shard_size)  # fsyncs each shard and tmp
-            os.rename(tmp, final)
-            fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_directory(final, replace=False) as tmp:
+            write_shards(samples, tmp, shard_size=shard_size)  # fsyncs each shard
         return final
 
     def read(self, chunk_id: str) -> list[Sample]:
