@@ -5,6 +5,8 @@ Per chunk, in order:
 2. pseudo texts: the generator sees the chunk, then memory items whose cached texts are missing
    or older than ``refresh_every`` chunks get new ones, made with the model before the chunk;
 3. ``train_on_chunk`` with the replay pool (a memory snapshot) and the teacher;
+   with this chunk's KD weight (``kd_weight_for_chunk``: constant, or following the share of
+   the past that the memory still holds);
 4. optional weight merge with the teacher (WiSE-FT);
 5. the chunk's pairs are offered to the memory (its policy decides what stays).
 The experiment command and the service's trainer worker both drive this class.
@@ -57,12 +59,32 @@ class ChunkReport:
     memory_items: int = 0
     memory_bytes: int = 0
     admitted: int = 0
+    kd_weight: float = 0.0  # the KD weight this chunk trained with (0: no KD)
+    memory_share: float | None = None  # memory size / pairs seen before the chunk
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["train"].pop("history", None)
         d["train"]["pairs_per_second"] = self.train.pairs_per_second
         return d
+
+
+def kd_weight_for_chunk(strategy: Strategy, *, memory_items: int, seen: int) -> tuple[float, float | None]:
+    """(KD weight, memory share rho) for the next chunk.
+
+    rho = memory items / pairs seen before the chunk, capped at 1 (None when nothing was seen).
+    ``kd_rule="share"`` scales the weight by (1 - rho): while the memory still holds much of the
+    past, replay keeps it and the teacher would only hold new learning back; as the stream
+    grows past the memory (the service's operating point, rho -> 0) the KD term takes over.
+    """
+    rho = min(1.0, memory_items / seen) if seen > 0 else None  # None: nothing seen (or no memory)
+    if not strategy.distill:
+        return 0.0, rho
+    if strategy.kd_rule == "constant":
+        return strategy.kd_weight, rho
+    if strategy.kd_rule == "share":
+        return strategy.kd_weight * (1.0 - (rho or 0.0)), rho  # nothing in memory: all KD
+    raise ValueError(f"unknown kd_rule {strategy.kd_rule!r}; expected 'constant' or 'share'")
 
 
 def memory_items_from(samples: Sequence[Sample], *, chunk: int, chunk_id: str) -> list[MemoryItem]:
@@ -118,7 +140,7 @@ class ContinualLearner:
 
         teacher = None
         has_prior = index > 0 or self.pretrained
-        if has_prior and (strategy.distill or strategy.merge_alpha is not None):
+        if has_prior and (strategy.distill or strategy.merge_alpha is not None or strategy.feature_kd_weight > 0):
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
         pseudo_stats, pseudo_seconds = {}, 0.0
@@ -151,10 +173,14 @@ class ContinualLearner:
         elif strategy.pseudo_texts and self.generator is not None:
             self.generator.fit(texts, images, bundle=self.bundle)  # first chunk: learn, nothing to replay
 
+        mem = self.memory if strategy.replay else None
+        kd_weight, share = kd_weight_for_chunk(
+            strategy, memory_items=len(mem) if mem is not None else 0, seen=mem.seen() if mem is not None else 0
+        )
         result = train_on_chunk(
             model,
             images=images, texts=texts, tokenizer=self.bundle.tokenizer, strategy=strategy,
-            teacher=teacher, replay=replay, replay_images=replay_images,
+            teacher=teacher, replay=replay, replay_images=replay_images, kd_weight=kd_weight,
             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps, device=self.device, seed=cfg.seed * 1000 + index,
             progress=cfg.progress, desc=f"{strategy.name} chunk {index}",
@@ -174,7 +200,7 @@ class ContinualLearner:
             index=index, train=result, pseudo=pseudo_stats, pseudo_seconds=pseudo_seconds,
             memory_items=len(self.memory) if self.memory is not None else 0,
             memory_bytes=self.memory.nbytes() if self.memory is not None else 0,
-            admitted=admitted,
+            admitted=admitted, kd_weight=kd_weight if teacher is not None else 0.0, memory_share=share,
         )
 
 

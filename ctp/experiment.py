@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -66,11 +66,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-policy", choices=POLICIES, default="class_balanced")
     p.add_argument("--generator", choices=GENERATORS, default="edit", help="pseudo-text generator")
     p.add_argument("--kd-weight", type=float, default=None, help="override the strategy's KD weight")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a Strategy or TrainConfig field, e.g. --set kd_temperature=4 (repeatable)")
+    p.add_argument("--no-checkpoint", action="store_true", help="do not write the final checkpoint (sweeps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, required=True)
     return p
+
+
+def _coerce(value: str, like):
+    if isinstance(like, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"expected true/false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if like is None:  # optional floats (merge_alpha)
+        return None if value.lower() == "none" else float(value)
+    return type(like)(value)
+
+
+def split_overrides(items: list[str]) -> tuple[dict, dict]:
+    """``FIELD=VALUE`` strings -> (Strategy overrides, TrainConfig overrides), typed like the defaults."""
+    from dataclasses import fields
+
+    from ctp.strategies import Strategy
+
+    kinds = {f.name: ("strategy", f.default) for f in fields(Strategy) if f.name != "name"}
+    kinds.update({f.name: ("train", f.default) for f in fields(TrainConfig)})
+    out: dict[str, dict] = {"strategy": {}, "train": {}}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in kinds:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(kinds)}")
+        kind, like = kinds[key]
+        out[kind][key] = _coerce(value, like)
+    return out["strategy"], out["train"]
 
 
 def default_data_dir() -> Path:
@@ -103,8 +134,6 @@ def run(args: argparse.Namespace) -> dict:
     eval_cls = dict(args.eval_classification)
     eval_ret = dict(args.eval_retrieval)
     if args.synthetic:
-        from dataclasses import replace
-
         from ctp.synthetic import PRESETS, make_stream
 
         if args.synthetic not in PRESETS:
@@ -121,10 +150,13 @@ def run(args: argparse.Namespace) -> dict:
         if not Path(d).is_dir():
             raise SystemExit(f"chunk directory not found: {d}")
 
+    strategy_over, train_over = split_overrides(args.overrides)
     strategy = get_strategy(args.strategy, kd_weight=args.kd_weight)
+    strategy = replace(strategy, **strategy_over)
     bundle = create_model(args.model, pretrained=args.pretrained, device=args.device, seed=args.seed)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                          seed=args.seed, progress=not args.no_progress and rank == 0)
+    config = replace(config, **train_over)
     memory = create_memory(max_items=args.memory_size, policy=args.memory_policy)
     generator = create_generator(args.generator) if strategy.pseudo_texts else None
     learner = ContinualLearner(bundle=bundle, strategy=strategy, memory=memory, generator=generator, config=config,
@@ -154,12 +186,22 @@ def run(args: argparse.Namespace) -> dict:
         "train_config": asdict(config),
         "strategy_config": asdict(strategy),
         "seconds": time.perf_counter() - t_start,
+        # compute spent learning (evaluation left out): pairs forwarded + backpropagated, and the
+        # wall time of the chunk updates with their preparation and pseudo-text generation
+        "compute": {
+            "pairs": sum(c["train"]["pairs"] for c in chunk_reports),
+            "train_seconds": sum(c["train"]["seconds"] + c["train"]["prepare_seconds"] + c["pseudo_seconds"]
+                                 for c in chunk_reports),
+        },
         "eval": evals,
         "chunk_reports": chunk_reports,
     }
     if rank != 0:
         return metrics
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if args.no_checkpoint:
+        write_report(out, metrics)
+        return metrics
     save_checkpoint(out / "checkpoint", bundle.model, {
         "model": args.model, "config": bundle.config, "version": len(chunk_dirs), "chunks": len(chunk_dirs),
         "strategy": strategy.name, "metrics": {n: e["final"] for n, e in evals.items()},

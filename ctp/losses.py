@@ -50,17 +50,34 @@ def distillation_loss(
     teacher_logits: torch.Tensor,  # [B, B] the same for the frozen teacher
     *,
     temperature: float = 2.0,
+    gate: str = "none",
 ) -> torch.Tensor:
     """Multi-modal KD: KL(teacher || student) over image->text rows and text->image rows.
 
     Logits are divided by ``temperature`` (softer targets carry the teacher's ranking of
     non-matching pairs, which is what old knowledge looks like) and the loss is scaled by T^2
     so its gradient size does not depend on T (Hinton et al.). Zero when teacher == student.
+    ``gate="confidence"`` weighs each row's KL by the teacher's probability (at temperature 1)
+    of the true match, the diagonal: rows the teacher gets wrong are not copied.
     """
     t = temperature
     loss = student_logits.new_zeros(())
     for s, te in ((student_logits, teacher_logits), (student_logits.T, teacher_logits.T)):
+        te = te.detach()
         log_p_student = F.log_softmax(s / t, dim=1)
-        log_p_teacher = F.log_softmax(te.detach() / t, dim=1)
-        loss = loss + F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+        log_p_teacher = F.log_softmax(te / t, dim=1)
+        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1)  # [B]
+        if gate == "confidence":
+            kl = kl * te.softmax(1).diagonal()
+        elif gate != "none":
+            raise ValueError(f"unknown KD gate {gate!r}; expected 'none' or 'confidence'")
+        loss = loss + kl.mean()
     return loss * (t * t) / 2
+
+
+def feature_distillation_loss(
+    student: torch.Tensor,  # [B, D] L2-normalised embeddings of the student
+    teacher: torch.Tensor,  # [B, D] the teacher's, same inputs
+) -> torch.Tensor:
+    """Mean cosine distance 1 - <s, t>: keeps old pairs where they were in the joint space."""
+    return (1 - (student * teacher.detach()).sum(-1)).mean()

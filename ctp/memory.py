@@ -61,6 +61,8 @@ class ReplayMemory(Protocol):
 
     def nbytes(self) -> int: ...
 
+    def seen(self) -> int: ...  # items offered so far (the stream's length, for the memory)
+
     def label_counts(self) -> dict[str | None, int]: ...
 
     def save(self, path: str | Path) -> None: ...
@@ -203,6 +205,9 @@ class InProcessMemory:
 
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._slots)
+
+    def seen(self) -> int:
+        return self._counters.seen
 
     def label_counts(self) -> dict[str | None, int]:
         return dict(Counter(s.label for s in self._slots))

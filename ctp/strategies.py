@@ -24,6 +24,16 @@ class Strategy:
     kd_scope: str = "batch"  # KD over the whole batch, or "replay": the replayed pairs only
     pseudo_per_image: int = 1  # pseudo texts drawn per replayed image per step
     merge_alpha: float | None = None  # after the chunk: alpha * new + (1 - alpha) * old
+    # How the KD weight is set per chunk (ctp.continual.kd_weight_for_chunk):
+    #   "constant": kd_weight;
+    #   "share": kd_weight * (1 - rho), rho = memory size / pairs seen before the chunk (capped
+    #   at 1): the more of the past the memory still holds, the less the teacher is needed.
+    kd_rule: str = "constant"
+    # Per-row KD weight from the teacher itself: "none" (all rows 1), or "confidence": each row
+    # weighted by the teacher's probability of the true match, so a teacher that is unsure of
+    # a pair (a weak model early in a stream from scratch) is not copied on it.
+    kd_gate: str = "none"
+    feature_kd_weight: float = 0.0  # cosine distance of replayed embeddings to the teacher's
 
 
 STRATEGIES: dict[str, Strategy] = {

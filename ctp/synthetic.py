@@ -216,6 +216,12 @@ PRESETS: dict[str, SyntheticConfig] = {
     "instance-incremental": SyntheticConfig(split="instance-incremental"),
     # 8 classes, 2 new ones a chunk: the benchmark stream that trains on a 2-core CPU in minutes
     "class-incremental-small": SyntheticConfig(num_classes=8, train_per_class=200, eval_per_class=50),
+    # 16 classes over 8 chunks, 60 pairs a class (960 pairs): long enough that a fixed memory
+    # falls to a small share of the stream, small enough for many seeds on a 2-core CPU
+    "class-incremental-long": SyntheticConfig(num_classes=16, num_chunks=8, train_per_class=60, eval_per_class=20),
+    "instance-incremental-long": SyntheticConfig(
+        num_classes=16, num_chunks=8, train_per_class=60, eval_per_class=20, split="instance-incremental"
+    ),
     "tiny": SyntheticConfig(num_classes=4, num_chunks=2, train_per_class=40, eval_per_class=10),
 }
 

@@ -158,6 +158,9 @@ class RedisMemory:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._read_state(self.r)[0])
 
+    def seen(self) -> int:
+        return self._read_state(self.r)[1].seen
+
     def label_counts(self) -> dict[str | None, int]:
         return dict(Counter(s.label for s in self._read_state(self.r)[0]))
 

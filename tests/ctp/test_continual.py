@@ -78,3 +78,33 @@ def test_memory_strategy_requires_memory():
     with pytest.raises(ValueError, match="memory"):
         ContinualLearner(bundle=create_model("ctp-vit-micro-32"), strategy=get_strategy("er"), memory=None,
                          generator=None, config=TrainConfig())
+
+
+def test_kd_weight_rules():
+    from dataclasses import replace
+
+    from ctp.continual import kd_weight_for_chunk
+
+    inc = get_strategy("incclip", kd_weight=2.0)
+    assert kd_weight_for_chunk(inc, memory_items=10, seen=1000) == (2.0, 0.01)
+    share = replace(inc, kd_rule="share")
+    w, rho = kd_weight_for_chunk(share, memory_items=10, seen=1000)
+    assert rho == 0.01 and w == pytest.approx(2.0 * 0.99)
+    assert kd_weight_for_chunk(share, memory_items=400, seen=400) == (0.0, 1.0)  # memory holds the whole past
+    assert kd_weight_for_chunk(share, memory_items=0, seen=0) == (2.0, None)  # pretrained base, empty memory
+    assert kd_weight_for_chunk(get_strategy("er"), memory_items=10, seen=100) == (0.0, 0.1)
+    with pytest.raises(ValueError, match="kd_rule"):
+        kd_weight_for_chunk(replace(inc, kd_rule="sometimes"), memory_items=1, seen=2)
+
+
+def test_share_rule_and_feature_kd_in_the_learner(tiny_chunks):
+    from dataclasses import replace
+
+    learner = _learner("incclip", memory_size=20)
+    learner.strategy = replace(learner.strategy, kd_rule="share", kd_gate="confidence", feature_kd_weight=1.0)
+    learner.learn_chunk(tiny_chunks[0])
+    r1 = learner.learn_chunk(tiny_chunks[1])
+    seen = len(tiny_chunks[0])
+    assert r1.memory_share == pytest.approx(20 / seen)
+    assert r1.kd_weight == pytest.approx(1.0 - 20 / seen)
+    assert r1.train.loss_kd > 0

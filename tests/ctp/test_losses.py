@@ -1,10 +1,11 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from ctp.losses import contrastive_loss, distillation_loss
+from ctp.losses import contrastive_loss, distillation_loss, feature_distillation_loss
 
 
 def _unit(*rows):
@@ -92,3 +93,25 @@ def test_kd_gradient_flows_to_student_only():
     distillation_loss(s, t).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
+
+
+def test_kd_confidence_gate_weighs_rows_by_teacher_true_match_probability():
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[3.0, 0.0], [0.0, 0.0]])  # sure of row 0, undecided on row 1
+
+    def kl_rows(p_logits, q_logits):
+        p, q = F.log_softmax(p_logits, 1), F.log_softmax(q_logits, 1)
+        return (q.exp() * (q - p)).sum(1)
+
+    w_i2t, w_t2i = t.softmax(1).diagonal(), t.T.softmax(1).diagonal()
+    expected = ((kl_rows(s, t) * w_i2t).mean() + (kl_rows(s.T, t.T) * w_t2i).mean()) / 2
+    assert_close(distillation_loss(s, t, temperature=1.0, gate="confidence"), expected)
+    assert distillation_loss(s, t, temperature=1.0, gate="confidence") < distillation_loss(s, t, temperature=1.0)
+    with pytest.raises(ValueError, match="gate"):
+        distillation_loss(s, t, gate="sometimes")
+
+
+def test_feature_kd_zero_at_teacher_and_positive_away():
+    a = F.normalize(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), dim=-1)
+    assert_close(feature_distillation_loss(a, a.clone()), torch.tensor(0.0))
+    assert feature_distillation_loss(a, -a) > 1.9  # opposite directions: distance 2
