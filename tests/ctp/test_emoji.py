@@ -243,3 +243,22 @@ def test_captions(cache):
     caps = {E.make_caption(em, rng) for _ in range(200)}
     assert len(caps) >= 5 and all("grinning face" in c for c in caps)
     assert "an emoji of a grinning face" in caps and "a face smiling emoji: grinning face" in caps
+
+
+def test_cli_help(capsys):
+    from service.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "emoji", "--help"])
+    assert exc.value.code == 0
+    assert "--holdout-categories" in capsys.readouterr().out
+
+
+def test_cli_builds(tmp_path, cache, capsys):
+    from service.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["data", "emoji", "--out", str(out), "--cache-dir", str(cache), "--train-vendors", "google",
+                 "--max-per-subcategory", "1", "--image-size", "32"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["chunks"] == len(CATALOG) and printed["pairs"] == len(ALL_CLASSES)
