@@ -262,3 +262,18 @@ def test_cli_builds(tmp_path, cache, capsys):
                  "--max-per-subcategory", "1", "--image-size", "32"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["chunks"] == len(CATALOG) and printed["pairs"] == len(ALL_CLASSES)
+
+
+def test_experiment_on_emoji_stream(tmp_path, cache, monkeypatch):
+    from service.cli import main
+
+    (tmp_path / "ctp").mkdir()
+    (tmp_path / "ctp" / "npm").symlink_to(cache)
+    monkeypatch.setenv("CTP_CACHE", str(tmp_path / "ctp"))
+    out = tmp_path / "exp"
+    assert main(["experiment", "--stream", "emoji-ci-small", "--data-dir", str(tmp_path / "data"),
+                 "--strategy", "finetune", "--model", "ctp-vit-micro-32", "--epochs", "1", "--batch-size", "16",
+                 "--no-progress", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["chunks"] == len(CATALOG)
+    assert set(m["eval"]) == {"emoji", "emoji_retrieval"}
