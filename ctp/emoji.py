@@ -3,9 +3,11 @@
 Source, fetched at run time with ``npm pack`` into a cache outside the repository and never
 committed: ``emoji-datasource-{apple,google,twitter,facebook}@16.0.0`` (``package/emoji.json``
 and the 64 px PNGs under ``package/img/<vendor>/64/``) and ``emojilib@4.0.3``
-(``package/dist/emoji-en-US.json``: emoji -> keywords). The package code is MIT-licensed, but
-the images keep their vendors' licences (Apple, Google: Apache 2.0 for Noto, Twitter: CC-BY 4.0
-for Twemoji, Facebook); the stream is for local experiments only, never redistribute it.
+(``package/dist/emoji-en-US.json``: emoji -> keywords). The packages' code and data are MIT, but
+the images keep their vendors' licences, as the emoji-datasource README states: Apple images ©
+Apple Inc., not licensed for commercial use; Google (Noto) images Apache 2.0; Twitter (Twemoji)
+images CC-BY 4.0; Facebook images © Facebook, Inc., no clear licensing. The built stream holds
+those images: keep it for local experiments, never commit or redistribute it.
 
 Classes are the emoji subcategories written as words ("animal-mammal" -> "animal mammal").
 Only base emoji are used: skin-tone variations are left out, and so is the "Component"
