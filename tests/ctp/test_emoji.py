@@ -109,6 +109,28 @@ def test_missing_npm_is_a_clear_error(tmp_path, monkeypatch):
         E.npm_tarball("emojilib", "0.0.0", tmp_path)
 
 
+def test_npm_pack_into_the_cache(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    npm = bin_dir / "npm"
+    # fake npm: "npm pack PKG@VER --silent --pack-destination DIR"; only good@1.0.0 exists
+    npm.write_text('#!/bin/sh\n[ "$2" = good@1.0.0 ] || { echo "404 Not Found - $2" >&2; exit 1; }\n'
+                   'echo tgz > "$5/good-1.0.0.tgz"\n')
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    cache = tmp_path / "cache"
+    path = E.npm_tarball("good", "1.0.0", cache)
+    assert path == cache / "good-1.0.0.tgz" and path.read_text() == "tgz\n"
+    assert sorted(p.name for p in cache.iterdir()) == ["good-1.0.0.tgz"]  # no temp dir left
+    npm.unlink()  # cached now: npm is not needed
+    assert E.npm_tarball("good", "1.0.0", cache) == path
+    npm.write_text('#!/bin/sh\necho "404 Not Found - $2" >&2; exit 1\n')
+    npm.chmod(0o755)
+    with pytest.raises(SystemExit, match="404 Not Found"):
+        E.npm_tarball("missing", "1.0.0", cache)
+    assert not (cache / "missing-1.0.0.tgz").exists()
+
+
 def test_class_incremental(tmp_path, cache):
     paths = _build(tmp_path / "ci", CI, cache)
     assert len(paths.chunks) == len(CATALOG)
@@ -117,7 +139,6 @@ def test_class_incremental(tmp_path, cache):
     other = _build(tmp_path / "ci-other", replace(CI, seed=4), cache)
     orders = {tuple(c[0] for c in paths.category_order), tuple(c[0] for c in other.category_order)}
     assert len(orders) == 2 or len(CATALOG) == 1
-    seen = set()
     for j, d in enumerate(paths.chunks):
         samples = read_chunk(d)
         (cat,) = paths.category_order[j]
@@ -134,7 +155,6 @@ def test_class_incremental(tmp_path, cache):
             img = decode_image(s.image)
             assert img.size == (64, 64) and img.getpixel((0, 0)) == (255, 255, 255)  # onto white
             assert img.getpixel((32, 32)) != VENDOR_COLOURS[CI.eval_vendor]
-        seen |= {s.meta["id"] for s in samples}
     assert paths.counts["pairs_per_chunk"] == [len(read_chunk(d)) for d in paths.chunks]
     assert paths.base_chunks == [] and paths.base_classification is None
 
