@@ -1,6 +1,6 @@
 """``ctp experiment``: train a strategy over a sequence of chunks and measure forgetting.
 
-    ctp experiment (--chunks DIR [DIR ...] | --synthetic NAME)
+    ctp experiment (--chunks DIR [DIR ...] | --synthetic NAME | --stream NAME)
         [--eval-classification NAME=DIR ...] [--eval-retrieval NAME=DIR ...]
         --strategy {finetune,er,lwf,incclip,joint,...} [--model NAME] [--epochs N] [--batch-size N]
         [--lr F] [--memory-size N] [--seed N] [--device cpu|cuda] --out DIR
@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--chunks", nargs="+", type=Path, metavar="DIR", help="chunk directories, in training order")
     src.add_argument("--synthetic", metavar="NAME", help="a synthetic stream preset (ctp.synthetic.PRESETS)")
+    src.add_argument("--stream", metavar="NAME",
+                     help="a synthetic or emoji stream preset (ctp.synthetic.PRESETS, ctp.emoji.PRESETS)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="where the synthetic stream is generated (cached); default ~/.cache/ctp/synthetic")
+                   help="where the --synthetic/--stream stream is generated (cached); default ~/.cache/ctp/synthetic")
     p.add_argument("--eval-classification", nargs="*", type=_named_dir, default=[], metavar="NAME=DIR")
     p.add_argument("--eval-retrieval", nargs="*", type=_named_dir, default=[], metavar="NAME=DIR")
     p.add_argument("--strategy", required=True, choices=sorted(STRATEGIES))
@@ -144,6 +146,15 @@ def run(args: argparse.Namespace) -> dict:
         chunk_dirs = stream.chunks
         eval_cls.setdefault("synthetic", stream.classification)
         eval_ret.setdefault("synthetic_retrieval", stream.retrieval)
+    elif args.stream:
+        from ctp.streams import make_named_stream, stream_kind
+
+        kind = stream_kind(args.stream)
+        data_dir = (args.data_dir or default_data_dir()) / f"{args.stream}-seed{args.seed}"
+        stream = make_named_stream(args.stream, data_dir, args.seed)
+        chunk_dirs = stream.chunks
+        eval_cls.setdefault(kind, stream.classification)
+        eval_ret.setdefault(f"{kind}_retrieval", stream.retrieval)
     else:
         chunk_dirs = args.chunks
     for d in chunk_dirs:

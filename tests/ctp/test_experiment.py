@@ -69,6 +69,14 @@ def test_synthetic_source(tmp_path):
     assert set(m["eval"]) == {"synthetic", "synthetic_retrieval"}
 
 
+def test_experiment_stream_synthetic(tmp_path):
+    out = tmp_path / "syn"
+    assert main(["experiment", "--stream", "tiny", "--data-dir", str(tmp_path / "data"), "--strategy", "er",
+                 "--model", "ctp-vit-micro-32", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["eval"]) == {"synthetic", "synthetic_retrieval"}
+
+
 @pytest.mark.parametrize("generator", ["captioner", "random"])
 def test_other_pseudo_text_generators(tmp_path, tiny_stream, generator):
     out = tmp_path / generator
