@@ -5,8 +5,9 @@
 Both strategies train on the same chunk with the same batch size in one process, alternating
 rounds so machine noise hits both alike. Printed per strategy: seconds per step of the loop,
 and the whole chunk cost including the per-chunk work (decoding, teacher embeddings and, for
-incclip, pseudo-text generation). On CUDA it also measures pairs/s of a ViT-B-32 at 224 px in
-bf16 for finetune and incclip against a plain open_clip training step (ClipLoss, same batch).
+incclip, pseudo-text generation). On CUDA it also measures pairs/s, peak memory and MFU of a
+ViT-B-32 at 224 px in bf16 for finetune and incclip against a plain open_clip training step
+(ClipLoss, same batch), with ``benchmarks/gpu_step.py``.
 """
 
 from __future__ import annotations
@@ -104,46 +105,13 @@ def main(argv=None) -> int:
 
 
 def vit_b32(batch_size: int, steps: int = 20) -> None:
-    """pairs/s of ViT-B-32 @224, bf16: ctp finetune / incclip vs a plain open_clip step."""
-    import open_clip
+    """pairs/s, peak memory and MFU of ViT-B-32 @224, bf16: ctp finetune / incclip vs a plain open_clip step.
 
-    device = torch.device("cuda")
-    bundle = create_model("ViT-B-32", device=device, seed=0)
-    pairs = synthetic_pairs(batch_size * (steps + 5), 224, seed=0)
-    img = preprocess_images([s.image for s in pairs], [s.key for s in pairs], bundle.preprocess_val)
-    texts = [s.text for s in pairs]
-    replay = memory_items_from(pairs[:512], chunk=0, chunk_id="old")
-    for it in replay:
-        it.pseudo_texts = ["a purple nothing", "a blue circle"]
-    rimg = img[:512]
-    teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False)
-    for name in ("finetune", "incclip"):
-        model = copy.deepcopy(bundle.model)
-        strategy = get_strategy(name)
-        res = train_on_chunk(model, images=img, texts=texts, tokenizer=bundle.tokenizer, strategy=strategy,
-                             teacher=teacher if strategy.distill else None,
-                             replay=replay if strategy.replay else (), replay_images=rimg if strategy.replay else None,
-                             epochs=1, batch_size=batch_size, device=device, progress=False)
-        print(f"ViT-B-32 bf16 {name}: {res.pairs_per_second:.0f} pairs/s")
-    model = copy.deepcopy(bundle.model).train()
-    loss_fn = open_clip.ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    tok = bundle.tokenizer(texts)
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    for i in range(steps):
-        x = img[i * batch_size:(i + 1) * batch_size].to(device)
-        t = tok[i * batch_size:(i + 1) * batch_size].to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            f_i, f_t, s = model(x, t)[:3]
-            loss = loss_fn(f_i, f_t, s)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n += len(x)
-    torch.cuda.synchronize()
-    print(f"ViT-B-32 bf16 open_clip step: {n / (time.perf_counter() - t0):.0f} pairs/s; "
-          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    The measurement lives in ``benchmarks/gpu_step.py`` (also run by ``benchmarks/gpu_check.sh``).
+    """
+    from gpu_step import clip_step_costs, print_table  # benchmarks/gpu_step.py, beside this script
+
+    print_table(clip_step_costs("ViT-B-32", batch_size=batch_size, steps=steps, device=torch.device("cuda")))
 
 
 if __name__ == "__main__":
