@@ -1,12 +1,22 @@
-"""The continual benchmark: every strategy x several seeds on the class-incremental stream.
+"""The continual benchmark: strategies x memory sizes x seeds, on the synthetic and the emoji streams.
 
-    python benchmarks/continual.py --out runs/bench [--seeds 0 1 2] [--jobs 2]
+    python benchmarks/continual.py run --sweep test [--jobs 2] [--only stream=emoji-ci-small]
+    python benchmarks/continual.py report --sweep test        # tables + plots from the result files
+    python benchmarks/continual.py plan --sweep validation    # the cells, and which are done
 
-Runs ``ctp experiment`` once per (strategy, seed) in parallel worker processes (one torch
-thread each; a finished run is reused), then writes ``OUT/results.md`` (tables in points,
-mean ± std over seeds) and ``OUT/continual.png``. Targets checked and printed: incclip's final
-average accuracy >= er + 4.6 points; incclip's forgetting <= 0.6 x finetune's; incclip within
-5 points of joint.
+A sweep is a list of cells (stream, seed, strategy, memory share, knob overrides). Each cell runs
+one ``ctp experiment`` in a worker process (one torch thread; scratch files under ``--work``)
+and its ``metrics.json``, trimmed to the figures, is kept under
+``benchmarks/results/<sweep>/<stream>/<variant>/mem<share>/seed<k>.json``. A cell whose file
+exists is skipped, so a sweep is resumable and can span sessions; the committed result files
+rebuild the report without rerunning anything.
+
+Memory is set as a share of the whole stream (1 %, 3 %, 12 %): the service's memory is fixed
+and its stream endless, so the share falls below 1 % within hours; 12 % is the short-benchmark
+regime. Seeds are paired: the same seed gives every strategy the same class order and data.
+Knobs are chosen on the ``validation`` sweep (synthetic stream, seeds 100+); the ``test`` sweep
+(synthetic seeds 0-4 and the emoji stream, whose eval art is a vendor never trained on) is only
+reported.
 """
 
 from __future__ import annotations
@@ -18,100 +28,246 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from ctp.compare import load_runs, summary_table
-from ctp.plots import plot_accuracy_curves
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
 
-DEFAULT_STRATEGIES = ["incclip", "er", "finetune", "lwf", "joint", "er_kd", "er_pt"]
+# One training budget for every strategy and stream (chosen on the validation stream).
+COMMON = ["--model", "ctp-vit-mini-32", "--epochs", "10", "--batch-size", "64", "--lr", "2e-3"]
+BASELINES = ("finetune", "er", "lwf")  # what incclip must beat
+MEMORY_FREE = ("finetune", "lwf", "joint")  # strategies that keep no replay memory
 
 
-def run_one(strategy: str, seed: int, args, extra: list[str]) -> tuple[str, int, float, Path]:
-    out = args.out / f"{strategy}-seed{seed}"
-    if (out / "metrics.json").is_file():
-        return strategy, seed, 0.0, out
-    cmd = [sys.executable, "-m", "service.cli", "experiment", "--synthetic", args.stream, "--strategy", strategy,
-           "--seed", str(seed), "--no-progress", "--out", str(out), *extra]
+@dataclass(frozen=True)
+class Cell:
+    stream: str
+    seed: int
+    strategy: str
+    share: float | None  # replay memory as a share of the whole stream; None: no memory
+    variant: str = ""  # name of the knob set ("" = the strategy's defaults)
+    sets: tuple[str, ...] = ()  # --set FIELD=VALUE overrides
+    extra: tuple[str, ...] = ()  # more `ctp experiment` arguments
+    pretrained: str | None = None  # "base": start from the stream's base model (warm-start regime)
+
+    @property
+    def label(self) -> str:
+        return self.strategy + (f"[{self.variant}]" if self.variant else "")
+
+    def path(self, sweep: str) -> Path:
+        mem = "nomem" if self.share is None else f"mem{100 * self.share:g}"
+        return RESULTS / sweep / self.stream / self.label / mem / f"seed{self.seed}.json"
+
+
+@dataclass
+class Sweep:
+    name: str
+    cells: list[Cell] = field(default_factory=list)
+
+
+SHARES = (0.01, 0.03, 0.12)
+STRATEGIES = ("finetune", "er", "lwf", "er_kd", "er_pt", "incclip", "joint")
+
+
+def grid(stream: str, seeds, strategies=STRATEGIES, shares=SHARES, **kw) -> list[Cell]:
+    cells = []
+    for seed in seeds:
+        for s in strategies:
+            for share in (None,) if s in MEMORY_FREE else shares:
+                cells.append(Cell(stream, seed, s, share, **kw))
+    return cells
+
+
+# Knob sets measured on the validation stream (docs/results.md, "How incclip was chosen").
+ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    # variant: (strategy, --set overrides, extra args)
+    "kd0.5": ("incclip", ("kd_weight=0.5",), ()),
+    "kd2": ("incclip", ("kd_weight=2",), ()),
+    "T1": ("incclip", ("kd_temperature=1",), ()),
+    "T4": ("incclip", ("kd_temperature=4",), ()),
+    "batchkd": ("incclip", ("kd_scope=batch",), ()),
+    "share": ("incclip", ("kd_rule=share",), ()),
+    "conf": ("incclip", ("kd_gate=confidence",), ()),
+    "fkd": ("incclip", ("feature_kd_weight=1",), ()),
+    "wise": ("incclip", ("merge_alpha=0.8",), ()),
+    "random": ("incclip", (), ("--generator", "random")),
+    "captioner": ("incclip", (), ("--generator", "captioner")),
+    "pt4": ("incclip", ("pseudo_keep=4", "pseudo_per_image=2"), ()),
+}
+
+
+SYNTHETIC, EMOJI, WARM = "class-incremental-long", "emoji-ci-16", "emoji-ci-16-warm"
+
+
+def sweeps() -> dict[str, Sweep]:
+    val_seeds = (100, 101, 102)
+    val = Sweep("validation", grid(SYNTHETIC, val_seeds, strategies=("finetune", "er", "er_kd", "incclip")))
+    for variant, (strategy, sets, extra) in ABLATIONS.items():
+        val.cells += grid(SYNTHETIC, val_seeds, strategies=(strategy,), shares=(0.03,),
+                          variant=variant, sets=sets, extra=extra)
+    test = Sweep("test", grid(SYNTHETIC, range(5)) + grid(EMOJI, range(5)))
+    # Warm start: per seed, a base model pretrained on 8 emoji classes the stream never shows,
+    # then the same 16-class stream as emoji-ci-16.
+    warm = Sweep("warm", cells=grid(WARM, range(5), strategies=("finetune", "er", "lwf", "incclip"),
+                                    shares=(0.01, 0.03), pretrained="base"))
+    return {s.name: s for s in (val, test, warm)}
+
+
+def stream_pairs(stream: str, data_dir: Path) -> int:
+    """Pairs in the whole stream (seed 0 builds it; every seed has the same count)."""
+    from ctp.data import iter_chunk
+    from ctp.streams import make_named_stream
+
+    paths = make_named_stream(stream, data_dir / f"{stream}-seed0", seed=0)
+    return sum(1 for d in paths.chunks for _ in iter_chunk(d))
+
+
+def trim(metrics: dict) -> dict:
+    """What the report needs: figures per chunk, not per step."""
+    keep = {k: metrics[k] for k in ("strategy", "chunks", "model", "seed", "generator", "memory_size",
+                                    "memory_policy", "train_config", "strategy_config", "seconds", "compute")}
+    keep["eval"] = metrics["eval"]
+    keep["chunk_reports"] = [{"index": c["index"], "pairs": c["train"]["pairs"], "steps": c["train"]["steps"],
+                              "seconds": round(c["train"]["seconds"], 3), "pseudo_seconds": round(c["pseudo_seconds"], 3),
+                              "kd_weight": c.get("kd_weight"), "memory_share": c.get("memory_share"),
+                              "memory_items": c["memory_items"], "pseudo_kept": c["pseudo"].get("kept", 0)}
+                             for c in metrics["chunk_reports"]]
+    return keep
+
+
+def command(cell: Cell, *, memory_size: int, out: Path, data_dir: Path, bases: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "service.cli", "experiment", "--stream", cell.stream, "--data-dir", str(data_dir),
+           "--strategy", cell.strategy, "--seed", str(cell.seed), "--memory-size", str(memory_size),
+           "--no-progress", "--no-checkpoint", "--out", str(out), *COMMON, *cell.extra]
+    for s in cell.sets:
+        cmd += ["--set", s]
+    if cell.pretrained:
+        cmd += ["--pretrained", str(bases / f"{cell.stream}-seed{cell.seed}" / "checkpoint")]
+    return cmd
+
+
+def run_cell(cell: Cell, sweep: str, args, sizes: dict[str, int]) -> tuple[Cell, float]:
+    dest = cell.path(sweep)
+    if dest.is_file():
+        return cell, 0.0
+    memory = max(1, round(cell.share * sizes[cell.stream])) if cell.share is not None else 1
+    if cell.pretrained:
+        ensure_base(cell, sweep, args)
+    out = args.work / sweep / dest.relative_to(RESULTS / sweep).with_suffix("")
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = command(cell, memory_size=memory, out=out, data_dir=args.data_dir, bases=args.work / "bases")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "w") as log:
         proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise RuntimeError(f"{strategy} seed {seed} failed, see {out / 'log.txt'}")
-    return strategy, seed, time.perf_counter() - t0, out
+        raise RuntimeError(f"{cell} failed, see {out / 'log.txt'}")
+    metrics = trim(json.loads((out / "metrics.json").read_text()))
+    metrics["cell"] = {"stream": cell.stream, "share": cell.share, "variant": cell.variant, "sets": list(cell.sets),
+                       "extra": list(cell.extra), "pretrained": cell.pretrained, "common": COMMON,
+                       "stream_pairs": sizes[cell.stream]}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1))
+    tmp.replace(dest)
+    return cell, time.perf_counter() - t0
 
 
-def targets(runs: dict[str, list[dict]], name: str) -> list[str]:
-    def mean(strategy, key):
-        vals = [m["eval"][name][key] for m in runs.get(strategy, [])]
-        return float(np.mean(vals)) if vals else None
+BASE_EPOCHS = "30"  # pretraining epochs over the base set (a few hundred pairs)
 
-    lines = []
-    inc, er, ft, joint = (mean(s, "avg_accuracy") for s in ("incclip", "er", "finetune", "joint"))
-    f_inc, f_ft = mean("incclip", "forgetting"), mean("finetune", "forgetting")
-    if None not in (inc, er):
-        gap = 100 * (inc - er)
-        lines.append(f"- incclip − er average accuracy: {gap:+.2f} points (target ≥ +4.60): "
-                     f"{'met' if gap >= 4.6 else 'missed'}")
-    if None not in (f_inc, f_ft):
-        ratio = f_inc / f_ft if f_ft > 0 else float("nan")
-        lines.append(f"- incclip forgetting / finetune forgetting: {ratio:.2f} (target ≤ 0.60): "
-                     f"{'met' if ratio <= 0.6 else 'missed'}")
-    if None not in (inc, joint):
-        gap = 100 * (joint - inc)
-        lines.append(f"- joint − incclip average accuracy: {gap:+.2f} points (target ≤ 5.00): "
-                     f"{'met' if gap <= 5 else 'missed'}")
-    return lines
+
+def base_dir(cell: Cell, args) -> Path:
+    return args.work / "bases" / f"{cell.stream}-seed{cell.seed}"
+
+
+def ensure_base(cell: Cell, sweep: str, args) -> None:
+    """Pretrain the warm-start base of ``cell``'s stream and seed on its held-back classes."""
+    from ctp.streams import make_named_stream
+
+    out = base_dir(cell, args)
+    if (out / "checkpoint" / "meta.json").is_file():
+        return
+    paths = make_named_stream(cell.stream, args.data_dir / f"{cell.stream}-seed{cell.seed}", seed=cell.seed)
+    common = [a if a != COMMON[COMMON.index("--epochs") + 1] else BASE_EPOCHS for a in COMMON]
+    cmd = [sys.executable, "-m", "service.cli", "experiment", "--chunks", *map(str, paths.base_chunks),
+           "--eval-classification", f"base={paths.base_classification}", "--strategy", "finetune",
+           "--seed", str(cell.seed), "--no-progress", "--out", str(out), *common]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "w") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    meta = json.loads((out / "metrics.json").read_text())
+    dest = RESULTS / sweep / "bases" / f"{cell.stream}-seed{cell.seed}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps({"command": cmd[3:], "eval": meta["eval"], "compute": meta["compute"]}, indent=1))
+
+
+def select(cells: list[Cell], only: list[str]) -> list[Cell]:
+    for cond in only:
+        key, _, value = cond.partition("=")
+        cells = [c for c in cells if str(getattr(c, key)) == value]
+    return cells
+
+
+def cmd_run(args) -> int:
+    sweep = sweeps()[args.sweep]
+    cells = select(sweep.cells, args.only)
+    todo = [c for c in cells if not c.path(sweep.name).is_file()]
+    print(f"sweep {sweep.name}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run", flush=True)
+    if not todo:
+        return 0
+    sizes = {s: stream_pairs(s, args.data_dir) for s in sorted({c.stream for c in todo})}
+    print("stream pairs: " + ", ".join(f"{s} {n}" for s, n in sizes.items()), flush=True)
+    # cheapest first, joint last: a session that stops mid-sweep has whole seeds done
+    todo.sort(key=lambda c: (c.seed, c.strategy == "joint"))
+    failed = 0
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(todo), desc=sweep.name) as bar:
+        futures = [pool.submit(run_cell, c, sweep.name, args, sizes) for c in todo]
+        for f in as_completed(futures):
+            try:
+                cell, seconds = f.result()
+                bar.set_postfix_str(f"{cell.stream} {cell.label} {cell.share} s{cell.seed}: {seconds:.0f}s")
+            except RuntimeError as e:
+                failed += 1
+                tqdm.write(str(e))
+            bar.update(1)
+    return 1 if failed else 0
+
+
+def cmd_plan(args) -> int:
+    sweep = sweeps()[args.sweep]
+    for c in select(sweep.cells, args.only):
+        print(("done " if c.path(sweep.name).is_file() else "todo ") + str(c.path(sweep.name).relative_to(RESULTS)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from report import write_report  # benchmarks/report.py
+
+    write_report(args.sweep, out_dir=args.docs)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    p.add_argument("--stream", default="class-incremental-small")
-    p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--jobs", type=int, default=1, help="experiments run at once")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per experiment")
-    args, extra = p.parse_known_args(argv)  # the rest goes to every `ctp experiment`
-    args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, seed) for seed in args.seeds for s in args.strategies]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(jobs), desc="experiments") as bar:
-        futures = [pool.submit(run_one, s, seed, args, extra) for s, seed in jobs]
-        for f in as_completed(futures):
-            strategy, seed, seconds, _ = f.result()
-            bar.set_postfix_str(f"{strategy} seed {seed}: {seconds:.0f}s")
-            bar.update(1)
-    runs = load_runs([args.out / f"{s}-seed{seed}" for s, seed in jobs])
-    plot = plot_accuracy_curves(runs, args.out / "continual.png")
-    first = next(iter(runs.values()))[0]
-    cls_name = next(n for n, e in first["eval"].items() if e["kind"] == "classification")
-    lines = [
-        f"Stream `{args.stream}`, seeds {args.seeds}, model `{first['model']}`, "
-        f"{first['train_config']['epochs']} epochs per chunk, batch {first['train_config']['batch_size']}, "
-        f"lr {first['train_config']['lr']}, memory {first['memory_size']} ({first['memory_policy']}); "
-        f"wall time {time.perf_counter() - t0:.0f} s with {args.jobs} jobs. Values in points (×100), "
-        "mean ± std over seeds.",
-        "",
-        summary_table(runs),
-        "Targets (classification set, average accuracy after the last chunk):",
-        "",
-        *targets(runs, cls_name),
-        "",
-        f"![accuracy after each chunk]({plot.name})",
-    ]
-    text = "\n".join(lines) + "\n"
-    (args.out / "results.md").write_text(text)
-    (args.out / "summary.json").write_text(json.dumps(
-        {s: [{n: {k: e[k] for k in ("avg_accuracy", "forgetting", "bwt")} for n, e in m["eval"].items()}
-             for m in ms] for s, ms in runs.items()}, indent=1))
-    print(text)
-    return 0
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "plan", "report"):
+        q = sub.add_parser(name)
+        q.add_argument("--sweep", required=True, choices=sorted(sweeps()))
+        q.add_argument("--only", nargs="*", default=[], metavar="FIELD=VALUE", help="e.g. stream=emoji-ci-small seed=0")
+        q.add_argument("--work", type=Path, default=Path("runs/continual"), help="scratch dir (logs, base checkpoints)")
+        q.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CTP_CACHE", Path.home() / ".cache" / "ctp"))
+                       / "streams")
+        q.add_argument("--jobs", type=int, default=2, help="experiments at once")
+        q.add_argument("--threads", type=int, default=1, help="torch threads per experiment")
+        q.add_argument("--docs", type=Path, default=ROOT.parent / "docs" / "results")
+    args = p.parse_args(argv)
+    return {"run": cmd_run, "plan": cmd_plan, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -92,6 +92,10 @@ class EmojiConfig:
     eval_vendor: str = "facebook"  # art of the eval sets, never in a chunk
     categories_per_chunk: int = 1  # class-incremental: top-level categories per chunk
     max_per_subcategory: int = 0  # seeded subsample of emoji per subcategory; 0 = all
+    top_subcategories: int = 0  # keep only the N subcategories with the most emoji; 0 = all
+    # what a class-incremental chunk is made of: whole top-level "category" groups, or
+    # "subcategory" groups (one class each), ``categories_per_chunk`` of them a chunk
+    chunk_by: str = "category"
     holdout_categories: tuple[str, ...] = ()  # never in the stream; written as the base set
     image_size: int = 64  # side of the square RGB images, pixels
     seed: int = 0  # drives selection, category order, captions and chunk assignment
@@ -117,6 +121,10 @@ class EmojiConfig:
             raise ValueError(f"eval_vendor {self.eval_vendor!r} must not be a training vendor")
         if self.categories_per_chunk < 1:
             raise ValueError(f"categories_per_chunk must be >= 1, got {self.categories_per_chunk}")
+        if self.chunk_by not in ("category", "subcategory"):
+            raise ValueError(f"chunk_by must be 'category' or 'subcategory', got {self.chunk_by!r}")
+        if self.top_subcategories < 0:
+            raise ValueError(f"top_subcategories must be >= 0 (0 = all), got {self.top_subcategories}")
         if self.max_per_subcategory < 0:
             raise ValueError(f"max_per_subcategory must be >= 0 (0 = all), got {self.max_per_subcategory}")
         if self.image_size < 16:
@@ -136,6 +144,26 @@ PRESETS: dict[str, EmojiConfig] = {
     "emoji-ci-small": EmojiConfig(train_vendors=("apple", "google"), max_per_subcategory=6),
     "emoji-ii-small": EmojiConfig(
         split="instance-incremental", train_vendors=("apple", "google"), max_per_subcategory=6
+    ),
+    # The continual benchmark's real-image stream: the 16 largest subcategories (<= 30 emoji each),
+    # two new classes a chunk over 8 chunks, apple + google art (about 950 pairs), eval on facebook
+    # art. A 98-way stream of a few pairs per class leaves a model trained from scratch on a CPU
+    # near chance; 16 classes of 60 pairs each is learnable in minutes and keeps the stream long.
+    "emoji-ci-16": EmojiConfig(
+        train_vendors=("apple", "google"), max_per_subcategory=30, top_subcategories=16,
+        chunk_by="subcategory", categories_per_chunk=2,
+    ),
+    "emoji-ii-16": EmojiConfig(
+        split="instance-incremental", train_vendors=("apple", "google"), max_per_subcategory=30,
+        top_subcategories=16, chunk_by="subcategory", categories_per_chunk=2,
+    ),
+    # warm start: the next 8 largest subcategories are held back as the base set (pretraining a
+    # base model on them), the 16 of emoji-ci-16 are the stream
+    "emoji-ci-16-warm": EmojiConfig(
+        train_vendors=("apple", "google"), max_per_subcategory=30, top_subcategories=24,
+        chunk_by="subcategory", categories_per_chunk=2,
+        holdout_categories=("place-building", "sport", "face-concerned", "heart", "tool", "household",
+                            "av-symbol", "game"),
     ),
     # as emoji-ci-small, with two categories held out as a base set for a warm-start model
     "emoji-ci-small-base": EmojiConfig(
@@ -371,7 +399,15 @@ def make_caption(emoji: Emoji, rng: np.random.Generator) -> str:
 
 
 def select_emoji(catalog: list[Emoji], config: EmojiConfig) -> list[Emoji]:
-    """At most ``max_per_subcategory`` emoji of each subcategory (seeded), in catalog order."""
+    """The ``top_subcategories`` largest subcategories (ties: catalog order), then at most
+    ``max_per_subcategory`` emoji of each (seeded), in catalog order."""
+    if config.top_subcategories:
+        sizes: dict[str, int] = {}
+        for em in catalog:
+            sizes[em.subcategory] = sizes.get(em.subcategory, 0) + 1
+        order = list(sizes)
+        top = set(sorted(order, key=lambda sub: (-sizes[sub], order.index(sub)))[: config.top_subcategories])
+        catalog = [em for em in catalog if em.subcategory in top]
     if not config.max_per_subcategory:
         return list(catalog)
     rng = _rng(config.seed, _SELECT_STREAM)
@@ -389,6 +425,11 @@ def select_emoji(catalog: list[Emoji], config: EmojiConfig) -> list[Emoji]:
 
 def _categories(emoji: list[Emoji]) -> list[str]:
     return list(dict.fromkeys(em.category for em in emoji))
+
+
+def chunk_unit(em: Emoji, config: EmojiConfig) -> str:
+    """The group an emoji is chunked (and held out) by: its category or its subcategory."""
+    return em.category if config.chunk_by == "category" else em.subcategory
 
 
 def _classes(emoji: list[Emoji]) -> list[str]:
@@ -422,7 +463,7 @@ def build_chunks(
     config: EmojiConfig, emoji: list[Emoji], images: dict[str, dict[str, bytes]]
 ) -> tuple[list[list[Sample]], list[list[str]], list[list[str]]]:
     """(samples per chunk, categories per chunk, classes first seen per chunk) of the stream emoji."""
-    categories = _categories(emoji)
+    categories = list(dict.fromkeys(chunk_unit(em, config) for em in emoji))
     plan = _plan(config, categories)
     # Captions are drawn in catalog x vendor order, the same for both splits.
     crng = _rng(config.seed, _CAPTION_STREAM)
@@ -430,9 +471,9 @@ def build_chunks(
     if config.split == "class-incremental":
         chunks = []
         for j, cats in enumerate(plan):
-            mine = [s for em, s in pairs if em.category in cats]
+            mine = [s for em, s in pairs if chunk_unit(em, config) in cats]
             chunks.append(_keyed(mine, f"c{j:03d}", _rng(config.seed, _TRAIN_STREAM, j)))
-        class_order = [_classes([em for em in emoji if em.category in cats]) for cats in plan]
+        class_order = [_classes([em for em in emoji if chunk_unit(em, config) in cats]) for cats in plan]
         return chunks, plan, class_order
     # Instance-incremental: each category's pairs, shuffled, are dealt round the chunks with one
     # running counter, so chunks are the same size and every chunk mixes the categories.
@@ -440,12 +481,12 @@ def build_chunks(
     dealt: list[list[Sample]] = [[] for _ in plan]
     k = int(rng.integers(len(plan)))
     for cat in categories:
-        mine = [s for em, s in pairs if em.category == cat]
+        mine = [s for em, s in pairs if chunk_unit(em, config) == cat]
         for i in rng.permutation(len(mine)):
             dealt[k % len(plan)].append(mine[int(i)])
             k += 1
     chunks = [_keyed(c, f"c{j:03d}", rng) for j, c in enumerate(dealt)]
-    cats_seen = [sorted({s.meta["category"] for s in c}, key=categories.index) for c in chunks]
+    cats_seen = [sorted({s.meta["category"] for s in c}, key=_categories(emoji).index) for c in chunks]
     return chunks, cats_seen, [_classes(emoji)] + [[] for _ in plan[1:]]
 
 
@@ -530,13 +571,13 @@ def make_emoji_stream(
         manifest.unlink()
 
     catalog, tarballs = load_sources(config, cache_dir, fetch=fetch)
-    known = _categories(catalog)
+    chosen = select_emoji(catalog, config)
+    known = list(dict.fromkeys(chunk_unit(em, config) for em in chosen))
     unknown = [c for c in config.holdout_categories if c not in known]
     if unknown:
-        raise ValueError(f"unknown holdout categories {unknown}; the categories are {known}")
-    chosen = select_emoji(catalog, config)
-    stream = [em for em in chosen if em.category not in config.holdout_categories]
-    base = [em for em in chosen if em.category in config.holdout_categories]
+        raise ValueError(f"unknown holdout categories {unknown}; the {config.chunk_by} groups are {known}")
+    stream = [em for em in chosen if chunk_unit(em, config) not in config.holdout_categories]
+    base = [em for em in chosen if chunk_unit(em, config) in config.holdout_categories]
     if not stream:
         raise ValueError("no categories left for the stream after holdout_categories")
 

@@ -155,6 +155,8 @@ def run(args: argparse.Namespace) -> dict:
         chunk_dirs = stream.chunks
         eval_cls.setdefault(kind, stream.classification)
         eval_ret.setdefault(f"{kind}_retrieval", stream.retrieval)
+        if getattr(stream, "base_classification", None) is not None:  # held-back classes (warm start)
+            eval_cls.setdefault(f"{kind}_base", stream.base_classification)
     else:
         chunk_dirs = args.chunks
     for d in chunk_dirs:
