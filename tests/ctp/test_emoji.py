@@ -297,3 +297,19 @@ def test_experiment_on_emoji_stream(tmp_path, cache, monkeypatch):
     m = json.loads((out / "metrics.json").read_text())
     assert m["chunks"] == len(CATALOG)
     assert set(m["eval"]) == {"emoji", "emoji_retrieval"}
+
+
+def test_top_subcategories_chunked_by_subcategory(tmp_path, cache):
+    config = replace(CI, top_subcategories=3, chunk_by="subcategory", categories_per_chunk=1)
+    paths = _build(tmp_path / "top", config, cache)
+    # the three largest: face-smiling and animal-mammal (3 emoji each), then the first of the 2s
+    assert sorted(c for cats in paths.category_order for c in cats) == ["animal-mammal", "face-hand", "face-smiling"]
+    assert len(paths.chunks) == 3
+    for d, classes in zip(paths.chunks, paths.class_order, strict=True):
+        assert len(classes) == 1 and {s.label for s in read_chunk(d)} == set(classes)
+    assert len(load_classification_set(paths.classification).classnames) == 3
+    held = replace(config, holdout_categories=("face-hand",))
+    hp = _build(tmp_path / "top-held", held, cache)
+    assert len(hp.chunks) == 2 and set(load_classification_set(hp.base_classification).classnames) == {"face hand"}
+    with pytest.raises(ValueError, match="chunk_by"):
+        replace(CI, chunk_by="vendor")
