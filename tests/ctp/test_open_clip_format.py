@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from ctp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ctp.export import main as export_main
 from ctp.models import create_model
+from service.cli import main as cli_main
 
 MODEL = "ctp-rn-tiny-32"
 TEXTS = ["a photo of a red star", "a blue ring", "three green squares on a white background"]
@@ -80,7 +81,7 @@ def models(tmp_path_factory):
     exported = save_checkpoint(tmp / "ckpt", bundles[1].model, {
         "model": MODEL, "version": 7, "strategy": "incclip", "chunks": 3,
         "metrics": {"shapes": {"acc1": 0.25, "avg_accuracy": 0.5}}})
-    assert export_main([str(exported), "--out", str(tmp / "export")]) == 0
+    assert cli_main(["export", str(exported), "--out", str(tmp / "export")]) == 0  # the `ctp export` command
     repo = tmp / "hub" / "models--ctp--tiny"
     snapshot = repo / "snapshots" / ("0" * 40)  # what a download leaves behind
     snapshot.mkdir(parents=True)
