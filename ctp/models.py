@@ -86,7 +86,7 @@ def create_model(
     if config is None:
         raise ValueError(f"unknown model {name!r}; ctp presets: {list_presets()}, or any open_clip name")
     file = None
-    if pretrained is not None and Path(pretrained).exists():
+    if pretrained and Path(pretrained).exists():  # else an open_clip tag (or none)
         file = weights_file(pretrained)
         try:  # reads the header and checks the file covers it: catches truncated/corrupt files
             with safe_open(str(file), framework="pt"):
