@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup servers test test-fast lint demo experiment bench-continual bench-step bench-ingest clean
+.PHONY: setup servers test-tools test test-fast lint demo experiment bench-continual bench-step bench-ingest clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --progress-bar on --upgrade pip
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -18,8 +18,12 @@ setup: $(STAMP)
 servers: $(STAMP)
 	bash .ci/install-servers
 
+# servers plus the test-only tools (chromium + chromium-driver, docker-compose)
+test-tools: $(STAMP)
+	bash .ci/install-servers --test-tools
+
 # README's test command
-test: $(STAMP) servers
+test: $(STAMP) test-tools
 	$(BIN)/ruff check ctp service tests benchmarks
 	$(BIN)/python -m pytest -q
 

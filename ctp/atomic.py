@@ -23,16 +23,27 @@ def fsync_file(path: str | Path) -> None:
         os.fsync(f.fileno())
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so a reader sees the old or the new file, never a part."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, *, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write; on success it is fsynced, given ``mode`` and
+    renamed over ``path``, so a reader sees the old or the new file, never a part."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (see ``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,9 @@ A chunk is a directory of ``*.tar`` shards; per sample ``KEY.{jpg,png,webp}``, `
 optional ``KEY.json`` (``{"label": ..., "id": ..., ...}``). A classification eval set is
 ``classnames.txt``, ``zeroshot_classification_templates.txt`` and ``test/*.tar`` with
 ``KEY.{jpg,png,webp}`` + ``KEY.cls``; a retrieval eval set is ``test/*.tar`` with an image and
-``KEY.txt`` (one caption a line).
+``KEY.txt`` (one caption a line). Both have ``test/nshards.txt`` and ``dataset_type.txt``
+(``classification`` / ``retrieval``), so CLIP_benchmark reads them as ``wds/NAME`` with
+``--dataset_root DIR``; sets written before ``dataset_type.txt`` still load here.
 """
 
 from __future__ import annotations
@@ -284,10 +286,16 @@ def read_chunk(chunk_dir: str | Path) -> list[Sample]:
     return list(iter_chunk(chunk_dir))
 
 
-# CLIP_benchmark's wds loader reads test/{0..N-1}.tar with N from test/nshards.txt.
+# CLIP_benchmark's wds loader reads test/{0..N-1}.tar with N from test/nshards.txt, and the set's
+# kind from dataset_type.txt ("retrieval"; "classification" when the file is missing).
 _EVAL_SPLIT = "test"
 _CLASSNAMES = "classnames.txt"
 _TEMPLATES = "zeroshot_classification_templates.txt"
+_DATASET_TYPE = "dataset_type.txt"
+# CLIP_benchmark's DataLoader has 4 workers by default and webdataset hands each worker whole
+# shards: a worker without a shard fails ("fewer shards than workers"). So an eval set gets at
+# least this many shards when it has that many samples (else pass --num_workers <= nshards).
+MIN_EVAL_SHARDS = 4
 
 
 def _check_line(kind: str, text: str) -> None:
@@ -295,13 +303,19 @@ def _check_line(kind: str, text: str) -> None:
         raise ValueError(f"{kind} must be a non-empty single line, got {text!r}")
 
 
-def _write_eval_shards(out_dir: Path, items: Iterable[tuple[str, dict[str, bytes]]], shard_size: int) -> None:
+def _write_eval_shards(
+    out_dir: Path, items: Iterable[tuple[str, dict[str, bytes]]], *, count: int, shard_size: int, kind: str
+) -> None:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    shard_size = max(1, min(shard_size, count // MIN_EVAL_SHARDS))  # >= MIN_EVAL_SHARDS shards
     split_dir = out_dir / _EVAL_SPLIT
     with _ShardWriter(split_dir, shard_size=shard_size, name=lambda i: f"{i}.tar") as writer:
         for key, members in items:
             writer.add(key, members)
         paths = writer.close()
     write_text_atomic(split_dir / "nshards.txt", f"{len(paths)}\n")
+    write_text_atomic(out_dir / _DATASET_TYPE, f"{kind}\n")
 
 
 def _eval_key(i: int) -> str:
@@ -318,7 +332,11 @@ def write_classification_set(
     ext: str = "png",
     shard_size: int = 1000,
 ) -> Path:
-    """Write a CLIP_benchmark-style wds classification set; returns ``out_dir``."""
+    """Write a CLIP_benchmark wds classification set; returns ``out_dir``.
+
+    ``shard_size`` is an upper bound: sets of at least ``MIN_EVAL_SHARDS`` samples get at least
+    that many shards (CLIP_benchmark's default 4 workers each need one).
+    """
     out = Path(out_dir)
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
@@ -340,7 +358,9 @@ def write_classification_set(
             (_eval_key(i), {ext.lower(): img, "cls": f"{t}".encode()})
             for i, (img, t) in enumerate(zip(images, targets, strict=True))
         ),
-        shard_size,
+        count=len(images),
+        shard_size=shard_size,
+        kind="classification",
     )
     write_text_atomic(out / _CLASSNAMES, "".join(f"{c}\n" for c in classnames))
     write_text_atomic(out / _TEMPLATES, "".join(f"{t}\n" for t in templates))
@@ -388,7 +408,8 @@ def write_retrieval_set(
     ext: str = "png",
     shard_size: int = 1000,
 ) -> Path:
-    """Write a retrieval set: ``test/*.tar`` with an image and ``KEY.txt`` (one caption a line)."""
+    """Write a CLIP_benchmark wds retrieval set: ``test/*.tar`` with an image and ``KEY.txt``
+    (one caption a line), ``dataset_type.txt`` = ``retrieval``; shards as ``write_classification_set``."""
     out = Path(out_dir)
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
@@ -406,7 +427,9 @@ def write_retrieval_set(
             (_eval_key(i), {ext.lower(): img, "txt": "\n".join(caps).encode("utf-8")})
             for i, (img, caps) in enumerate(zip(images, captions, strict=True))
         ),
-        shard_size,
+        count=len(images),
+        shard_size=shard_size,
+        kind="retrieval",
     )
     return out
 

@@ -10,7 +10,7 @@ wrong candidates score at least as high as it (for real models ties do not happe
 equals ``torch.topk``; a collapsed model with constant embeddings scores 0, not an arbitrary
 index-order result).
 
-Reported (design.md, "Metrics"): classification ``acc1``, ``acc5`` (top-min(5, C)) and
+Reported (docs/design.md, "Metrics"): classification ``acc1``, ``acc5`` (top-min(5, C)) and
 ``mean_per_class_recall`` (mean over the classes present in the targets of their recall, as
 sklearn's ``balanced_accuracy_score`` in CLIP_benchmark); retrieval
 ``image_retrieval_recall@k`` (text -> image) and ``text_retrieval_recall@k`` (image -> text),

@@ -238,7 +238,7 @@ def write_report(out: Path, metrics: dict) -> None:
         for i, m in enumerate(e["after_chunk"]):
             lines.append(f"| {i} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
         lines += ["", f"average accuracy {_fmt(e['avg_accuracy'])}, forgetting {_fmt(e['forgetting'])}, "
-                      f"BWT {_fmt(e['bwt'])} (design.md definitions).", ""]
+                      f"BWT {_fmt(e['bwt'])} (docs/design.md definitions).", ""]
         if "task_matrix" in e:
             lines += ["Task matrix R[i][j] (row: after chunk i; column: classes first seen in chunk j):", "",
                       "```", format_task_matrix(e["task_matrix"]), "```", "",

@@ -1,13 +1,13 @@
 """Continual-learning metrics on the task matrix R (pure Python, no torch).
 
-Definitions (design.md, "Metrics"); i, j, T are 0-based chunk indices:
+Definitions (docs/design.md, "Metrics"); i, j, T are 0-based chunk indices:
 
 - ``R[i][j]`` = accuracy on the eval examples of the classes first seen in chunk j, measured
   after training chunk i (classification over all class names of the eval set). Entries with
   j > i (classes not trained on yet) are measured and kept, but no summary metric uses them.
 - average accuracy after chunk T = mean over j <= T of ``R[T][j]``.
 - forgetting after chunk T = mean over j < T of ``max_{i<T} R[i][j] - R[T][j]``. The max runs
-  over *all* i < T, as design.md states, including i < j (before chunk j was trained on, i.e.
+  over *all* i < T, as docs/design.md states, including i < j (before chunk j was trained on, i.e.
   zero-shot accuracy on classes not seen yet). The common literature definition takes the max
   over j <= i < T only; the two differ only when an earlier zero-shot accuracy beats every
   accuracy reached after training on the chunk.
@@ -88,7 +88,7 @@ def average_accuracy(R: TaskMatrix, T: int) -> float | None:
 def forgetting(R: TaskMatrix, T: int) -> float:
     """Mean over j < T of (max_{i<T} R[i][j] - R[T][j]); 0.0 when T == 0.
 
-    The max is over all i < T exactly as in design.md (see the module docstring).
+    The max is over all i < T exactly as in docs/design.md (see the module docstring).
     """
     _check(R, T)
     terms = []

@@ -178,7 +178,7 @@ CLASSIFICATION_TEMPLATES = (
 
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges at 32x32
 _MAX_RETRIEVAL_IMAGES = 500
-_FORMAT_VERSION = 2  # bump when drawing or layout changes, so cached streams are regenerated
+_FORMAT_VERSION = 3  # bump when drawing or layout changes, so cached streams are regenerated
 
 
 @dataclass(frozen=True)

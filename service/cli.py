@@ -11,6 +11,7 @@ COMMANDS = {
     "experiment": ("ctp.experiment", "train a strategy over chunks and measure forgetting"),
     "compare": ("ctp.compare", "compare experiment outputs side by side"),
     "data": ("ctp.streams", "build a dataset stream on disk: data emoji --out DIR (npm emoji art)"),
+    "export": ("ctp.export", "write a checkpoint in open_clip's Hub layout (hf-hub:/local-dir:)"),
     "produce": ("service.produce", "post pairs to the topic (shards, JSONL or synthetic)"),
     "ingest": ("service.ingest", "consume pairs from Kafka into chunks (CTP_ settings)"),
     "train": ("service.trainer", "train the model on queued chunks, publish checkpoints"),

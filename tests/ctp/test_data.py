@@ -200,6 +200,25 @@ def test_retrieval_set_round_trip(tmp_path):
     assert len(ds.keys) == 5
 
 
+def test_eval_sets_are_what_clip_benchmark_reads_with_its_defaults(tmp_path):
+    # dataset_type.txt says which loader; >= 4 shards so its 4 default workers each get one
+    images = [_img(i) for i in range(41)]
+    cls = write_classification_set(tmp_path / "cls", classnames=["a", "b"], templates=["a {c}"],
+                                   images=images, targets=[i % 2 for i in range(41)])
+    ret = write_retrieval_set(tmp_path / "ret", images=images[:5], captions=[[f"c {i}"] for i in range(5)])
+    assert (cls / "dataset_type.txt").read_text() == "classification\n"
+    assert (ret / "dataset_type.txt").read_text() == "retrieval\n"
+    for out, n in ((cls, 5), (ret, 5)):  # 41 // 4 = 10 a shard: 5 shards; 5 // 4 = 1 a shard: 5
+        assert (out / "test" / "nshards.txt").read_text() == f"{n}\n"
+        assert sorted(p.name for p in (out / "test").glob("*.tar")) == [f"{i}.tar" for i in range(n)]
+    assert len(load_classification_set(cls).images) == 41
+    small = write_retrieval_set(tmp_path / "small", images=images[:2], captions=[["x"], ["y"]])
+    assert (small / "test" / "nshards.txt").read_text() == "2\n"  # fewer samples than workers
+    # sets from before dataset_type.txt still load
+    (ret / "dataset_type.txt").unlink()
+    assert load_retrieval_set(ret).captions == [[f"c {i}"] for i in range(5)]
+
+
 def test_retrieval_set_validation(tmp_path):
     with pytest.raises(ValueError, match="caption"):
         write_retrieval_set(tmp_path, images=[_img(0)], captions=[["two\nlines"]])

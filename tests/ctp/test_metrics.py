@@ -61,7 +61,7 @@ def test_forgetting_t2():
 
 
 def test_forgetting_max_includes_rows_before_the_chunk():
-    # design.md's max_{i<T} includes i < j: R[0][1] = 0.75 (zero-shot, before chunk 1) beats
+    # docs/design.md's max_{i<T} includes i < j: R[0][1] = 0.75 (zero-shot, before chunk 1) beats
     # R[1][1] = 0.5, so forgetting on chunk 1 is 0.75 - 0.25, not 0.5 - 0.25.
     R = [
         [1.0, 0.75, 0.0],

@@ -30,7 +30,7 @@ def test_unknown_model_is_a_clear_error():
 def test_checkpoint_round_trip_and_open_clip_loads_it(tmp_path):
     bundle = create_model("ctp-vit-micro-32", seed=0)
     path = save_checkpoint(tmp_path / "v1", bundle.model, {"model": "ctp-vit-micro-32", "version": 1})
-    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "open_clip_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["v1"]  # no temp dirs left behind
     assert load_meta(path)["version"] == 1
     back, meta = load_checkpoint(path)
@@ -42,6 +42,7 @@ def test_checkpoint_round_trip_and_open_clip_loads_it(tmp_path):
     # and ctp loads a checkpoint directory or file as pretrained
     again = create_model("ctp-vit-micro-32", pretrained=str(path))
     assert_close(again.model.logit_scale, bundle.model.logit_scale)
+    # (plain open_clip with local-dir:, no import ctp: tests/ctp/test_open_clip_format.py)
 
 
 def test_checkpoint_replace_is_whole(tmp_path):
@@ -71,3 +72,15 @@ def test_corrupt_or_mismatched_weights_are_refused(tmp_path):
     (other / "meta.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="metadata"):
         load_checkpoint(other)
+
+
+def test_unreadable_config_and_pickles_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "c", create_model("ctp-vit-micro-32", seed=0).model, {"model": "ctp-vit-micro-32"})
+    (path / "open_clip_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="open_clip_config.json"):
+        load_checkpoint(path)
+    (tmp_path / "w.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match="only .safetensors"):
+        create_model("ctp-vit-micro-32", pretrained=str(tmp_path / "w.bin"))
+    with pytest.raises(CheckpointError, match="no weights"):
+        create_model("ctp-vit-micro-32", pretrained=str(tmp_path))

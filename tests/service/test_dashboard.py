@@ -1,5 +1,5 @@
 """The dashboard: its JSON (``/status``), gallery thumbnails, and the page itself in a real headless
-Chromium (Selenium + Debian's chromium/chromedriver, installed by .ci/install-servers) against a
+Chromium (Selenium + Debian's chromium/chromedriver, installed by .ci/install-servers --test-tools) against a
 live uvicorn server with a tiny model and a real redis-server holding three versions with metrics."""
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _chrome(tmp_path: Path):
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver_path = shutil.which("chromedriver")
-    assert browser and driver_path, "needs chromium and chromedriver: run .ci/install-servers"
+    assert browser and driver_path, "needs chromium and chromedriver: run .ci/install-servers --test-tools"
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
