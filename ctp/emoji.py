@@ -145,7 +145,17 @@ PRESETS: dict[str, EmojiConfig] = {
     "emoji-ii-small": EmojiConfig(
         split="instance-incremental", train_vendors=("apple", "google"), max_per_subcategory=6
     ),
-    # The continual benchmark's real-image stream: the 16 largest subcategories (<= 30 emoji each),
+    # The CPU benchmark's real-image stream: the 10 largest subcategories (<= 50 emoji each), two
+    # new classes a chunk over 5 chunks, apple + google + twitter art (about 1,300 pairs, ~130 a
+    # class: enough for the tiny model to learn from scratch on a CPU), eval on facebook art.
+    "emoji-ci-10": EmojiConfig(max_per_subcategory=50, top_subcategories=10, chunk_by="subcategory",
+                               categories_per_chunk=2),
+    # the same stream after a base model pretrained on the next 6 largest subcategories
+    "emoji-ci-10-warm": EmojiConfig(
+        max_per_subcategory=50, top_subcategories=16, chunk_by="subcategory", categories_per_chunk=2,
+        holdout_categories=("food-prepared", "geometric", "person-fantasy", "time", "person-gesture", "person"),
+    ),
+    # The continual benchmark's longer real-image stream: the 16 largest subcategories (<= 30 emoji each),
     # two new classes a chunk over 8 chunks, apple + google art (about 950 pairs), eval on facebook
     # art. A 98-way stream of a few pairs per class leaves a model trained from scratch on a CPU
     # near chance; 16 classes of 60 pairs each is learnable in minutes and keeps the stream long.

@@ -1,0 +1,69 @@
+"""benchmarks/continual.py and benchmarks/report.py: cells, resumability and the statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import continual  # noqa: E402
+import report  # noqa: E402
+
+
+def test_mean_ci_is_students_t():
+    m, h = report.mean_ci([0.1, 0.2, 0.3])
+    assert m == pytest.approx(0.2)
+    assert h == pytest.approx(4.303 * 0.1 / math.sqrt(3))  # sd 0.1, df 2
+    assert math.isnan(report.mean_ci([0.5])[1])
+
+
+def test_sweeps_pair_seeds_and_keep_memory_free_strategies_once():
+    test = continual.sweeps()["test"]
+    cells = continual.select(test.cells, [f"stream={continual.EMOJI}", "seed=0"])
+    by = {(c.strategy, c.share) for c in cells}
+    assert ("finetune", None) in by and ("joint", None) in by and ("lwf", None) in by
+    assert {s for (st, s) in by if st == "incclip"} == set(continual.SHARES)
+    assert len(cells) == 3 + 4 * len(continual.SHARES)
+    assert {c.seed for c in test.cells} == set(range(5))
+    # knobs are tuned on their own seeds, never on the test seeds
+    assert not {c.seed for c in continual.sweeps()["validation"].cells} & {c.seed for c in test.cells}
+    assert continual.select(cells, ["strategy=er,incclip", "share=0.01"]) == [
+        c for c in cells if c.strategy in ("er", "incclip") and c.share == 0.01
+    ]
+
+
+def _fake(strategy, seed, avg, *, memory=16, share=0.01):
+    R = [[avg]]
+    return {"strategy": strategy, "chunks": 1, "model": "m", "seed": seed, "memory_size": memory,
+            "compute": {"pairs": 100 * (1 + (strategy == "joint")), "train_seconds": 1.0},
+            "cell": {"stream_pairs": 1600, "common": ["--epochs", "1"], "share": share},
+            "eval": {"synthetic": {"kind": "classification", "avg_accuracy": avg, "forgetting": 0.1,
+                                   "task_matrix": R, "final": {"acc1": avg}, "after_chunk": [{"acc1": avg}]},
+                     "synthetic_retrieval": {"kind": "retrieval", "final": {"mean_recall@1": avg / 2},
+                                             "avg_accuracy": avg / 2, "forgetting": 0.0,
+                                             "after_chunk": [{"mean_recall@1": avg / 2}]}}}
+
+
+def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    root = tmp_path / "s" / "stream"
+    er = {0: 0.30, 1: 0.50, 2: 0.40}
+    for seed, a in er.items():
+        for label, mem, value in (("er", "mem1", a), ("incclip", "mem1", a + 0.05 + 0.01 * seed),
+                                  ("finetune", "nomem", 0.1), ("joint", "nomem", 0.9)):
+            f = root / label / mem / f"seed{seed}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(_fake(label, seed, value)))
+    runs = report.load("s")
+    m, h, n = report.paired(runs[("stream", "incclip", "mem1")], runs[("stream", "er", "mem1")])
+    assert n == 3 and m == pytest.approx(0.06) and h == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    assert report.best_baseline(runs, "stream", "mem1") == "er"  # finetune's one result serves every memory
+    path = report.write_report("s", out_dir=tmp_path / "docs")
+    text = path.read_text()
+    assert "| incclip − best baseline | 6.0 ± 2.5 (er), n=3 |" in text
+    for kind in ("curves", "paired", "compute"):
+        assert (tmp_path / "docs" / f"s-stream-{kind}.png").stat().st_size > 1000
