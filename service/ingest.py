@@ -2,12 +2,13 @@
 
 Per assigned partition the worker buffers validated pairs and cuts a chunk when it holds
 ``chunk_size`` pairs or its first message waited ``chunk_max_wait_s``. A cut chunk is written
-durably (``ChunkStore``) by a writer thread while consuming goes on, then one Redis script
-records it all at once: the chunk on the queue, the next offset to read for the partition, and
-the pair ids (for dropping duplicates). Only then are the Kafka offsets committed (by the
-consumer's thread; before a rebalance gives partitions away, every cut is recorded first). The offsets kept in Redis are the source of truth:
-on (re)assignment a partition is sought to them, so messages after a crash are read again but
-can never land in a second chunk, whatever the chunk boundaries are the second time.
+durably (``ChunkStore``) by a writer thread while consuming goes on, then recorded all at once
+by ``ChunkQueue.record_chunk`` (one Redis script): the chunk on the queue, the next offset to
+read for the partition, and the pair ids (for dropping duplicates). Only then are the Kafka
+offsets committed (by the consumer's thread; before a rebalance gives partitions away, every cut
+is recorded first). The offsets kept in Redis are the source of truth: on (re)assignment a
+partition is sought to them, so messages after a crash are read again but can never land in a
+second chunk, whatever the chunk boundaries are the second time.
 
 Bad messages go to the dead-letter topic with the original bytes and headers ``ctp-error``
 (code), ``ctp-reason``, ``ctp-source`` (topic/partition/offset); they never stop the worker.
@@ -27,30 +28,10 @@ import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 
 from ctp.data import Sample
-from service.chunks import ChunkQueue, ChunkStore, chunk_id_for
+from service.chunks import ChunkQueue, ChunkStore, IngestProgress, chunk_id_for, ids_key, offsets_key
 from service.messages import DEFAULT_LIMITS, InvalidMessage, Limits, ValidPair, validate_message
 
 logger = logging.getLogger(__name__)
-
-# KEYS: stream, enqueued marker, offsets hash, ids set. ARGV: chunk id, path, pairs, partition,
-# next offset, ids... (chunk id "" = no chunk, only advance the offset: all messages were bad)
-_RECORD = """
-if ARGV[1] ~= '' then
-  if redis.call('SET', KEYS[2], ARGV[1], 'NX') then
-    redis.call('XADD', KEYS[1], '*', 'chunk_id', ARGV[1], 'path', ARGV[2], 'pairs', ARGV[3])
-  end
-end
-local cur = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '-1')
-if tonumber(ARGV[5]) > cur then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
-for i = 6, #ARGV do redis.call('SADD', KEYS[4], ARGV[i]) end
-return 1
-"""
-
-
-def offsets_key(topic: str) -> str:
-    """Redis hash partition -> next offset to read: recorded with each chunk, the source of truth."""
-    return f"ctp:ingest:{topic}:offsets"
-
 
 @dataclass
 class _Job:
@@ -111,8 +92,7 @@ class IngestWorker:
         self.max_inflight = 2
         self._stop = threading.Event()
         self._offsets_key = offsets_key(topic)
-        self._ids_key = f"ctp:ingest:{topic}:ids"
-        self._record = self.r.register_script(_RECORD)
+        self._ids_key = ids_key(topic)
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group, client_id=client_id, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_interval_ms=max_poll_interval_ms, max_poll_records=500,
@@ -238,9 +218,8 @@ class IngestWorker:
             samples = [Sample(key=f"p{partition}-o{off}", image=p.image, text=p.text, label=p.label,
                               meta={"id": p.id, **p.meta}, ext=p.ext) for off, p in buf.pairs]
             path = str(self.store.write(chunk_id, samples))
-        self._record(keys=[self.queue.stream, f"{self.queue.stream}:enqueued:{chunk_id}", self._offsets_key,
-                           self._ids_key],
-                     args=[chunk_id, path, n, partition, buf.last_offset + 1, *[p.id for _, p in buf.pairs]])
+        progress = IngestProgress(self.topic, partition, buf.last_offset + 1, [p.id for _, p in buf.pairs])
+        self.queue.record_chunk(chunk_id, path, n, progress=progress)
         return chunk_id, n
 
     def _complete_oldest(self, *, commit: bool = True) -> None:

@@ -18,8 +18,7 @@ from typing import Any
 
 import redis
 
-from service.chunks import DEAD_CHUNKS, ChunkQueue
-from service.ingest import offsets_key
+from service.chunks import DEAD_CHUNKS, ChunkQueue, offsets_key
 from service.redis_memory import RedisMemory
 from service.registry import Registry
 from service.settings import Settings, load_settings

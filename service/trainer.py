@@ -298,8 +298,7 @@ class TrainerWorker:
         self.stats.failed += 1
         logger.exception("chunk %s failed (attempt %d of %d): %s", task.chunk_id, attempts, self.max_attempts, err)
         if self.rank == 0 and attempts >= self.max_attempts:
-            self.queue.r.hset(DEAD_CHUNKS, task.chunk_id, f"{type(err).__name__}: {err}"[:1000])
-            self.queue.ack(task)
+            self.queue.bury(task, f"{type(err).__name__}: {err}")
             self.stats.dead += 1
             logger.error("chunk %s given up after %d attempts; recorded in %s", task.chunk_id, attempts, DEAD_CHUNKS)
         self._load()  # training may have changed the model half-way: start again from the checkpoint

@@ -34,9 +34,9 @@ def test_store_writes_whole_chunks_once(tmp_path):
 
 def test_queue_enqueue_is_idempotent_and_acks(redis_server):
     q = ChunkQueue(redis_server.client())
-    assert q.enqueue("p0-0-9", "/d/p0-0-9", 10) is not None
-    assert q.enqueue("p0-0-9", "/d/p0-0-9", 10) is None  # same chunk again: not queued twice
-    q.enqueue("p0-10-19", "/d/p0-10-19", 10)
+    assert q.record_chunk("p0-0-9", "/d/p0-0-9", 10) is not None
+    assert q.record_chunk("p0-0-9", "/d/p0-0-9", 10) is None  # same chunk again: not queued twice
+    q.record_chunk("p0-10-19", "/d/p0-10-19", 10)
     assert q.pending() == 2
     t = q.take("w1", block_ms=10)
     assert t.chunk_id == "p0-0-9" and t.pairs == 10 and t.deliveries == 1
@@ -49,7 +49,7 @@ def test_queue_enqueue_is_idempotent_and_acks(redis_server):
 
 def test_a_dead_workers_chunk_is_claimed_again(redis_server):
     q = ChunkQueue(redis_server.client())
-    q.enqueue("p0-0-9", "/d", 10)
+    q.record_chunk("p0-0-9", "/d", 10)
     t = q.take("dead-worker", block_ms=10)  # never acked
     assert q.take("w2", block_ms=10, min_idle_ms=60_000) is None  # not idle long enough yet
     again = q.take("w2", block_ms=10, min_idle_ms=0)
@@ -60,7 +60,7 @@ def test_a_dead_workers_chunk_is_claimed_again(redis_server):
 
 def test_a_restarted_worker_resumes_its_own_pending_chunk(redis_server):
     q = ChunkQueue(redis_server.client())
-    q.enqueue("p0-0-9", "/d", 10)
+    q.record_chunk("p0-0-9", "/d", 10)
     first = q.take("w1", block_ms=10)
     again = q.take("w1", block_ms=10)  # same consumer name after a restart
     assert again.chunk_id == first.chunk_id

@@ -208,7 +208,7 @@ def test_trainer_killed_mid_chunk_resumes_from_the_last_good_checkpoint(kafka, r
     r = redis_server.client()
     queue = ChunkQueue(r)
     for d in stream.chunks:
-        queue.enqueue(d.name, d, 80)
+        queue.record_chunk(d.name, d, 80)
     env = _env(kafka, redis_server, tmp_path, "unused", CTP_EPOCHS="80", CTP_MEMORY_SIZE="30")  # ~10 s a chunk
     reg = Registry(r, root=tmp_path / "data" / "checkpoints")
     rng = random.Random(3)

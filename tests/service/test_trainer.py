@@ -31,7 +31,7 @@ def _queued(redis_server, tmp_path, chunks: int = 2):
     client = redis_server.client()
     queue = ChunkQueue(client)
     for d in stream.chunks[:chunks]:
-        queue.enqueue(d.name, d, 80)
+        queue.record_chunk(d.name, d, 80)
     return stream, client, queue
 
 
@@ -69,7 +69,7 @@ def test_eval_sets_are_measured_and_stored_with_each_version(redis_server, tmp_p
     _worker(client, tmp_path / "ckpt", eval_classification={"syn": stream.classification},
             eval_retrieval={"syn_ret": stream.retrieval}).run(burst=True, block_ms=50)
     # a restarted worker continues the curves from the checkpoint's metadata
-    queue.enqueue("chunk_001", stream.chunks[1], 80)
+    queue.record_chunk("chunk_001", stream.chunks[1], 80)
     _worker(client, tmp_path / "ckpt", eval_classification={"syn": stream.classification},
             eval_retrieval={"syn_ret": stream.retrieval}).run(burst=True, block_ms=50)
     reg = Registry(client, root=tmp_path / "ckpt")
@@ -84,8 +84,8 @@ def test_eval_sets_are_measured_and_stored_with_each_version(redis_server, tmp_p
 
 def test_a_bad_chunk_is_retried_then_set_aside_and_the_worker_goes_on(redis_server, tmp_path):
     stream, client, queue = _queued(redis_server, tmp_path, chunks=0)
-    queue.enqueue("chunk_gone", tmp_path / "no-such-chunk", 80)
-    queue.enqueue("chunk_000", stream.chunks[0], 80)
+    queue.record_chunk("chunk_gone", tmp_path / "no-such-chunk", 80)
+    queue.record_chunk("chunk_000", stream.chunks[0], 80)
     stats = _worker(client, tmp_path / "ckpt", max_attempts=2).run(burst=True, block_ms=50)
     assert stats.failed == 2 and stats.dead == 1 and stats.chunks == 1
     assert b"no-such-chunk" in client.hget(DEAD_CHUNKS, "chunk_gone")
@@ -124,7 +124,7 @@ def test_one_trainer_at_a_time_a_standby_takes_over_from_the_latest_version(redi
     first_stats = _worker(client, tmp_path / "ckpt", consumer="a", lease_s=2).run(burst=True, block_ms=50)
     standby.join(60)
     # whichever held the lease trained chunk 0; then chunk 1 goes to the other, on top of version 1
-    queue.enqueue("chunk_001", stream.chunks[1], 80)
+    queue.record_chunk("chunk_001", stream.chunks[1], 80)
     assert first_stats.chunks + done["stats"].chunks == 1
     third = _worker(client, tmp_path / "ckpt", consumer="c", lease_s=2).run(burst=True, block_ms=50)
     assert third.chunks == 1
