@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctp.checkpoint import META_NAME, WEIGHTS_NAME, load_checkpoint, load_meta
+from ctp.checkpoint import META_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint, load_meta
 from ctp.data import iter_chunk
 from ctp.evaluate import autocast_for
 from ctp.images import ImageDecodeError, decode_image
@@ -257,6 +257,7 @@ class DirectorySource:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._unreadable: set[Path] = set()  # warned about once each
 
     def _dirs(self) -> list[Path]:
         if (self.root / META_NAME).is_file():
@@ -274,8 +275,10 @@ class DirectorySource:
         try:
             mtime = (path / WEIGHTS_NAME).stat().st_mtime_ns
             version = str(load_meta(path).get("version", path.name))
-        except (OSError, ValueError) as e:
-            logger.warning("checkpoint %s unreadable: %s", path, e)
+        except (OSError, CheckpointError) as e:  # load_meta raises CheckpointError for a bad meta.json
+            if path not in self._unreadable:
+                self._unreadable.add(path)
+                logger.warning("checkpoint %s unreadable: %s", path, e)
             return VersionRef((str(path), -1), path.name, path)  # fails to load, once
         return VersionRef((str(path), mtime), version, path)
 
@@ -287,7 +290,7 @@ class DirectorySource:
         for path in self._dirs():
             try:
                 meta = load_meta(path)
-            except ValueError:
+            except CheckpointError:
                 continue
             out.append({"version": str(meta.get("version", path.name)), "created": None,
                         "strategy": meta.get("strategy"), "chunks": meta.get("chunks"),

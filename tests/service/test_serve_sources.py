@@ -1,0 +1,49 @@
+"""A checkpoint whose ``meta.json`` is corrupt: refused once, logged, the old version keeps serving."""
+
+from __future__ import annotations
+
+import logging
+
+from service.registry import Registry
+from service.serving import DirectorySource, ModelHolder, RegistrySource
+from tests.service.api_support import trained_model, write_checkpoint
+
+
+def _refusals(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR and "refused" in r.getMessage()]
+
+
+def test_corrupt_meta_json_in_a_watched_directory_is_refused_once(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root / "v000001", trained_model(), version=1)
+    holder = ModelHolder(source=DirectorySource(root))
+    holder.poll_once()
+    assert holder.snapshot is not None and holder.snapshot.version == "1"
+    bad = write_checkpoint(root / "v000002", trained_model(), version=2)
+    (bad / "meta.json").write_text('{"model": "ctp-vit-')  # cut short
+    with caplog.at_level(logging.WARNING, logger="service"):
+        for _ in range(3):
+            holder.poll_once()
+    assert holder.snapshot.version == "1"
+    assert holder.stats.failures == 1 and holder.stats.failed_versions == ["v000002"]
+    assert len(_refusals(caplog)) == 1
+    assert [h["version"] for h in holder.source.history()] == ["1"]  # the broken one is left out
+
+
+def test_corrupt_meta_json_of_a_registered_version_is_refused_once(redis_server, tmp_path, caplog):
+    reg = Registry(redis_server.client(), root=tmp_path / "checkpoints")
+    reg.publish(trained_model(), {"model": "ctp-vit-micro-32"})
+    holder = ModelHolder(source=RegistrySource(reg))
+    try:
+        holder.poll_once()
+        assert holder.snapshot is not None and holder.snapshot.version == "1"
+        info = reg.publish(trained_model(), {"model": "ctp-vit-micro-32"})
+        (info.path / "meta.json").write_text("not json")
+        with caplog.at_level(logging.WARNING, logger="service"):
+            for _ in range(3):
+                holder.poll_once()
+        assert holder.snapshot.version == "1"
+        assert holder.stats.failures == 1 and holder.stats.failed_versions == ["2"]
+        assert len(_refusals(caplog)) == 1
+    finally:
+        holder.stop()
