@@ -16,7 +16,7 @@ COMMANDS = {
     "status": ("service.status", "topic lag, chunks pending, memory size and model versions"),
     "up": ("service.up", "the whole local stack (Kafka, Redis, ingest, trainer, API); --demo streams data"),
     "servers": ("service.infra", "start a local Kafka or Redis server: servers {fetch,kafka,redis}"),
-    "serve": ("service.api", "serve the newest model over HTTP: classify, retrieve (CTP_ settings)"),
+    "serve": ("service.serve.api", "serve the newest model over HTTP: classify, retrieve (CTP_ settings)"),
 }
 
 

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             env.setdefault("CTP_EVAL_RETRIEVAL", f"synthetic_retrieval={stream.retrieval}")
         logs = data_dir / "logs"
         children = [Child("ingest", ["ingest"], logs / "ingest.log"), Child("trainer", ["train"], logs / "trainer.log")]
-        api = not args.no_api and importlib.util.find_spec("service.api") is not None
+        api = not args.no_api and importlib.util.find_spec("service.serve.api") is not None
         if api:
             if "CTP_API_PORT" not in os.environ:  # 8000 unless something else holds it
                 env["CTP_API_PORT"] = str(8000 if not port_open(8000) else free_port())

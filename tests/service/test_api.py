@@ -9,7 +9,7 @@ import threading
 import httpx
 import pytest
 
-from service.api import create_app
+from service.serve.api import create_app
 from service.settings import load_settings
 from tests.service.api_support import (
     CLASSES,

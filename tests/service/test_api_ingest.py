@@ -7,10 +7,10 @@ import uuid
 import httpx
 
 from ctp.data import read_chunk
-from service.api import create_app
 from service.chunks import ChunkQueue, ChunkStore
 from service.ingest import IngestWorker
 from service.messages import encode_message
+from service.serve.api import create_app
 from service.settings import load_settings
 from tests.service.api_support import make_pairs, serving, trained_model, wait_for, write_checkpoint
 

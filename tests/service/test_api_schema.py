@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck
 from schemathesis import GenerationMode
 
-from service.api import create_app
+from service.serve.api import create_app
 from service.settings import load_settings
 from tests.service.api_support import (
     make_pairs,

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ctp.models import create_model
-from service.api import create_app
 from service.registry import Registry
+from service.serve.api import create_app
 from service.settings import load_settings
 from tests.service.api_support import (
     CLASSES,

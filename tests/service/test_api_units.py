@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ctp.models import create_model
-from service.batching import Batcher, Overloaded
-from service.serving import GalleryIndex, LabelCache, Snapshot
+from service.serve.batching import Batcher, Overloaded
+from service.serve.holder import GalleryIndex, LabelCache, Snapshot
 
 
 def _index(n: int, d: int = 16, *, ann_threshold: int = 10**9, seed: int = 0) -> GalleryIndex:

@@ -15,10 +15,10 @@ import redis
 
 from ctp.checkpoint import save_checkpoint
 from ctp.metrics import continual_summary, forgetting
-from service.api import create_app
-from service.dashboard import IngestRate, KafkaLag, eval_curves, matrix_curves
 from service.infra import free_port
 from service.registry import Registry
+from service.serve.api import create_app
+from service.serve.dashboard import IngestRate, KafkaLag, eval_curves, matrix_curves
 from service.settings import load_settings
 from tests.service.api_support import (
     CLASSES,
@@ -160,7 +160,7 @@ def _chrome(tmp_path: Path):
 def stack(tmp_path, redis_server, monkeypatch):
     """A live API on a real Redis registry of three versions (eval metrics in each), a gallery chunk,
     and a stand-in for the Kafka lag that grows 40 messages a second."""
-    import service.dashboard
+    import service.serve.dashboard
 
     start = time.time()
 
@@ -169,7 +169,7 @@ def stack(tmp_path, redis_server, monkeypatch):
         return {"topic": settings.topic, "partitions": {0: {"end": produced, "chunked": produced - 7, "lag": 7}},
                 "lag": 7, "produced": produced}
 
-    monkeypatch.setattr(service.dashboard, "topic_lag", fake_lag)
+    monkeypatch.setattr(service.serve.dashboard, "topic_lag", fake_lag)
     data = tmp_path / "data"
     client = redis.Redis.from_url(redis_server.url)
     registry = Registry(client, root=data / "checkpoints")
@@ -279,7 +279,7 @@ def test_kafka_lag_refresh_runs_in_background(monkeypatch):
     """A slow or absent broker never blocks ``poll()``; a failure is retried after ``retry_s``."""
     import threading
 
-    import service.dashboard
+    import service.serve.dashboard
 
     gate = threading.Event()
     calls = []
@@ -289,7 +289,7 @@ def test_kafka_lag_refresh_runs_in_background(monkeypatch):
         gate.wait(10)
         raise ConnectionError("no broker")
 
-    monkeypatch.setattr(service.dashboard, "topic_lag", slow_lag)
+    monkeypatch.setattr(service.serve.dashboard, "topic_lag", slow_lag)
     lag = KafkaLag(load_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"), every_s=0.0, retry_s=60)
     t0 = time.monotonic()
     first = lag.poll()

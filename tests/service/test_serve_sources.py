@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from service.registry import Registry
-from service.serving import DirectorySource, ModelHolder, RegistrySource
+from service.serve.holder import DirectorySource, ModelHolder, RegistrySource
 from tests.service.api_support import trained_model, write_checkpoint
 
 

@@ -18,15 +18,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import ServeContext
-from service.api.errors import BodyLimit, error_response, install_error_handlers
-from service.api.routes import classify, dashboard, ingest, model, ops, retrieve
-from service.batching import Batcher, Overloaded
 from service.messages import Limits
 from service.registry import Registry
-from service.serving import DirectorySource, LabelCache, ModelHolder, RegistrySource, VersionSource
+from service.serve.api.deps import ServeContext
+from service.serve.api.errors import BodyLimit, error_response, install_error_handlers
+from service.serve.api.routes import classify, dashboard, ingest, model, ops, retrieve
+from service.serve.batching import Batcher, Overloaded
+from service.serve.holder import DirectorySource, LabelCache, ModelHolder, RegistrySource, VersionSource
+from service.serve.telemetry import ServeMetrics
 from service.settings import Settings, load_settings
-from service.telemetry import ServeMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import redis
 
 from ctp.checkpoint import load_meta
 from service.registry import Registry
-from service.serving import DirectorySource, ModelHolder
+from service.serve.holder import DirectorySource, ModelHolder
 from service.settings import Settings
 from service.status import collect_status, topic_lag
 

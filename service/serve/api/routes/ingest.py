@@ -9,10 +9,10 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import ApiKey, Context
-from service.api.errors import ApiError
-from service.api.schemas import ErrorBody, IngestAccepted
 from service.messages import IngestMessage, InvalidMessage, validate_message
+from service.serve.api.deps import ApiKey, Context
+from service.serve.api.errors import ApiError
+from service.serve.api.schemas import ErrorBody, IngestAccepted
 
 router = APIRouter(tags=["ingest"])
 logger = logging.getLogger(__name__)

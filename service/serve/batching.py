@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from service.serving import Snapshot
+from service.serve.holder import Snapshot
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import logging
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import Context, CurrentSnapshot
-from service.api.schemas import ErrorBody, ModelInfo
+from service.serve.api.deps import Context, CurrentSnapshot
+from service.serve.api.schemas import ErrorBody, ModelInfo
 
 router = APIRouter(tags=["model"])
 logger = logging.getLogger(__name__)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import Context, CurrentSnapshot
-from service.api.errors import ApiError
-from service.api.inputs import b64_image, clean_texts, image_tensor
-from service.api.schemas import ErrorBody, RetrieveRequest, RetrieveResponse, RetrieveResult
+from service.serve.api.deps import Context, CurrentSnapshot
+from service.serve.api.errors import ApiError
+from service.serve.api.inputs import b64_image, clean_texts, image_tensor
+from service.serve.api.schemas import ErrorBody, RetrieveRequest, RetrieveResponse, RetrieveResult
 
 router = APIRouter(tags=["retrieve"])
 

@@ -1,6 +1,6 @@
 """The dashboard: ``GET /`` (page), ``GET /status`` (its JSON), ``GET /gallery/{id}/image`` (thumbnails).
 
-The page is static HTML + vanilla JS + CSS from ``service/api/static`` (no build step, no CDN);
+The page is static HTML + vanilla JS + CSS from ``service/serve/api/static`` (no build step, no CDN);
 it polls ``/status`` and calls ``/classify`` and ``/retrieve`` for its try-it panel.
 ``/status`` gathers in a worker thread and is cached for ``STATUS_TTL_S``: many open pages cost
 one gather (concurrent requests wait for the same one). It answers 200 whatever is down: what
@@ -20,11 +20,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.deps import Context, ServeContext
-from service.api.errors import ApiError
-from service.api.schemas import ErrorBody
-from service.dashboard import DashboardStatus
-from service.gallery_images import GalleryImages, gallery_dirs
+from service.serve.api.deps import Context, ServeContext
+from service.serve.api.errors import ApiError
+from service.serve.api.schemas import ErrorBody
+from service.serve.dashboard import DashboardStatus
+from service.serve.gallery import GalleryImages, gallery_dirs
 
 router = APIRouter(tags=["dashboard"])
 
@@ -63,7 +63,7 @@ def _state(request: Request, ctx: ServeContext) -> DashboardState:
 
 
 class StatusBody(BaseModel):
-    """``ctp status --json`` plus what the dashboard draws (service/dashboard.py); more keys may appear."""
+    """``ctp status --json`` plus what the dashboard draws (service/serve/dashboard.py); more keys may appear."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -12,11 +12,11 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from torch import Tensor
 
-from service.api.deps import Context, CurrentSnapshot, ServeContext
-from service.api.errors import ApiError
-from service.api.inputs import b64_image, clean_texts, image_tensor
-from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody, Prediction
-from service.serving import Snapshot
+from service.serve.api.deps import Context, CurrentSnapshot, ServeContext
+from service.serve.api.errors import ApiError
+from service.serve.api.inputs import b64_image, clean_texts, image_tensor
+from service.serve.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody, Prediction
+from service.serve.holder import Snapshot
 
 router = APIRouter(tags=["classify"])
 

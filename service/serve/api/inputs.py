@@ -9,8 +9,8 @@ import unicodedata
 from torch import Tensor
 
 from ctp.images import ImageDecodeError, decode_image
-from service.api.errors import ApiError
-from service.serving import Snapshot
+from service.serve.api.errors import ApiError
+from service.serve.holder import Snapshot
 
 
 def b64_image(data: str, *, max_bytes: int) -> bytes:
