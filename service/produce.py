@@ -21,13 +21,13 @@ from service.messages import encode_message
 
 
 def pairs_from_shards(dirs: list[Path]) -> Iterator[tuple[str, bytes]]:
-    from ctp.data import iter_chunk
+    from ctp.data import iter_chunk, pair_id
 
     for d in dirs:
         for s in iter_chunk(d):
-            pair_id = str(s.meta.get("id") or f"{Path(d).name}-{s.key}")
+            pid = pair_id(s.meta, Path(d).name, s.key)
             meta = {k: v for k, v in s.meta.items() if k != "id"}
-            yield pair_id, encode_message(id=pair_id, text=s.text, image=s.image, label=s.label, meta=meta or None)
+            yield pid, encode_message(id=pid, text=s.text, image=s.image, label=s.label, meta=meta or None)
 
 
 def pairs_from_jsonl(path: Path) -> Iterator[tuple[str | None, bytes]]:

@@ -41,6 +41,16 @@ class VersionInfo:
     meta: dict[str, Any]
     created: float
 
+    def summary(self) -> dict[str, Any]:
+        """What a version list shows (``ctp status``, ``GET /model``, the dashboard)."""
+        return version_summary(self.version, self.meta, self.created)
+
+
+def version_summary(version: int | str, meta: dict[str, Any], created: float | None) -> dict[str, Any]:
+    """A version's summary from its ``meta``: also for checkpoints outside a registry (no ``created``)."""
+    return {"version": version, "created": created, "strategy": meta.get("strategy"), "chunks": meta.get("chunks"),
+            "metrics": meta.get("metrics", {}), "train": meta.get("train", {})}
+
 
 class Registry:
     def __init__(self, client: redis.Redis, *, root: str | Path, prefix: str = "ctp:registry", keep: int = 5):

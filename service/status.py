@@ -53,9 +53,7 @@ def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
         mem = RedisMemory(client=r, max_items=settings.memory_size)
         out["memory"] = {"items": len(mem), "bytes": mem.nbytes(), "capacity": settings.memory_size}
         reg = Registry(r, root=settings.data_dir / "checkpoints", keep=settings.keep_checkpoints)
-        out["versions"] = [{"version": v.version, "created": v.created, "chunks": v.meta.get("chunks"),
-                            "strategy": v.meta.get("strategy"), "metrics": v.meta.get("metrics", {})}
-                           for v in reg.history()]
+        out["versions"] = [v.summary() for v in reg.history()]
         out["latest"] = reg.latest_version()
     except redis.RedisError as e:
         out["errors"]["redis"] = f"{type(e).__name__}: {e}"

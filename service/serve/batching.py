@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from service.serve.holder import Snapshot
+from service.serve.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 

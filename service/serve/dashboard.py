@@ -31,7 +31,8 @@ import redis
 
 from ctp.checkpoint import load_meta
 from service.registry import Registry
-from service.serve.holder import DirectorySource, ModelHolder
+from service.serve.holder import ModelHolder
+from service.serve.sources import DirectorySource
 from service.settings import Settings
 from service.status import collect_status, topic_lag
 

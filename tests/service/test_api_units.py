@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ctp.models import create_model
 from service.serve.batching import Batcher, Overloaded
-from service.serve.holder import GalleryIndex, LabelCache, Snapshot
+from service.serve.gallery import GalleryIndex
+from service.serve.snapshot import LabelCache, Snapshot
 
 
 def _index(n: int, d: int = 16, *, ann_threshold: int = 10**9, seed: int = 0) -> GalleryIndex:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from service.registry import Registry
-from service.serve.holder import DirectorySource, ModelHolder, RegistrySource
+from service.serve.holder import ModelHolder
+from service.serve.sources import DirectorySource, RegistrySource
 from tests.service.api_support import trained_model, write_checkpoint
 
 

@@ -24,7 +24,9 @@ from service.serve.api.deps import ServeContext
 from service.serve.api.errors import BodyLimit, error_response, install_error_handlers
 from service.serve.api.routes import classify, dashboard, ingest, model, ops, retrieve
 from service.serve.batching import Batcher, Overloaded
-from service.serve.holder import DirectorySource, LabelCache, ModelHolder, RegistrySource, VersionSource
+from service.serve.holder import ModelHolder
+from service.serve.snapshot import LabelCache
+from service.serve.sources import DirectorySource, RegistrySource, VersionSource
 from service.serve.telemetry import ServeMetrics
 from service.settings import Settings, load_settings
 

@@ -11,7 +11,8 @@ from fastapi import Depends, Header, Request
 from service.messages import Limits
 from service.serve.api.errors import ApiError
 from service.serve.batching import Batcher
-from service.serve.holder import LabelCache, ModelHolder, Snapshot
+from service.serve.holder import ModelHolder
+from service.serve.snapshot import LabelCache, Snapshot
 from service.serve.telemetry import ServeMetrics
 from service.settings import Settings
 

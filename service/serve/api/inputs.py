@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ctp.images import ImageDecodeError, decode_image
 from service.serve.api.errors import ApiError
-from service.serve.holder import Snapshot
+from service.serve.snapshot import Snapshot
 
 
 def b64_image(data: str, *, max_bytes: int) -> bytes:

@@ -16,7 +16,7 @@ from service.serve.api.deps import Context, CurrentSnapshot, ServeContext
 from service.serve.api.errors import ApiError
 from service.serve.api.inputs import b64_image, clean_texts, image_tensor
 from service.serve.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody, Prediction
-from service.serve.holder import Snapshot
+from service.serve.snapshot import Snapshot
 
 router = APIRouter(tags=["classify"])
 

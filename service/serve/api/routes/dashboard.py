@@ -24,7 +24,7 @@ from service.serve.api.deps import Context, ServeContext
 from service.serve.api.errors import ApiError
 from service.serve.api.schemas import ErrorBody
 from service.serve.dashboard import DashboardStatus
-from service.serve.gallery import GalleryImages, gallery_dirs
+from service.serve.gallery import GalleryImages
 
 router = APIRouter(tags=["dashboard"])
 
@@ -46,7 +46,7 @@ class DashboardState:
         self.lock = asyncio.Lock()
         self.cached: bytes | None = None  # the JSON body
         self.cached_at = -float("inf")
-        self.dirs = lambda: gallery_dirs(ctx.holder.fixed_dirs, ctx.holder.chunks_root)
+        self.dirs = ctx.holder.gallery_dirs
 
     def gather_json(self) -> bytes:
         return json.dumps(self.status.gather(), default=str, allow_nan=False).encode()
