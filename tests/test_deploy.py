@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.infra import KAFKA_VERSION
+from service.local.infra import KAFKA_VERSION
+from service.local.settings_doc import MEANINGS, env_name, markdown_table
 from service.settings import Settings
-from service.settings_doc import MEANINGS, env_name, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -321,7 +321,7 @@ def test_readme_configuration_table_lists_exactly_the_settings():
     assert sorted(names) == sorted(env_name(f) for f in Settings.model_fields)
     assert len(names) == len(set(names))
     assert set(MEANINGS) == set(Settings.model_fields)
-    # generated, not hand-edited: `python -m service.settings_doc` prints it
+    # generated, not hand-edited: `python -m service.local.settings_doc` prints it
     assert "\n".join(rows) + "\n" == markdown_table()
 
 

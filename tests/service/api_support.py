@@ -21,7 +21,7 @@ from ctp.models import create_model
 from ctp.synthetic import generate_pairs
 from ctp.train import preprocess_images
 from service.chunks import ChunkStore
-from service.infra import free_port
+from service.local.infra import free_port
 
 MODEL = "ctp-vit-micro-32"
 CLASSES = ["circle", "square", "triangle", "star"]

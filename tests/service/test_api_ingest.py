@@ -9,6 +9,7 @@ import httpx
 from ctp.data import read_chunk
 from service.chunks import ChunkQueue, ChunkStore
 from service.ingest import IngestWorker
+from service.local.infra import ensure_topics
 from service.messages import encode_message
 from service.serve.api import create_app
 from service.settings import load_settings
@@ -19,7 +20,7 @@ KEY = "k-123"
 
 def test_posted_pairs_land_on_the_topic_and_in_a_chunk(kafka, redis_server, tmp_path):
     topic = f"api-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=1)
+    ensure_topics(kafka.bootstrap, {topic: 1})
     write_checkpoint(tmp_path / "ckpt" / "v000001", trained_model(), version=1)
     settings = load_settings(data_dir=tmp_path / "data", serve_checkpoint_dir=tmp_path / "ckpt", api_key=KEY,
                              kafka_bootstrap=kafka.bootstrap, topic=topic)

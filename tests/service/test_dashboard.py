@@ -15,7 +15,7 @@ import redis
 
 from ctp.checkpoint import save_checkpoint
 from ctp.metrics import continual_summary, forgetting
-from service.infra import free_port
+from service.local.infra import free_port
 from service.registry import Registry
 from service.serve.api import create_app
 from service.serve.dashboard import IngestRate, KafkaLag, eval_curves, matrix_curves

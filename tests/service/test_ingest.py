@@ -10,6 +10,7 @@ from PIL import Image
 from ctp.data import read_chunk
 from service.chunks import ChunkQueue, ChunkStore
 from service.ingest import IngestWorker
+from service.local.infra import ensure_topics
 from service.messages import encode_message
 
 pytestmark = pytest.mark.timeout(300)
@@ -42,8 +43,8 @@ def _dlq(kafka, topic, n):
 
 def test_end_to_end_chunks_dead_letters_and_duplicates(kafka, redis_server, tmp_path):
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=2)
-    kafka.create_topic(f"{topic}.dlq", partitions=1)
+    ensure_topics(kafka.bootstrap, {topic: 2})
+    ensure_topics(kafka.bootstrap, {f"{topic}.dlq": 1})
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     n_valid = 520
     for i in range(n_valid):
@@ -82,7 +83,7 @@ def test_end_to_end_chunks_dead_letters_and_duplicates(kafka, redis_server, tmp_
 def test_offsets_in_redis_win_over_kafka_commits(kafka, redis_server, tmp_path):
     """A crash between recording a chunk and committing to Kafka must not give a second chunk."""
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=1)
+    ensure_topics(kafka.bootstrap, {topic: 1})
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     for i in range(50):
         producer.send(topic, encode_message(id=f"p{i}", text=f"t {i}", image=_png(i)))
@@ -101,7 +102,7 @@ def test_produce_command_feeds_ingest(kafka, redis_server, tmp_path, monkeypatch
     from service.cli import main
 
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=2)
+    ensure_topics(kafka.bootstrap, {topic: 2})
     monkeypatch.setenv("CTP_KAFKA_BOOTSTRAP", kafka.bootstrap)
     monkeypatch.setenv("CTP_TOPIC", topic)
     monkeypatch.setenv("CTP_DLQ_TOPIC", f"{topic}.dlq")

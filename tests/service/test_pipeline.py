@@ -23,6 +23,7 @@ from ctp.checkpoint import load_checkpoint
 from ctp.data import read_chunk
 from ctp.synthetic import make_stream
 from service.chunks import ChunkQueue
+from service.local.infra import ensure_topics
 from service.redis_memory import RedisMemory
 from service.registry import Registry
 from tests.service.test_messages import BAD, bomb_png, msg, png
@@ -118,8 +119,8 @@ def _produce_valid(path: Path, n: int, prefix: str) -> list[str]:
 
 def test_end_to_end_produce_ingest_train_versions(kafka, redis_server, tmp_path):
     topic = f"e2e-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=2)
-    kafka.create_topic(f"{topic}.dlq", partitions=1)
+    ensure_topics(kafka.bootstrap, {topic: 2})
+    ensure_topics(kafka.bootstrap, {f"{topic}.dlq": 1})
     env = _env(kafka, redis_server, tmp_path, topic, CTP_CHUNK_SIZE="130", CTP_CHUNK_MAX_WAIT_S="3")
     ids = _produce_valid(tmp_path / "valid.jsonl", 520, "pair")
     out = subprocess.run([sys.executable, "-m", "service.cli", "produce", "--jsonl", str(tmp_path / "valid.jsonl")],
@@ -167,7 +168,7 @@ def test_end_to_end_produce_ingest_train_versions(kafka, redis_server, tmp_path)
 
 def test_ingest_killed_at_random_points_loses_and_doubles_nothing(kafka, redis_server, tmp_path):
     topic = f"crash-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=2)
+    ensure_topics(kafka.bootstrap, {topic: 2})
     env = _env(kafka, redis_server, tmp_path, topic, CTP_CHUNK_SIZE="40", CTP_CHUNK_MAX_WAIT_S="0.5")
     rng = random.Random(7)
     ids: list[str] = []
@@ -242,7 +243,7 @@ def test_ctp_up_demo_runs_the_stack_and_ctrl_c_stops_it_all(tmp_path):
     land and answers /classify; Ctrl-C stops every process and the state stays on disk."""
     import httpx
 
-    from service.infra import free_port
+    from service.local.infra import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTP_")}
@@ -287,7 +288,7 @@ def test_two_ingest_workers_share_the_partitions_and_hand_over_on_stop(kafka, re
     """Scale-out: a second consumer takes half the partitions; when one stops (SIGTERM), the other
     takes its partitions over from the recorded offsets: still every pair exactly once."""
     topic = f"scale-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=4)
+    ensure_topics(kafka.bootstrap, {topic: 4})
     env = _env(kafka, redis_server, tmp_path, topic, CTP_CHUNK_SIZE="30", CTP_CHUNK_MAX_WAIT_S="1")
     r = redis_server.client()
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.infra import KafkaServer, RedisServer, _parent_death_prefix, free_port, port_open
+from service.local.infra import KafkaServer, RedisServer, _parent_death_prefix, free_port, port_open
 
 DEMO_STREAM = "class-incremental-small"
 # CPU-sized demo: a chunk per 200 pairs, few epochs; any CTP_ variable set by the user wins.
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_server = RedisServer(port=ports["redis"], aof=True, data_dir=data_dir / "redis").start()
             servers.append(redis_server)
             env["CTP_REDIS_URL"] = redis_server.url
-        from service.infra import ensure_topics
+        from service.local.infra import ensure_topics
 
         ensure_topics(env["CTP_KAFKA_BOOTSTRAP"], {settings.topic: args.partitions, settings.dlq_topic: 1})
         if args.demo:

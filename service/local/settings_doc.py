@@ -1,6 +1,6 @@
 """The README's configuration table, generated from ``Settings.model_fields``.
 
-    python -m service.settings_doc        # print the Markdown table (README.md "Configuration")
+    python -m service.local.settings_doc        # print the Markdown table (README.md "Configuration")
 
 Every field needs an entry in ``MEANINGS`` (a test checks both ways), so a new setting cannot
 ship undocumented; defaults are read from the class, never written by hand.
