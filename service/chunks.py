@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 from ctp.atomic import atomic_directory
-from ctp.data import Sample, read_chunk, write_shards
+from ctp.data import Sample, write_shards
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,6 @@ class ChunkStore:
         with atomic_directory(final, replace=False) as tmp:
             write_shards(samples, tmp, shard_size=shard_size)  # fsyncs each shard
         return final
-
-    def read(self, chunk_id: str) -> list[Sample]:
-        return read_chunk(self.path(chunk_id))
 
     def remove_partial(self, *, older_than_s: float = 3600.0) -> int:
         """Delete temp dirs left by a crash mid-write; returns how many.

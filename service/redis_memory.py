@@ -54,10 +54,6 @@ class RedisMemory:
         self.max_retries = max_retries
         self._state_key = f"{prefix}:state"
 
-    @classmethod
-    def from_url(cls, url: str, **kwargs) -> RedisMemory:
-        return cls(client=redis.Redis.from_url(url), **kwargs)
-
     def _item_key(self, key: str) -> str:
         return f"{self.prefix}:item:{key}"
 
