@@ -9,7 +9,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from service.messages import InvalidMessage, Limits, encode_message, safe_key, validate_message
+from service.messages import InvalidMessage, Limits, encode_message, validate_message
 
 
 def png(w=8, h=8, color=(255, 0, 0)) -> bytes:
@@ -44,7 +44,6 @@ def test_valid_message_round_trip():
     assert pair.text == "a red square" and pair.label == "square" and pair.meta == {"src": "t"}
     assert pair.id == "ctp.pairs-0-17" and pair.ext == "png"
     assert validate_message(msg(image=base64.b64encode(jpeg()).decode(), id="x1"), default_id="d").ext == "jpg"
-    assert safe_key("ctp.pairs/0.17") == "ctp_pairs_0_17"
 
 
 BAD = {
