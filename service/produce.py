@@ -49,18 +49,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.settings import load_settings
 
-    settings = load_settings()
     p = argparse.ArgumentParser(prog="ctp produce", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", nargs="+", type=Path, metavar="DIR", help="WebDataset chunk directories")
     src.add_argument("--jsonl", type=Path, help="a file of ingest messages, one JSON a line")
     src.add_argument("--synthetic", metavar="NAME", help="a synthetic stream preset (all its chunks in order)")
     p.add_argument("--data-dir", type=Path, default=None, help="where the synthetic stream is generated")
-    p.add_argument("--bootstrap", default=settings.kafka_bootstrap)
-    p.add_argument("--topic", default=settings.topic)
+    p.add_argument("--bootstrap", help="default CTP_KAFKA_BOOTSTRAP")
+    p.add_argument("--topic", help="default CTP_TOPIC")
     p.add_argument("--rate", type=float, default=0.0, help="pairs per second (0: as fast as possible)")
     p.add_argument("--limit", type=int, default=0, help="stop after N messages (0: all)")
     args = p.parse_args(argv)
+    if args.bootstrap is None or args.topic is None:  # after parsing: --help works whatever the env holds
+        settings = load_settings()
+        args.bootstrap = args.bootstrap or settings.kafka_bootstrap
+        args.topic = args.topic or settings.topic
     if args.synthetic:
         from ctp.experiment import default_data_dir
         from ctp.synthetic import make_stream
