@@ -136,8 +136,9 @@ class ChunkQueue:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    def record_chunk(self, chunk_id: str, path: str | Path, pairs: int, *,
-                     progress: IngestProgress | None = None) -> str | None:
+    def record_chunk(
+        self, chunk_id: str, path: str | Path, pairs: int, *, progress: IngestProgress | None = None
+    ) -> str | None:
         """Add the chunk to the stream unless it was added before; returns the entry id or None.
 
         With ``progress`` (ingest), the partition's next offset and the pair ids are recorded in
@@ -154,14 +155,16 @@ class ChunkQueue:
     def take(self, consumer: str, *, block_ms: int = 1000, min_idle_ms: int = 60_000) -> ChunkTask | None:
         """The next chunk for ``consumer``: first one idle too long at a dead worker, else a new one."""
         self.ensure_group()
-        _, claimed, _ = self.r.xautoclaim(self.stream, self.group, consumer, min_idle_time=min_idle_ms,
-                                          start_id="0-0", count=1)
+        _, claimed, _ = self.r.xautoclaim(
+            self.stream, self.group, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=1
+        )
         if claimed:
             return self._task(*claimed[0], reclaimed=True)
         # our own pending entries first (a restart of the same consumer name), then new ones
         for start in ("0", ">"):
-            got = self.r.xreadgroup(self.group, consumer, {self.stream: start}, count=1,
-                                    block=None if start == "0" else block_ms)
+            got = self.r.xreadgroup(
+                self.group, consumer, {self.stream: start}, count=1, block=None if start == "0" else block_ms
+            )
             if got and got[0][1]:
                 return self._task(*got[0][1][0], reclaimed=start == "0")
         return None
@@ -172,8 +175,13 @@ class ChunkQueue:
         if reclaimed:
             info = self.r.xpending_range(self.stream, self.group, min=mid, max=mid, count=1)
             deliveries = int(info[0]["times_delivered"]) if info else 2
-        return ChunkTask(message_id=mid, chunk_id=fields[b"chunk_id"].decode(), path=fields[b"path"].decode(),
-                         pairs=int(fields[b"pairs"]), deliveries=deliveries)
+        return ChunkTask(
+            message_id=mid,
+            chunk_id=fields[b"chunk_id"].decode(),
+            path=fields[b"path"].decode(),
+            pairs=int(fields[b"pairs"]),
+            deliveries=deliveries,
+        )
 
     def ack(self, task: ChunkTask) -> None:
         self.r.xack(self.stream, self.group, task.message_id)

@@ -109,7 +109,9 @@ def validate_message(value: bytes | None, *, default_id: str, limits: Limits = D
     try:
         obj = json.loads(decoded)
     except json.JSONDecodeError as e:
-        raise InvalidMessage("not_json", f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise InvalidMessage(
+            "not_json", f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     if not isinstance(obj, dict):
         raise InvalidMessage("not_object", f"value is a JSON {type(obj).__name__}, expected an object")
     try:
@@ -119,7 +121,11 @@ def validate_message(value: bytes | None, *, default_id: str, limits: Limits = D
         where = ".".join(str(p) for p in first["loc"]) or "message"
         raise InvalidMessage("schema", f"{where}: {first['msg']}") from None
     text = clean_text(msg.text, what="text", max_chars=limits.max_text_chars)
-    label = clean_text(msg.label, what="label", max_chars=limits.max_label_chars) if msg.label is not None else None
+    label = (
+        clean_text(msg.label, what="label", max_chars=limits.max_label_chars)
+        if msg.label is not None
+        else None
+    )
     pair_id = msg.id if msg.id is not None else default_id
     pair_id = clean_text(pair_id, what="id", max_chars=limits.max_id_chars)
     meta = msg.meta or {}
@@ -133,8 +139,9 @@ def validate_message(value: bytes | None, *, default_id: str, limits: Limits = D
     return ValidPair(id=pair_id, text=text, image=raw, ext=image_ext(raw), label=label, meta=meta)
 
 
-def encode_message(*, text: str, image: bytes, id: str | None = None, label: str | None = None,
-                   meta: dict | None = None) -> bytes:
+def encode_message(
+    *, text: str, image: bytes, id: str | None = None, label: str | None = None, meta: dict | None = None
+) -> bytes:
     """The producer side of the contract."""
     obj = {"text": text, "image": base64.b64encode(image).decode("ascii")}
     if id is not None:

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", nargs="+", type=Path, metavar="DIR", help="WebDataset chunk directories")
     src.add_argument("--jsonl", type=Path, help="a file of ingest messages, one JSON a line")
-    src.add_argument("--synthetic", metavar="NAME", help="a synthetic stream preset (all its chunks in order)")
+    src.add_argument(
+        "--synthetic", metavar="NAME", help="a synthetic stream preset (all its chunks in order)"
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="where the synthetic stream is generated")
     p.add_argument("--bootstrap", help="default CTP_KAFKA_BOOTSTRAP")
     p.add_argument("--topic", help="default CTP_TOPIC")

@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     )
     dlq_topic: str = Field(
         "ctp.pairs.dlq",
-        description="dead-letter topic: rejected messages with headers `ctp-error`, `ctp-reason`, `ctp-source`",
+        description=(
+            "dead-letter topic: rejected messages with headers `ctp-error`, `ctp-reason`, `ctp-source`"
+        ),
         json_schema_extra={"read_by": "ingest"},
     )
     consumer_group: str = Field(
@@ -61,7 +63,10 @@ class Settings(BaseSettings):
     # Redis
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis: chunk queue, offsets, replay memory, checkpoint registry (`redis://`, `rediss://`, `unix://`)",
+        description=(
+            "Redis: chunk queue, offsets, replay memory, checkpoint registry (`redis://`, `rediss://`, "
+            "`unix://`)"
+        ),
         json_schema_extra={"read_by": "ingest, train, api, status"},
     )
     # storage
@@ -111,12 +116,17 @@ class Settings(BaseSettings):
     )
     pretrained: str | None = Field(
         None,
-        description="open_clip pretrained tag, a weights file or a ctp checkpoint dir to start from; unset: random init",
+        description=(
+            "open_clip pretrained tag, a weights file or a ctp checkpoint dir to start from; unset: random "
+            "init"
+        ),
         json_schema_extra={"read_by": "train"},
     )
     strategy: str = Field(
         "incclip",
-        description="continual strategy: `incclip`, `finetune`, `er`, `lwf`, `joint` or an ablation (docs/method.md)",
+        description=(
+            "continual strategy: `incclip`, `finetune`, `er`, `lwf`, `joint` or an ablation (docs/method.md)"
+        ),
         json_schema_extra={"read_by": "train"},
     )
     memory_size: int = Field(
@@ -157,13 +167,18 @@ class Settings(BaseSettings):
     )
     trainer_name: str | None = Field(
         None,
-        description="consumer name in the chunk queue; default `trainer-<hostname>` (keep it stable across restarts)",
+        description=(
+            "consumer name in the chunk queue; default `trainer-<hostname>` (keep it stable across restarts)"
+        ),
         json_schema_extra={"read_by": "train"},
     )
     trainer_lease_s: float = Field(
         30.0,
         ge=1,
-        description="one active trainer per registry: a standby (or a restart) takes over this long after the holder stops renewing",
+        description=(
+            "one active trainer per registry: a standby (or a restart) takes over this long after the "
+            "holder stops renewing"
+        ),
         json_schema_extra={"read_by": "train"},
     )
     claim_idle_s: float = Field(
@@ -175,7 +190,10 @@ class Settings(BaseSettings):
     # eval sets measured after every chunk, stored with the version: "name=dir[,name=dir...]"
     eval_classification: str = Field(
         "",
-        description="classification eval sets measured after every chunk, `name=dir[,name=dir]` (CLIP_benchmark wds layout)",
+        description=(
+            "classification eval sets measured after every chunk, `name=dir[,name=dir]` (CLIP_benchmark wds "
+            "layout)"
+        ),
         json_schema_extra={"read_by": "train"},
     )
     eval_retrieval: str = Field(
@@ -243,7 +261,9 @@ class Settings(BaseSettings):
     ann_threshold: int = Field(
         200_000,
         gt=0,
-        description="gallery size from which retrieval uses faiss HNSW (exact search below, or without faiss)",
+        description=(
+            "gallery size from which retrieval uses faiss HNSW (exact search below, or without faiss)"
+        ),
         json_schema_extra={"read_by": "api"},
     )
     gallery_shards: list[Path] = Field(

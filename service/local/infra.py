@@ -155,7 +155,9 @@ def _fetch_kafka(cache_dir: Path, *, version: str, mvn: str) -> None:
     t0 = time.monotonic()
     log.info("resolving Kafka %s jars from Maven Central into %s", version, cache_dir)
     try:
-        with importlib.resources.as_file(importlib.resources.files(__package__ or "service.local") / _POM) as pom:
+        with importlib.resources.as_file(
+            importlib.resources.files(__package__ or "service.local") / _POM
+        ) as pom:
             cmd = [mvn_path, "-B", "-q", "-Dstyle.color=never", "-f", str(pom)]
             cmd += ["dependency:copy-dependencies", "-DincludeScope=runtime"]
             cmd += [f"-DoutputDirectory={tmp}", f"-Dkafka.version={version}"]
@@ -187,8 +189,15 @@ class _LocalServer:
 
     LOG_NAME = "server.log"
 
-    def __init__(self, *, port: int | None, data_dir: Path | None, keep: bool, start_timeout: float,
-                 stop_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None,
+        data_dir: Path | None,
+        keep: bool,
+        start_timeout: float,
+        stop_timeout: float,
+    ) -> None:
         self.port = port  # None: a free port at start()
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.keep = keep  # keep a temp data dir after stop() (for post-mortems)
@@ -289,8 +298,9 @@ class KafkaServer(_LocalServer):
         java: str = "java",
         config: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout,
-                         stop_timeout=stop_timeout)  # port: the PLAINTEXT listener
+        super().__init__(
+            port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout, stop_timeout=stop_timeout
+        )  # port: the PLAINTEXT listener
         self.num_partitions = num_partitions  # default partitions of auto-created topics
         self.controller_port = controller_port  # KRaft CONTROLLER listener; None: a free port
         self.heap = heap  # -Xmx; the broker idles well under 256m, 512m leaves headroom
@@ -414,7 +424,9 @@ class KafkaServer(_LocalServer):
         assert self.port is not None
         if not port_open(self.port):  # cheap check first: kafka-python logs every failed connect
             return False
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, bootstrap_timeout_ms=3000, request_timeout_ms=5000)
+        admin = KafkaAdminClient(
+            bootstrap_servers=self.bootstrap, bootstrap_timeout_ms=3000, request_timeout_ms=5000
+        )
         try:
             brokers = admin.describe_cluster()["brokers"]
         finally:
@@ -474,8 +486,9 @@ class RedisServer(_LocalServer):
         stop_timeout: float = 10.0,
         executable: str = "redis-server",
     ) -> None:
-        super().__init__(port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout,
-                         stop_timeout=stop_timeout)  # port: kept by restart()
+        super().__init__(
+            port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout, stop_timeout=stop_timeout
+        )  # port: kept by restart()
         self.aof = aof
         self.executable = executable
 

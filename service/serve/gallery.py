@@ -58,8 +58,16 @@ class GalleryIndex:
     from there on when faiss is installed; without faiss it stays exact.
     """
 
-    def __init__(self, ids: Sequence[str], texts: Sequence[str], image_emb: Tensor, text_emb: Tensor,
-                 *, ann_threshold: int = 200_000, _ann: dict | None = None):
+    def __init__(
+        self,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        image_emb: Tensor,
+        text_emb: Tensor,
+        *,
+        ann_threshold: int = 200_000,
+        _ann: dict | None = None,
+    ):
         if not (len(ids) == len(texts) == image_emb.shape[0] == text_emb.shape[0]):
             raise ValueError("ids, texts and embeddings must have the same length")
         self.ids = list(ids)
@@ -96,7 +104,9 @@ class GalleryIndex:
             out[name] = index
         return out
 
-    def extend(self, ids: Sequence[str], texts: Sequence[str], image_emb: Tensor, text_emb: Tensor) -> GalleryIndex:
+    def extend(
+        self, ids: Sequence[str], texts: Sequence[str], image_emb: Tensor, text_emb: Tensor
+    ) -> GalleryIndex:
         """A new index with these rows appended (this one is left as it is)."""
         new_img = torch.cat([self.image_emb, image_emb])
         new_txt = torch.cat([self.text_emb, text_emb])
@@ -109,8 +119,14 @@ class GalleryIndex:
                 index = faiss.clone_index(self._ann[name])  # searches of the old copy go on meanwhile
                 index.add(emb.float().cpu().numpy())
                 ann[name] = index
-        return GalleryIndex(self.ids + list(ids), self.texts + list(texts), new_img, new_txt,
-                            ann_threshold=self.ann_threshold, _ann=ann)
+        return GalleryIndex(
+            self.ids + list(ids),
+            self.texts + list(texts),
+            new_img,
+            new_txt,
+            ann_threshold=self.ann_threshold,
+            _ann=ann,
+        )
 
     def search(self, query: Tensor, *, against: str, k: int) -> list[tuple[int, float]]:
         """Rows nearest to ``query [D]`` (L2-normalised): ``[(row, cosine)]``, best first."""
@@ -127,8 +143,16 @@ class GalleryIndex:
         return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
 
 
-def embed_dirs(snap: Snapshot, index: GalleryIndex, dirs: Sequence[Path], *, max_items: int, batch_size: int,
-               max_image_pixels: int, max_image_bytes: int) -> GalleryIndex:
+def embed_dirs(
+    snap: Snapshot,
+    index: GalleryIndex,
+    dirs: Sequence[Path],
+    *,
+    max_items: int,
+    batch_size: int,
+    max_image_pixels: int,
+    max_image_bytes: int,
+) -> GalleryIndex:
     """``index`` plus the pairs of ``dirs`` embedded with ``snap``'s model, ``batch_size`` images at
     a time (memory holds one batch of preprocessed images, not the gallery), up to ``max_items``
     in all; an image that does not decode within the limits is left out."""
@@ -143,7 +167,9 @@ def embed_dirs(snap: Snapshot, index: GalleryIndex, dirs: Sequence[Path], *, max
                 if len(ids) >= room:
                     break
                 try:
-                    pil = decode_image(s.image, key=s.key, max_pixels=max_image_pixels, max_bytes=max_image_bytes)
+                    pil = decode_image(
+                        s.image, key=s.key, max_pixels=max_image_pixels, max_bytes=max_image_bytes
+                    )
                 except ImageDecodeError as e:
                     logger.warning("gallery %s: %s", d, e)
                     continue
@@ -160,7 +186,9 @@ def embed_dirs(snap: Snapshot, index: GalleryIndex, dirs: Sequence[Path], *, max
     if not ids:
         return index
     img_emb = torch.cat(img_parts)
-    txt_emb = torch.cat([snap.encode_texts(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)])
+    txt_emb = torch.cat(
+        [snap.encode_texts(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
+    )
     return index.extend(ids, texts, img_emb, txt_emb)
 
 

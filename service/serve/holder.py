@@ -114,7 +114,7 @@ class ModelHolder:
         """One round of the watcher: swap to a new version if any, then grow the gallery."""
         try:
             ref = self.source.latest()
-        except Exception as e:  # noqa: BLE001 - Redis down, unreadable dir: keep serving
+        except Exception as e:  # Redis down, unreadable dir: keep serving
             logger.warning("cannot read the latest version: %s", e)
             ref = None
         if ref is not None and ref.key != self._current_key and ref.key not in self._failed:
@@ -122,7 +122,7 @@ class ModelHolder:
         if self.snapshot is not None:
             try:
                 self._grow_gallery()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("gallery update failed; will retry")
 
     # -- loading ---------------------------------------------------------------------------------
@@ -134,11 +134,20 @@ class ModelHolder:
         for p in model.parameters():
             p.requires_grad_(False)
         dim = int(bundle.config["embed_dim"])
-        scale = float(model.logit_scale.exp().clamp(max=100).item()) if hasattr(model, "logit_scale") else 100.0
-        snap = Snapshot(version=ref.version, model=model, tokenizer=bundle.tokenizer, preprocess=bundle.preprocess_val,
-                        device=self.device, logit_scale=scale, meta=meta,
-                        index=GalleryIndex.empty(dim, self.device, ann_threshold=self.ann_threshold),
-                        load_id=next(_LOAD_IDS))
+        scale = (
+            float(model.logit_scale.exp().clamp(max=100).item()) if hasattr(model, "logit_scale") else 100.0
+        )
+        snap = Snapshot(
+            version=ref.version,
+            model=model,
+            tokenizer=bundle.tokenizer,
+            preprocess=bundle.preprocess_val,
+            device=self.device,
+            logit_scale=scale,
+            meta=meta,
+            index=GalleryIndex.empty(dim, self.device, ann_threshold=self.ann_threshold),
+            load_id=next(_LOAD_IDS),
+        )
         self._warm_up(snap)
         dirs = self.gallery_dirs()
         index = self._embed_dirs(snap, snap.index, dirs)
@@ -158,12 +167,17 @@ class ModelHolder:
         t0 = time.perf_counter()
         try:
             snap = self.load(ref)
-        except Exception as e:  # noqa: BLE001 - any fault refuses the version, never the service
+        except Exception as e:  # any fault refuses the version, never the service
             self._failed.add(ref.key)
             self.stats.failures += 1
             self.stats.failed_versions.append(ref.version)
-            logger.error("version %s at %s refused, still serving %s: %s", ref.version, ref.path,
-                         self.snapshot.version if self.snapshot else None, e)
+            logger.error(
+                "version %s at %s refused, still serving %s: %s",
+                ref.version,
+                ref.path,
+                self.snapshot.version if self.snapshot else None,
+                e,
+            )
             if self.listener:
                 self.listener.swap_failed(ref.version, str(e))
             return
@@ -172,7 +186,9 @@ class ModelHolder:
         self._current_key = ref.key
         self._ready.set()
         self.stats.swaps += 1
-        logger.info("serving version %s (%d gallery items, %.2f s to load)", snap.version, len(snap.index), seconds)
+        logger.info(
+            "serving version %s (%d gallery items, %.2f s to load)", snap.version, len(snap.index), seconds
+        )
         if self.listener:
             self.listener.swapped(snap, seconds)
             self.listener.gallery_changed(len(snap.index))
@@ -198,8 +214,15 @@ class ModelHolder:
                 self.listener.gallery_changed(len(index))
 
     def _embed_dirs(self, snap: Snapshot, index: GalleryIndex, dirs: Sequence[Path]) -> GalleryIndex:
-        return embed_dirs(snap, index, dirs, max_items=self.gallery_max_items, batch_size=self.embed_batch_size,
-                          max_image_pixels=self.max_image_pixels, max_image_bytes=self.max_image_bytes)
+        return embed_dirs(
+            snap,
+            index,
+            dirs,
+            max_items=self.gallery_max_items,
+            batch_size=self.embed_batch_size,
+            max_image_pixels=self.max_image_pixels,
+            max_image_bytes=self.max_image_bytes,
+        )
 
 
 def _image_size(model: torch.nn.Module) -> int:

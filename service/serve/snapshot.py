@@ -45,7 +45,9 @@ class Snapshot:
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """``N`` strings -> L2-normalised ``[N, D]`` fp32."""
         with torch.inference_mode():
-            return encode_texts(self.model, self.tokenizer(list(texts)), device=self.device)  # tokens [N, ctx]
+            return encode_texts(
+                self.model, self.tokenizer(list(texts)), device=self.device
+            )  # tokens [N, ctx]
 
 
 class LabelCache:

@@ -88,8 +88,11 @@ class DirectorySource:
             return [self.root]
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / META_NAME).is_file())
+        return sorted(
+            p
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / META_NAME).is_file()
+        )
 
     def latest(self) -> VersionRef | None:
         dirs = self._dirs()

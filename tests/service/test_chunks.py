@@ -8,7 +8,9 @@ from service.chunks import ChunkQueue, ChunkStore, chunk_id_for
 
 
 def samples(n, tag="a"):
-    return [Sample(key=f"{tag}{i}", image=b"\x89PNG fake %d" % i, text=f"text {i}", label="x") for i in range(n)]
+    return [
+        Sample(key=f"{tag}{i}", image=b"\x89PNG fake %d" % i, text=f"text {i}", label="x") for i in range(n)
+    ]
 
 
 def test_chunk_id_is_deterministic():
