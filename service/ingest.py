@@ -339,13 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk_max_wait_s=s.chunk_max_wait_s,
         session_timeout_ms=s.kafka_session_timeout_ms,
         max_poll_interval_ms=s.kafka_max_poll_interval_ms,
-        limits=Limits(
-            max_message_bytes=s.max_message_bytes,
-            max_image_bytes=s.max_image_bytes,
-            max_image_pixels=s.max_image_pixels,
-            max_text_chars=s.max_text_chars,
-            max_label_chars=s.max_label_chars,
-        ),
+        limits=s.message_limits(),
     )
     worker.install_signal_handlers()
     stats = worker.run(burst=args.burst)

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ctp.models import DEFAULT_MODEL
 from ctp.strategies import STRATEGIES
+from service.messages import Limits
 
 ENV_PREFIX = "CTP_"
 
@@ -295,6 +296,16 @@ class Settings(BaseSettings):
     def _named_dirs(cls, v: str) -> str:
         parse_named_dirs(v)
         return v
+
+    def message_limits(self) -> Limits:
+        """The ingest message limits (``service.messages.Limits``) these settings set."""
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            max_image_bytes=self.max_image_bytes,
+            max_image_pixels=self.max_image_pixels,
+            max_text_chars=self.max_text_chars,
+            max_label_chars=self.max_label_chars,
+        )
 
     def eval_classification_sets(self) -> dict[str, Path]:
         return parse_named_dirs(self.eval_classification)

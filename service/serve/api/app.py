@@ -18,7 +18,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.messages import Limits
 from service.registry import Registry
 from service.serve.api.deps import ServeContext
 from service.serve.api.errors import BodyLimit, error_response, install_error_handlers
@@ -109,13 +108,7 @@ def create_app(
         batcher=batcher,
         labels=LabelCache(s.label_cache_size),
         metrics=metrics,
-        limits=Limits(
-            max_message_bytes=s.max_message_bytes,
-            max_image_bytes=s.max_image_bytes,
-            max_image_pixels=s.max_image_pixels,
-            max_text_chars=s.max_text_chars,
-            max_label_chars=s.max_label_chars,
-        ),
+        limits=s.message_limits(),
     )
 
     @asynccontextmanager
