@@ -150,6 +150,18 @@ def embed_texts(
     return encode_texts(model, tokenizer(list(texts)), device=device, batch_size=batch_size)
 
 
+def _embed_set_images(
+    model: nn.Module,
+    dataset: ClassificationSet | RetrievalSet,
+    preprocess: Preprocess,
+    device: torch.device | str,
+    batch_size: int,
+) -> Tensor:
+    keys = dataset.keys or None
+    return embed_images(model, dataset.images, preprocess=preprocess, device=device, batch_size=batch_size,
+                        keys=keys)
+
+
 @torch.no_grad()
 def zero_shot_classifier(
     model: nn.Module,
@@ -266,14 +278,7 @@ def evaluate_classification(
         device=device,
         batch_size=batch_size,
     )  # [D, C]
-    image_emb = embed_images(
-        model,
-        dataset.images,
-        preprocess=preprocess,
-        device=device,
-        batch_size=batch_size,
-        keys=dataset.keys or None,
-    )  # [N, D]
+    image_emb = _embed_set_images(model, dataset, preprocess, device, batch_size)  # [N, D]
     logits = image_emb @ classifier  # [N, C] cosine similarities
     targets = torch.tensor(dataset.targets, dtype=torch.long, device=logits.device)
     metrics = classification_metrics(logits, targets)
@@ -308,14 +313,7 @@ def evaluate_retrieval(
     text_to_image = torch.tensor(
         [n for n, captions in enumerate(dataset.captions) for _ in captions], dtype=torch.long
     )  # [M]
-    image_emb = embed_images(
-        model,
-        dataset.images,
-        preprocess=preprocess,
-        device=device,
-        batch_size=batch_size,
-        keys=dataset.keys or None,
-    )  # [N, D]
+    image_emb = _embed_set_images(model, dataset, preprocess, device, batch_size)  # [N, D]
     text_emb = embed_texts(model, texts, tokenizer=tokenizer, device=device, batch_size=batch_size)  # [M, D]
     metrics = retrieval_metrics(image_emb, text_emb, text_to_image, ks)
     log.info(
