@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 from ctp.data import read_chunk  # noqa: E402
 from ctp.images import decode_image  # noqa: E402
 from service.chunks import ChunkQueue, ChunkStore  # noqa: E402
-from service.infra import KafkaServer, RedisServer  # noqa: E402
 from service.ingest import IngestWorker  # noqa: E402
+from service.local.infra import KafkaServer, RedisServer, ensure_topics  # noqa: E402
 from service.messages import encode_message  # noqa: E402
 from service.registry import Registry  # noqa: E402
 
@@ -113,7 +113,7 @@ def ingest_run(bootstrap: str, topic: str, n: int, redis_server: RedisServer, tm
 def freshness(kafka: KafkaServer, redis_server: RedisServer, tmp: Path, *, seconds: float, rate: float,
               image_size: int, chunk_size: int, max_wait: float, epochs: int, model: str) -> dict:
     topic = f"fresh-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=1)
+    ensure_topics(kafka.bootstrap, {topic: 1})
     redis_server.client().flushall()
     settings = {"CTP_KAFKA_BOOTSTRAP": kafka.bootstrap, "CTP_TOPIC": topic, "CTP_DLQ_TOPIC": f"{topic}.dlq",
                 "CTP_REDIS_URL": redis_server.url, "CTP_DATA_DIR": str(tmp / "fresh"), "CTP_MODEL": model,
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out / "work"
     with KafkaServer(num_partitions=args.partitions) as kafka, RedisServer() as redis_server:
         topic = f"bench-{uuid.uuid4().hex[:6]}"
-        kafka.create_topic(topic, partitions=args.partitions)
-        kafka.create_topic(f"{topic}.dlq", partitions=1)
+        ensure_topics(kafka.bootstrap, {topic: args.partitions})
+        ensure_topics(kafka.bootstrap, {f"{topic}.dlq": 1})
         nbytes = produce(kafka.bootstrap, topic, args.pairs, image_size=args.image_size, partitions=args.partitions)
         raw, ing = [], []
         for r in range(args.rounds):  # alternate, so drift on the machine hits both

@@ -35,7 +35,7 @@ from ctp.data import write_shards
 from ctp.models import create_model
 from ctp.synthetic import generate_pairs
 from ctp.train import preprocess_images
-from service.infra import free_port
+from service.local.infra import free_port
 
 LABELS = ["circle", "square", "triangle", "star", "cross", "plus", "ring", "diamond"]
 

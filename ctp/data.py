@@ -39,6 +39,12 @@ class Sample:
     ext: str = "png"  # image extension in the shard
 
 
+def pair_id(meta: dict, group: str, key: str) -> str:
+    """A pair's id: its ``meta["id"]`` when it has one, else ``"{group}/{key}"``, where ``group``
+    names the chunk (directory) that holds it. The one id rule of the gallery and ``ctp produce``."""
+    return str(meta.get("id") or f"{group}/{key}")
+
+
 @dataclass
 class ClassificationSet:
     classnames: list[str]  # class index -> name

@@ -64,6 +64,48 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
+def encode_images(
+    model: nn.Module, images: Tensor, *, device: torch.device | str, batch_size: int | None = None
+) -> Tensor:
+    """Preprocessed images ``[N, 3, H, W]`` -> L2-normalised embeddings ``[N, D]`` (fp32, on
+    ``device``), in eval mode, ``batch_size`` at a time (default: all at once).
+
+    The one embedding helper (with ``encode_texts``): evaluation, the teacher's targets in
+    training and serving all embed through it.
+    """
+    return _encode(model, model.encode_image, images, device=device, batch_size=batch_size, what="images")
+
+
+@torch.no_grad()
+def encode_texts(
+    model: nn.Module, tokens: Tensor, *, device: torch.device | str, batch_size: int | None = None
+) -> Tensor:
+    """Tokenized texts ``[N, ctx]`` -> L2-normalised embeddings ``[N, D]``, as ``encode_images``."""
+    return _encode(model, model.encode_text, tokens, device=device, batch_size=batch_size, what="texts")
+
+
+def _encode(
+    model: nn.Module,
+    encode: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    *,
+    device: torch.device | str,
+    batch_size: int | None,
+    what: str,
+) -> Tensor:
+    device = torch.device(device)
+    step = batch_size or max(1, len(inputs))
+    out: list[Tensor] = []
+    with _eval_mode(model), autocast_for(device):
+        for start in range(0, len(inputs), step):
+            x = inputs[start : start + step].to(device)  # [B, 3, H, W] or [B, ctx]
+            out.append(F.normalize(encode(x).float(), dim=-1))  # [B, D]
+    if not out:
+        raise ValueError(f"no {what} to embed")
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def embed_images(
     model: nn.Module,
     images: Sequence[bytes],
@@ -82,14 +124,12 @@ def embed_images(
     if keys is not None and len(keys) != len(images):
         raise ValueError(f"{len(keys)} keys for {len(images)} images")
     out: list[Tensor] = []
-    with _eval_mode(model), autocast_for(device):
-        for start in range(0, len(images), batch_size):
-            batch = [
-                preprocess(decode_image(data, key=keys[n] if keys is not None else str(n)))
-                for n, data in enumerate(images[start : start + batch_size], start=start)
-            ]
-            x = torch.stack(batch).to(device)  # [B, 3, H, W]
-            out.append(F.normalize(model.encode_image(x).float(), dim=-1))  # [B, D]
+    for start in range(0, len(images), batch_size):
+        batch = [
+            preprocess(decode_image(data, key=keys[n] if keys is not None else str(n)))
+            for n, data in enumerate(images[start : start + batch_size], start=start)
+        ]
+        out.append(encode_images(model, torch.stack(batch), device=device))  # [B, D]
     if not out:
         raise ValueError("no images to embed")
     return torch.cat(out)
@@ -105,15 +145,21 @@ def embed_texts(
     batch_size: int = 256,
 ) -> Tensor:
     """Texts -> L2-normalised embeddings ``[N, D]`` (fp32, on ``device``)."""
-    device = torch.device(device)
-    out: list[Tensor] = []
-    with _eval_mode(model), autocast_for(device):
-        for start in range(0, len(texts), batch_size):
-            tokens = tokenizer(list(texts[start : start + batch_size])).to(device)  # [B, ctx]
-            out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))  # [B, D]
-    if not out:
+    if not texts:
         raise ValueError("no texts to embed")
-    return torch.cat(out)
+    return encode_texts(model, tokenizer(list(texts)), device=device, batch_size=batch_size)
+
+
+def _embed_set_images(
+    model: nn.Module,
+    dataset: ClassificationSet | RetrievalSet,
+    preprocess: Preprocess,
+    device: torch.device | str,
+    batch_size: int,
+) -> Tensor:
+    keys = dataset.keys or None
+    return embed_images(model, dataset.images, preprocess=preprocess, device=device, batch_size=batch_size,
+                        keys=keys)
 
 
 @torch.no_grad()
@@ -232,14 +278,7 @@ def evaluate_classification(
         device=device,
         batch_size=batch_size,
     )  # [D, C]
-    image_emb = embed_images(
-        model,
-        dataset.images,
-        preprocess=preprocess,
-        device=device,
-        batch_size=batch_size,
-        keys=dataset.keys or None,
-    )  # [N, D]
+    image_emb = _embed_set_images(model, dataset, preprocess, device, batch_size)  # [N, D]
     logits = image_emb @ classifier  # [N, C] cosine similarities
     targets = torch.tensor(dataset.targets, dtype=torch.long, device=logits.device)
     metrics = classification_metrics(logits, targets)
@@ -274,14 +313,7 @@ def evaluate_retrieval(
     text_to_image = torch.tensor(
         [n for n, captions in enumerate(dataset.captions) for _ in captions], dtype=torch.long
     )  # [M]
-    image_emb = embed_images(
-        model,
-        dataset.images,
-        preprocess=preprocess,
-        device=device,
-        batch_size=batch_size,
-        keys=dataset.keys or None,
-    )  # [N, D]
+    image_emb = _embed_set_images(model, dataset, preprocess, device, batch_size)  # [N, D]
     text_emb = embed_texts(model, texts, tokenizer=tokenizer, device=device, batch_size=batch_size)  # [M, D]
     metrics = retrieval_metrics(image_emb, text_emb, text_to_image, ks)
     log.info(

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ctp.evaluate import autocast_for
+from ctp.evaluate import autocast_for, encode_images, encode_texts
 from ctp.images import decode_image
 from ctp.losses import contrastive_loss, distillation_loss, feature_distillation_loss
 from ctp.memory import MemoryItem
@@ -62,19 +62,6 @@ def preprocess_images(
 
 
 @torch.no_grad()
-def embed_pairs(model, images: torch.Tensor, tokens: torch.Tensor, *, device, batch_size: int = 256):
-    """L2-normalised image and text embeddings [N, D] of a frozen model, in eval mode."""
-    was_training = model.training
-    model.eval()
-    img, txt = [], []
-    with autocast_for(device):
-        for s in range(0, len(images), batch_size):
-            img.append(model.encode_image(images[s : s + batch_size].to(device), normalize=True).float())
-            txt.append(model.encode_text(tokens[s : s + batch_size].to(device), normalize=True).float())
-    model.train(was_training)
-    return torch.cat(img), torch.cat(txt)
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     # open_clip's rule: no decay on gains, biases, embeddings' scale and logit_scale.
     decay, no_decay = [], []
@@ -138,9 +125,11 @@ def train_on_chunk(
     if use_kd or use_fkd:
         # Teacher embeddings once per chunk; the loop only indexes them. [N, D] and [M, D]
         if use_kd and not (use_replay and strategy.kd_scope == "replay"):
-            t_img_new, t_txt_new = embed_pairs(teacher, images, tokens, device=device)
+            t_img_new = encode_images(teacher, images, device=device, batch_size=256)
+            t_txt_new = encode_texts(teacher, tokens, device=device, batch_size=256)
         if use_replay:
-            t_img_rep, t_txt_rep = embed_pairs(teacher, replay_images, rep_tokens, device=device)
+            t_img_rep = encode_images(teacher, replay_images, device=device, batch_size=256)
+            t_txt_rep = encode_texts(teacher, rep_tokens, device=device, batch_size=256)
         t_scale = unwrap(teacher).logit_scale.exp().detach().float()
     ddp_model = model
     if world > 1:

@@ -76,7 +76,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-roles = ["service.ingest", "service.trainer", "service.api", "service.produce", "service.status", "service.up"]
+roles = ["service.ingest", "service.trainer", "service.serve.api", "service.produce", "service.status", "service.local.up"]
 for name in ["ctp", "service", "service.cli", "service.settings", *roles]:
     importlib.import_module(name)
 import ctp

@@ -16,9 +16,12 @@ COMMANDS = {
     "ingest": ("service.ingest", "consume pairs from Kafka into chunks (CTP_ settings)"),
     "train": ("service.trainer", "train the model on queued chunks, publish checkpoints"),
     "status": ("service.status", "topic lag, chunks pending, memory size and model versions"),
-    "up": ("service.up", "the whole local stack (Kafka, Redis, ingest, trainer, API); --demo streams data"),
-    "servers": ("service.infra", "start a local Kafka or Redis server: servers {fetch,kafka,redis}"),
-    "serve": ("service.api", "serve the newest model over HTTP: classify, retrieve (CTP_ settings)"),
+    "up": (
+        "service.local.up",
+        "the whole local stack (Kafka, Redis, ingest, trainer, API); --demo streams data",
+    ),
+    "servers": ("service.local.infra", "start a local Kafka or Redis server: servers {fetch,kafka,redis}"),
+    "serve": ("service.serve.api", "serve the newest model over HTTP: classify, retrieve (CTP_ settings)"),
 }
 
 

@@ -2,12 +2,13 @@
 
 Per assigned partition the worker buffers validated pairs and cuts a chunk when it holds
 ``chunk_size`` pairs or its first message waited ``chunk_max_wait_s``. A cut chunk is written
-durably (``ChunkStore``) by a writer thread while consuming goes on, then one Redis script
-records it all at once: the chunk on the queue, the next offset to read for the partition, and
-the pair ids (for dropping duplicates). Only then are the Kafka offsets committed (by the
-consumer's thread; before a rebalance gives partitions away, every cut is recorded first). The offsets kept in Redis are the source of truth:
-on (re)assignment a partition is sought to them, so messages after a crash are read again but
-can never land in a second chunk, whatever the chunk boundaries are the second time.
+durably (``ChunkStore``) by a writer thread while consuming goes on, then recorded all at once
+by ``ChunkQueue.record_chunk`` (one Redis script): the chunk on the queue, the next offset to
+read for the partition, and the pair ids (for dropping duplicates). Only then are the Kafka
+offsets committed (by the consumer's thread; before a rebalance gives partitions away, every cut
+is recorded first). The offsets kept in Redis are the source of truth: on (re)assignment a
+partition is sought to them, so messages after a crash are read again but can never land in a
+second chunk, whatever the chunk boundaries are the second time.
 
 Bad messages go to the dead-letter topic with the original bytes and headers ``ctp-error``
 (code), ``ctp-reason``, ``ctp-source`` (topic/partition/offset); they never stop the worker.
@@ -27,29 +28,10 @@ import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 
 from ctp.data import Sample
-from service.chunks import ChunkQueue, ChunkStore, chunk_id_for
+from service.chunks import ChunkQueue, ChunkStore, IngestProgress, chunk_id_for, ids_key, offsets_key
 from service.messages import DEFAULT_LIMITS, InvalidMessage, Limits, ValidPair, validate_message
 
 logger = logging.getLogger(__name__)
-
-# KEYS: stream, enqueued marker, offsets hash, ids set. ARGV: chunk id, path, pairs, partition,
-# next offset, ids... (chunk id "" = no chunk, only advance the offset: all messages were bad)
-_RECORD = """
-if ARGV[1] ~= '' then
-  if redis.call('SET', KEYS[2], ARGV[1], 'NX') then
-    redis.call('XADD', KEYS[1], '*', 'chunk_id', ARGV[1], 'path', ARGV[2], 'pairs', ARGV[3])
-  end
-end
-local cur = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '-1')
-if tonumber(ARGV[5]) > cur then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
-for i = 6, #ARGV do redis.call('SADD', KEYS[4], ARGV[i]) end
-return 1
-"""
-
-
-def offsets_key(topic: str) -> str:
-    """Redis hash partition -> next offset to read: recorded with each chunk, the source of truth."""
-    return f"ctp:ingest:{topic}:offsets"
 
 
 @dataclass
@@ -111,14 +93,19 @@ class IngestWorker:
         self.max_inflight = 2
         self._stop = threading.Event()
         self._offsets_key = offsets_key(topic)
-        self._ids_key = f"ctp:ingest:{topic}:ids"
-        self._record = self.r.register_script(_RECORD)
+        self._ids_key = ids_key(topic)
         self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=group, client_id=client_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_interval_ms=max_poll_interval_ms, max_poll_records=500,
+            bootstrap_servers=bootstrap,
+            group_id=group,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=max_poll_interval_ms,
+            max_poll_records=500,
             # a member that died is noticed after this long (kafka-python's 45 s default delays
             # every restart after a crash by as much); heartbeats run on their own thread
-            session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
         )
         self.consumer.subscribe([topic], listener=_Rebalance(self))
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
@@ -131,7 +118,9 @@ class IngestWorker:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
 
-    def run(self, *, burst: bool = False, idle_s: float = 3.0, assign_timeout_s: float = 120.0) -> Counter[str]:
+    def run(
+        self, *, burst: bool = False, idle_s: float = 3.0, assign_timeout_s: float = 120.0
+    ) -> Counter[str]:
         """Consume until stopped; ``burst``: until nothing arrived for ``idle_s`` and all is cut.
 
         In burst mode the idle clock starts once partitions are assigned: joining a group whose
@@ -147,12 +136,18 @@ class IngestWorker:
                 self._complete_done()
                 if burst and not self.consumer.assignment():
                     if time.monotonic() - started > assign_timeout_s:
-                        raise TimeoutError(f"no partitions of {self.topic} assigned in {assign_timeout_s:.0f} s")
+                        raise TimeoutError(
+                            f"no partitions of {self.topic} assigned in {assign_timeout_s:.0f} s"
+                        )
                     last_data = time.monotonic()
                     continue
                 self._cut_due(force=burst and time.monotonic() - last_data > idle_s / 2)
-                if (burst and time.monotonic() - last_data > idle_s and not self._inflight
-                        and not any(b.first_offset is not None for b in self.buffers.values())):
+                if (
+                    burst
+                    and time.monotonic() - last_data > idle_s
+                    and not self._inflight
+                    and not any(b.first_offset is not None for b in self.buffers.values())
+                ):
                     break
             self._cut_due(force=True)  # graceful stop: nothing half-done stays in memory
             self.drain()
@@ -171,7 +166,11 @@ class IngestWorker:
         # An id seen before is in Redis (recorded with a chunk: one SMISMEMBER for the batch), in
         # a chunk being written, in an open buffer, or recorded during this batch.
         self._batch_recorded = set()
-        known = {i for i, hit in zip(ids, self.r.smismember(self._ids_key, ids), strict=True) if hit} if ids else set()
+        known = (
+            {i for i, hit in zip(ids, self.r.smismember(self._ids_key, ids), strict=True) if hit}
+            if ids
+            else set()
+        )
         for rec, pair in checked:
             buf = self.buffers.setdefault(partition, PartitionBuffer())
             buf.note(rec.offset)
@@ -180,8 +179,12 @@ class IngestWorker:
             # Ids in any of this worker's open buffers, or recorded with an earlier chunk. (Another
             # worker's open buffer is not visible: producers should key messages by id, so resent
             # pairs land in the same partition and so in the same worker.)
-            if (pair.id in known or pair.id in self._batch_recorded or any(pair.id in j.ids for j in self._inflight)
-                    or any(pair.id in b.ids for b in self.buffers.values())):
+            if (
+                pair.id in known
+                or pair.id in self._batch_recorded
+                or any(pair.id in j.ids for j in self._inflight)
+                or any(pair.id in b.ids for b in self.buffers.values())
+            ):
                 self.stats["duplicates"] += 1
                 continue
             buf.ids.add(pair.id)
@@ -205,10 +208,14 @@ class IngestWorker:
     def _dead_letter(self, rec, err: InvalidMessage) -> None:
         self.stats["dead_letters"] += 1
         self.stats[f"dlq:{err.code}"] += 1
-        headers = [("ctp-error", err.code.encode()), ("ctp-reason", err.reason.encode()[:1000]),
-                   ("ctp-source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode())]
-        self.producer.send(self.dlq_topic, value=rec.value if rec.value is not None else b"", key=rec.key,
-                           headers=headers)
+        headers = [
+            ("ctp-error", err.code.encode()),
+            ("ctp-reason", err.reason.encode()[:1000]),
+            ("ctp-source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode()),
+        ]
+        self.producer.send(
+            self.dlq_topic, value=rec.value if rec.value is not None else b"", key=rec.key, headers=headers
+        )
         logger.info("dead letter %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, err)
 
     # -- chunks
@@ -235,12 +242,20 @@ class IngestWorker:
         chunk_id, path, n = "", "", len(buf.pairs)
         if buf.pairs:
             chunk_id = chunk_id_for({partition: (buf.first_offset, buf.last_offset)})
-            samples = [Sample(key=f"p{partition}-o{off}", image=p.image, text=p.text, label=p.label,
-                              meta={"id": p.id, **p.meta}, ext=p.ext) for off, p in buf.pairs]
+            samples = [
+                Sample(
+                    key=f"p{partition}-o{off}",
+                    image=p.image,
+                    text=p.text,
+                    label=p.label,
+                    meta={"id": p.id, **p.meta},
+                    ext=p.ext,
+                )
+                for off, p in buf.pairs
+            ]
             path = str(self.store.write(chunk_id, samples))
-        self._record(keys=[self.queue.stream, f"{self.queue.stream}:enqueued:{chunk_id}", self._offsets_key,
-                           self._ids_key],
-                     args=[chunk_id, path, n, partition, buf.last_offset + 1, *[p.id for _, p in buf.pairs]])
+        progress = IngestProgress(self.topic, partition, buf.last_offset + 1, [p.id for _, p in buf.pairs])
+        self.queue.record_chunk(chunk_id, path, n, progress=progress)
         return chunk_id, n
 
     def _complete_oldest(self, *, commit: bool = True) -> None:
@@ -305,19 +320,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.settings import load_settings
 
-    p = argparse.ArgumentParser(prog="ctp ingest", description="Kafka pairs -> validated chunks -> chunk queue")
+    p = argparse.ArgumentParser(
+        prog="ctp ingest", description="Kafka pairs -> validated chunks -> chunk queue"
+    )
     p.add_argument("--burst", action="store_true", help="stop once the topic is drained")
     args = p.parse_args(argv)
     s = load_settings()
     client = redis.Redis.from_url(s.redis_url)
     worker = IngestWorker(
-        bootstrap=s.kafka_bootstrap, topic=s.topic, dlq_topic=s.dlq_topic, group=s.consumer_group,
-        redis_client=client, store=ChunkStore(s.data_dir / "chunks"), queue=ChunkQueue(client),
-        chunk_size=s.chunk_size, chunk_max_wait_s=s.chunk_max_wait_s,
-        session_timeout_ms=s.kafka_session_timeout_ms, max_poll_interval_ms=s.kafka_max_poll_interval_ms,
-        limits=Limits(max_message_bytes=s.max_message_bytes, max_image_bytes=s.max_image_bytes,
-                      max_image_pixels=s.max_image_pixels, max_text_chars=s.max_text_chars,
-                      max_label_chars=s.max_label_chars),
+        bootstrap=s.kafka_bootstrap,
+        topic=s.topic,
+        dlq_topic=s.dlq_topic,
+        group=s.consumer_group,
+        redis_client=client,
+        store=ChunkStore(s.data_dir / "chunks"),
+        queue=ChunkQueue(client),
+        chunk_size=s.chunk_size,
+        chunk_max_wait_s=s.chunk_max_wait_s,
+        session_timeout_ms=s.kafka_session_timeout_ms,
+        max_poll_interval_ms=s.kafka_max_poll_interval_ms,
+        limits=s.message_limits(),
     )
     worker.install_signal_handlers()
     stats = worker.run(burst=args.burst)

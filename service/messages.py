@@ -11,15 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import unicodedata
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
 from ctp.images import ImageDecodeError, decode_image
-
-_KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 class InvalidMessage(ValueError):
@@ -60,25 +57,41 @@ class ValidPair:
     meta: dict = field(default_factory=dict)
 
 
-_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
-
-
-def _clean_text(value: str, *, what: str, max_chars: int) -> str:
+def clean_text(value: str, *, what: str, max_chars: int, allow: str = "\t\n") -> str:
+    """NFC-normalised and stripped; refused (``InvalidMessage``, codes ``empty_{what}``,
+    ``{what}_too_long``, ``{what}_control_chars``) when empty, too long, or holding control,
+    surrogate or unassigned characters other than those in ``allow``. Shared with the API."""
     text = unicodedata.normalize("NFC", value).strip()
     if not text:
         raise InvalidMessage(f"empty_{what}", f"{what} is empty")
     if len(text) > max_chars:
         raise InvalidMessage(f"{what}_too_long", f"{what} has {len(text)} characters, limit {max_chars}")
-    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn") and c not in "\t\n"]
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn") and c not in allow]
     if bad:
-        raise InvalidMessage(f"{what}_control_chars",
-                             f"{what} holds control, surrogate or unassigned characters ({bad[0]!r})")
+        raise InvalidMessage(
+            f"{what}_control_chars", f"{what} holds control, surrogate or unassigned characters ({bad[0]!r})"
+        )
     return text
 
 
-def safe_key(raw_id: str) -> str:
-    """A WebDataset key for an id: no dots or slashes (they split keys from extensions)."""
-    return _KEY_SAFE.sub("_", raw_id)[:200] or "_"
+def decode_base64(data: str, *, max_bytes: int, what: str = "image") -> bytes:
+    """Strict base64 of at most ``max_bytes`` bytes (codes ``{what}_too_large``, ``bad_base64``),
+    refused before decoding when the text alone is too long. Shared with the API."""
+    if len(data) > max_bytes * 4 // 3 + 4:  # base64 is 4/3 of the bytes
+        raise InvalidMessage(f"{what}_too_large", f"{what} is over {max_bytes} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidMessage("bad_base64", f"{what} is not valid base64 ({e})") from None
+
+
+def image_ext(raw: bytes) -> str:
+    """The shard extension of verified image bytes: ``jpg``, ``webp`` or ``png``."""
+    if raw.startswith(b"\xff\xd8"):
+        return "jpg"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "webp"
+    return "png"
 
 
 DEFAULT_LIMITS = Limits()
@@ -96,7 +109,9 @@ def validate_message(value: bytes | None, *, default_id: str, limits: Limits = D
     try:
         obj = json.loads(decoded)
     except json.JSONDecodeError as e:
-        raise InvalidMessage("not_json", f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise InvalidMessage(
+            "not_json", f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     if not isinstance(obj, dict):
         raise InvalidMessage("not_object", f"value is a JSON {type(obj).__name__}, expected an object")
     try:
@@ -105,39 +120,28 @@ def validate_message(value: bytes | None, *, default_id: str, limits: Limits = D
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
         raise InvalidMessage("schema", f"{where}: {first['msg']}") from None
-    text = _clean_text(msg.text, what="text", max_chars=limits.max_text_chars)
-    label = _clean_text(msg.label, what="label", max_chars=limits.max_label_chars) if msg.label is not None else None
+    text = clean_text(msg.text, what="text", max_chars=limits.max_text_chars)
+    label = (
+        clean_text(msg.label, what="label", max_chars=limits.max_label_chars)
+        if msg.label is not None
+        else None
+    )
     pair_id = msg.id if msg.id is not None else default_id
-    pair_id = _clean_text(pair_id, what="id", max_chars=limits.max_id_chars)
+    pair_id = clean_text(pair_id, what="id", max_chars=limits.max_id_chars)
     meta = msg.meta or {}
     if len(json.dumps(meta)) > limits.max_meta_bytes:
         raise InvalidMessage("meta_too_large", f"meta is over {limits.max_meta_bytes} bytes of JSON")
-    # base64 is 4/3 of the bytes: refuse before decoding anything too large
-    if len(msg.image) > limits.max_image_bytes * 4 // 3 + 4:
-        raise InvalidMessage("image_too_large", f"image is over {limits.max_image_bytes} bytes")
-    try:
-        raw = base64.b64decode(msg.image, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise InvalidMessage("bad_base64", f"image is not valid base64 ({e})") from None
+    raw = decode_base64(msg.image, max_bytes=limits.max_image_bytes)
     try:
         decode_image(raw, key=pair_id, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
     except ImageDecodeError as e:
         raise InvalidMessage("bad_image", e.reason) from None
-    return ValidPair(id=pair_id, text=text, image=raw, ext=_EXT[_sniff(raw)], label=label, meta=meta)
+    return ValidPair(id=pair_id, text=text, image=raw, ext=image_ext(raw), label=label, meta=meta)
 
 
-def _sniff(raw: bytes) -> str:
-    if raw.startswith(b"\x89PNG"):
-        return "PNG"
-    if raw.startswith(b"\xff\xd8"):
-        return "JPEG"
-    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
-        return "WEBP"
-    return "PNG"
-
-
-def encode_message(*, text: str, image: bytes, id: str | None = None, label: str | None = None,
-                   meta: dict | None = None) -> bytes:
+def encode_message(
+    *, text: str, image: bytes, id: str | None = None, label: str | None = None, meta: dict | None = None
+) -> bytes:
     """The producer side of the contract."""
     obj = {"text": text, "image": base64.b64encode(image).decode("ascii")}
     if id is not None:

@@ -21,13 +21,13 @@ from service.messages import encode_message
 
 
 def pairs_from_shards(dirs: list[Path]) -> Iterator[tuple[str, bytes]]:
-    from ctp.data import iter_chunk
+    from ctp.data import iter_chunk, pair_id
 
     for d in dirs:
         for s in iter_chunk(d):
-            pair_id = str(s.meta.get("id") or f"{Path(d).name}-{s.key}")
+            pid = pair_id(s.meta, Path(d).name, s.key)
             meta = {k: v for k, v in s.meta.items() if k != "id"}
-            yield pair_id, encode_message(id=pair_id, text=s.text, image=s.image, label=s.label, meta=meta or None)
+            yield pid, encode_message(id=pid, text=s.text, image=s.image, label=s.label, meta=meta or None)
 
 
 def pairs_from_jsonl(path: Path) -> Iterator[tuple[str | None, bytes]]:
@@ -49,18 +49,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.settings import load_settings
 
-    settings = load_settings()
     p = argparse.ArgumentParser(prog="ctp produce", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", nargs="+", type=Path, metavar="DIR", help="WebDataset chunk directories")
     src.add_argument("--jsonl", type=Path, help="a file of ingest messages, one JSON a line")
-    src.add_argument("--synthetic", metavar="NAME", help="a synthetic stream preset (all its chunks in order)")
+    src.add_argument(
+        "--synthetic", metavar="NAME", help="a synthetic stream preset (all its chunks in order)"
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="where the synthetic stream is generated")
-    p.add_argument("--bootstrap", default=settings.kafka_bootstrap)
-    p.add_argument("--topic", default=settings.topic)
+    p.add_argument("--bootstrap", help="default CTP_KAFKA_BOOTSTRAP")
+    p.add_argument("--topic", help="default CTP_TOPIC")
     p.add_argument("--rate", type=float, default=0.0, help="pairs per second (0: as fast as possible)")
     p.add_argument("--limit", type=int, default=0, help="stop after N messages (0: all)")
     args = p.parse_args(argv)
+    if args.bootstrap is None or args.topic is None:  # after parsing: --help works whatever the env holds
+        settings = load_settings()
+        args.bootstrap = args.bootstrap or settings.kafka_bootstrap
+        args.topic = args.topic or settings.topic
     if args.synthetic:
         from ctp.experiment import default_data_dir
         from ctp.synthetic import make_stream

@@ -54,10 +54,6 @@ class RedisMemory:
         self.max_retries = max_retries
         self._state_key = f"{prefix}:state"
 
-    @classmethod
-    def from_url(cls, url: str, **kwargs) -> RedisMemory:
-        return cls(client=redis.Redis.from_url(url), **kwargs)
-
     def _item_key(self, key: str) -> str:
         return f"{self.prefix}:item:{key}"
 
@@ -70,8 +66,13 @@ class RedisMemory:
 
     @staticmethod
     def _state_json(slots: list[Slot], counters: Counters) -> str:
-        return json.dumps({"slots": [[s.key, s.label, s.nbytes] for s in slots], "seen": counters.seen,
-                           "seen_per_label": counters.seen_per_label})
+        return json.dumps(
+            {
+                "slots": [[s.key, s.label, s.nbytes] for s in slots],
+                "seen": counters.seen,
+                "seen_per_label": counters.seen_per_label,
+            }
+        )
 
     def _transaction(self, fn):
         """Run ``fn(pipe)`` under WATCH of the state until it commits without a conflict."""
@@ -84,7 +85,9 @@ class RedisMemory:
                     return result
                 except redis.WatchError:
                     continue
-        raise RuntimeError(f"replay memory {self.prefix}: too much contention, gave up after {self.max_retries} tries")
+        raise RuntimeError(
+            f"replay memory {self.prefix}: too much contention, gave up after {self.max_retries} tries"
+        )
 
     def add(self, items: Sequence[MemoryItem], *, rng: random.Random) -> AddResult:
         by_key = {it.key: it for it in items}
@@ -94,8 +97,14 @@ class RedisMemory:
             rng.setstate(state)  # a retry must replay the same random decisions
             slots, counters = self._read_state(pipe)
             new_slots, new_counters = plan_admission(
-                policy=self.policy, slots=slots, incoming=[Slot(it.key, it.label, it.nbytes) for it in items],
-                counters=counters, max_items=self.max_items, max_bytes=self.max_bytes, rng=rng)
+                policy=self.policy,
+                slots=slots,
+                incoming=[Slot(it.key, it.label, it.nbytes) for it in items],
+                counters=counters,
+                max_items=self.max_items,
+                max_bytes=self.max_bytes,
+                rng=rng,
+            )
             old = {s.key for s in slots}
             keep = {s.key for s in new_slots}
             admitted = [s.key for s in new_slots if s.key in by_key and s.key not in old]
@@ -105,9 +114,17 @@ class RedisMemory:
                 pipe.delete(self._item_key(k))
             for k in admitted:
                 it = by_key[k]
-                pipe.hset(self._item_key(k), mapping={
-                    "image": it.image, "text": it.text, "label": json.dumps(it.label), "chunk": it.chunk,
-                    "pseudo": json.dumps(it.pseudo_texts), "pseudo_version": it.pseudo_version})
+                pipe.hset(
+                    self._item_key(k),
+                    mapping={
+                        "image": it.image,
+                        "text": it.text,
+                        "label": json.dumps(it.label),
+                        "chunk": it.chunk,
+                        "pseudo": json.dumps(it.pseudo_texts),
+                        "pseudo_version": it.pseudo_version,
+                    },
+                )
             pipe.set(self._state_key, self._state_json(new_slots, new_counters))
             return AddResult(admitted=admitted, evicted=evicted)
 
@@ -128,10 +145,17 @@ class RedisMemory:
         for k, h in zip(keys, rows, strict=True):
             if not h:
                 raise KeyError(f"replay memory {self.prefix}: no item {k!r}")
-            out.append(MemoryItem(
-                key=k, image=h[b"image"], text=h[b"text"].decode(), label=json.loads(h[b"label"]),
-                chunk=int(h[b"chunk"]), pseudo_texts=json.loads(h[b"pseudo"]),
-                pseudo_version=int(h[b"pseudo_version"])))
+            out.append(
+                MemoryItem(
+                    key=k,
+                    image=h[b"image"],
+                    text=h[b"text"].decode(),
+                    label=json.loads(h[b"label"]),
+                    chunk=int(h[b"chunk"]),
+                    pseudo_texts=json.loads(h[b"pseudo"]),
+                    pseudo_version=int(h[b"pseudo_version"]),
+                )
+            )
         return out
 
     def sample(self, n: int, *, rng: random.Random) -> list[MemoryItem]:

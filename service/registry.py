@@ -41,6 +41,22 @@ class VersionInfo:
     meta: dict[str, Any]
     created: float
 
+    def summary(self) -> dict[str, Any]:
+        """What a version list shows (``ctp status``, ``GET /model``, the dashboard)."""
+        return version_summary(self.version, self.meta, self.created)
+
+
+def version_summary(version: int | str, meta: dict[str, Any], created: float | None) -> dict[str, Any]:
+    """A version's summary from its ``meta``: also for checkpoints outside a registry (no ``created``)."""
+    return {
+        "version": version,
+        "created": created,
+        "strategy": meta.get("strategy"),
+        "chunks": meta.get("chunks"),
+        "metrics": meta.get("metrics", {}),
+        "train": meta.get("train", {}),
+    }
+
 
 class Registry:
     def __init__(self, client: redis.Redis, *, root: str | Path, prefix: str = "ctp:registry", keep: int = 5):
@@ -55,8 +71,9 @@ class Registry:
     def _vkey(self, version: int) -> str:
         return f"{self.prefix}:v:{version}"
 
-    def publish(self, model: torch.nn.Module, meta: dict[str, Any], *,
-                fence: tuple[str, str] | None = None) -> VersionInfo:
+    def publish(
+        self, model: torch.nn.Module, meta: dict[str, Any], *, fence: tuple[str, str] | None = None
+    ) -> VersionInfo:
         """Write the checkpoint, then register it in one transaction.
 
         ``fence=(key, value)``: register only while Redis ``key`` still holds ``value`` (the
@@ -73,15 +90,19 @@ class Registry:
                     if pipe.get(fence[0]) != fence[1].encode():
                         raise FencedOut(f"lease {fence[0]} is not held by {fence[1]}")
                 pipe.multi()
-                pipe.hset(self._vkey(version), mapping={"path": str(path), "meta": json.dumps(meta, default=str),
-                                                        "created": created})
+                pipe.hset(
+                    self._vkey(version),
+                    mapping={"path": str(path), "meta": json.dumps(meta, default=str), "created": created},
+                )
                 pipe.zadd(f"{self.prefix}:history", {str(version): version})
                 pipe.set(f"{self.prefix}:latest", version)
                 pipe.publish(self.channel, version)
                 pipe.execute()
             except (FencedOut, redis.WatchError):
                 shutil.rmtree(path, ignore_errors=True)
-                raise FencedOut(f"lease {fence[0] if fence else '?'} lost before version {version} was registered") from None
+                raise FencedOut(
+                    f"lease {fence[0] if fence else '?'} lost before version {version} was registered"
+                ) from None
         logger.info("published checkpoint version %d at %s", version, path)
         self._retain()
         return VersionInfo(version, path, meta, created)
@@ -105,8 +126,11 @@ class Registry:
         if not self.root.is_dir():
             return []
         live = {Path(info.path).name for info in self.history()}
-        removed = [d for d in self.root.iterdir()
-                   if d.is_dir() and d.name not in live and (d.name.startswith(".v") or d.name[:1] == "v")]
+        removed = [
+            d
+            for d in self.root.iterdir()
+            if d.is_dir() and d.name not in live and (d.name.startswith(".v") or d.name[:1] == "v")
+        ]
         for d in removed:
             shutil.rmtree(d, ignore_errors=True)
             logger.info("removed unregistered checkpoint dir %s", d)
@@ -127,8 +151,11 @@ class Registry:
         return self.get(v) if v is not None else None
 
     def history(self) -> list[VersionInfo]:
-        return [info for v in self.r.zrange(f"{self.prefix}:history", 0, -1)
-                if (info := self.get(int(v))) is not None]
+        return [
+            info
+            for v in self.r.zrange(f"{self.prefix}:history", 0, -1)
+            if (info := self.get(int(v))) is not None
+        ]
 
     def subscribe(self) -> redis.client.PubSub:
         pubsub = self.r.pubsub(ignore_subscribe_messages=True)

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ctp.models import DEFAULT_MODEL
 from ctp.strategies import STRATEGIES
+from service.messages import Limits
 
 ENV_PREFIX = "CTP_"
 
@@ -26,62 +27,262 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
 
     # Kafka
-    kafka_bootstrap: str = "127.0.0.1:9092"  # host:port[,host:port]
-    topic: str = "ctp.pairs"  # ingest topic
-    dlq_topic: str = "ctp.pairs.dlq"  # dead letters: bad messages with the reason
-    consumer_group: str = "ctp-ingest"
-    kafka_session_timeout_ms: int = Field(10_000, ge=6_000)  # a dead ingest member is replaced after this
-    kafka_max_poll_interval_ms: int = Field(300_000, gt=0)  # longest pause between polls (a slow disk)
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092",
+        description="Kafka bootstrap servers, `host:port[,host:port]`",
+        json_schema_extra={"read_by": "ingest, produce, api, status"},
+    )
+    topic: str = Field(
+        "ctp.pairs",
+        description="topic of image-text pairs",
+        json_schema_extra={"read_by": "ingest, produce, api"},
+    )
+    dlq_topic: str = Field(
+        "ctp.pairs.dlq",
+        description=(
+            "dead-letter topic: rejected messages with headers `ctp-error`, `ctp-reason`, `ctp-source`"
+        ),
+        json_schema_extra={"read_by": "ingest"},
+    )
+    consumer_group: str = Field(
+        "ctp-ingest",
+        description="Kafka consumer group of the ingest workers (more members split the partitions)",
+        json_schema_extra={"read_by": "ingest"},
+    )
+    kafka_session_timeout_ms: int = Field(
+        10_000,
+        ge=6_000,
+        description="a dead ingest member's partitions go to the others after this (>= 6000)",
+        json_schema_extra={"read_by": "ingest"},
+    )
+    kafka_max_poll_interval_ms: int = Field(
+        300_000,
+        gt=0,
+        description="longest pause between polls before the member is dropped (a slow disk)",
+        json_schema_extra={"read_by": "ingest"},
+    )
     # Redis
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description=(
+            "Redis: chunk queue, offsets, replay memory, checkpoint registry (`redis://`, `rediss://`, "
+            "`unix://`)"
+        ),
+        json_schema_extra={"read_by": "ingest, train, api, status"},
+    )
     # storage
-    data_dir: Path = Path("ctp-data")  # chunks and checkpoints live below
+    data_dir: Path = Field(
+        Path("ctp-data"),
+        description="chunks (`chunks/`) and checkpoints (`checkpoints/`) live below; shared by the roles",
+        json_schema_extra={"read_by": "ingest, train, api"},
+    )
     # chunking
-    chunk_size: int = Field(256, gt=0)  # pairs per chunk
-    chunk_max_wait_s: float = Field(60.0, gt=0)  # a partial chunk is cut after this long
+    chunk_size: int = Field(256, gt=0, description="pairs per chunk", json_schema_extra={"read_by": "ingest"})
+    chunk_max_wait_s: float = Field(
+        60.0,
+        gt=0,
+        description="a partial chunk is cut this long after its first pair",
+        json_schema_extra={"read_by": "ingest"},
+    )
     # message limits
-    max_message_bytes: int = Field(8_000_000, gt=0)
-    max_image_bytes: int = Field(5_000_000, gt=0)
-    max_image_pixels: int = Field(16_000_000, gt=0)
-    max_text_chars: int = Field(1000, gt=0)
-    max_label_chars: int = Field(200, gt=0)
+    max_message_bytes: int = Field(
+        8_000_000,
+        gt=0,
+        description="largest Kafka message accepted; larger ones go to the DLQ",
+        json_schema_extra={"read_by": "ingest, api"},
+    )
+    max_image_bytes: int = Field(
+        5_000_000,
+        gt=0,
+        description="largest decoded image payload",
+        json_schema_extra={"read_by": "ingest, api"},
+    )
+    max_image_pixels: int = Field(
+        16_000_000,
+        gt=0,
+        description="largest image (width x height); guards against decompression bombs",
+        json_schema_extra={"read_by": "ingest, api"},
+    )
+    max_text_chars: int = Field(
+        1000, gt=0, description="longest caption / query text", json_schema_extra={"read_by": "ingest, api"}
+    )
+    max_label_chars: int = Field(
+        200, gt=0, description="longest class label", json_schema_extra={"read_by": "ingest, api"}
+    )
     # model and training
-    model: str = DEFAULT_MODEL  # open_clip model name or ctp preset
-    pretrained: str | None = None  # open_clip tag, weights file or ctp checkpoint dir
-    strategy: str = "incclip"
-    memory_size: int = Field(2000, ge=0)  # replay memory capacity, pairs
-    memory_max_bytes: int | None = Field(None, gt=0)
-    memory_policy: Literal["reservoir", "class_balanced"] = "class_balanced"
-    epochs: int = Field(20, gt=0)  # per chunk
-    batch_size: int = Field(64, gt=1)
-    lr: float = Field(2e-3, gt=0)
-    device: str = "cpu"  # cpu, cuda or cuda:N
-    keep_checkpoints: int = Field(5, gt=0)  # retention: last N versions on disk
-    trainer_name: str | None = None  # chunk-queue consumer name; default: the host name (stable across restarts)
-    trainer_lease_s: float = Field(30.0, ge=1)  # one active trainer: a standby takes over this long after it dies
-    claim_idle_s: float = Field(600.0, gt=0)  # a chunk idle this long at another trainer is taken over
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="open_clip model name or a ctp preset (`ctp-vit-micro-32`, `ctp-vit-tiny-32`, ...)",
+        json_schema_extra={"read_by": "train"},
+    )
+    pretrained: str | None = Field(
+        None,
+        description=(
+            "open_clip pretrained tag, a weights file or a ctp checkpoint dir to start from; unset: random "
+            "init"
+        ),
+        json_schema_extra={"read_by": "train"},
+    )
+    strategy: str = Field(
+        "incclip",
+        description=(
+            "continual strategy: `incclip`, `finetune`, `er`, `lwf`, `joint` or an ablation (docs/method.md)"
+        ),
+        json_schema_extra={"read_by": "train"},
+    )
+    memory_size: int = Field(
+        2000,
+        ge=0,
+        description="replay memory capacity in pairs (0: no replay)",
+        json_schema_extra={"read_by": "train"},
+    )
+    memory_max_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="replay memory capacity in bytes (images, captions, pseudo texts); unset: no byte limit",
+        json_schema_extra={"read_by": "train"},
+    )
+    memory_policy: Literal["reservoir", "class_balanced"] = Field(
+        "class_balanced",
+        description="what the memory keeps: `class_balanced` or `reservoir` (docs/method.md)",
+        json_schema_extra={"read_by": "train"},
+    )
+    epochs: int = Field(
+        20, gt=0, description="epochs over each chunk", json_schema_extra={"read_by": "train"}
+    )
+    batch_size: int = Field(
+        64,
+        gt=1,
+        description="training batch size (new + replayed pairs)",
+        json_schema_extra={"read_by": "train"},
+    )
+    lr: float = Field(2e-3, gt=0, description="learning rate", json_schema_extra={"read_by": "train"})
+    device: str = Field(
+        "cpu", description="`cpu`, `cuda` or `cuda:N`", json_schema_extra={"read_by": "train, api"}
+    )
+    keep_checkpoints: int = Field(
+        5,
+        gt=0,
+        description="retention: the newest N versions are kept on disk and in the registry",
+        json_schema_extra={"read_by": "train, api"},
+    )
+    trainer_name: str | None = Field(
+        None,
+        description=(
+            "consumer name in the chunk queue; default `trainer-<hostname>` (keep it stable across restarts)"
+        ),
+        json_schema_extra={"read_by": "train"},
+    )
+    trainer_lease_s: float = Field(
+        30.0,
+        ge=1,
+        description=(
+            "one active trainer per registry: a standby (or a restart) takes over this long after the "
+            "holder stops renewing"
+        ),
+        json_schema_extra={"read_by": "train"},
+    )
+    claim_idle_s: float = Field(
+        600.0,
+        gt=0,
+        description="a chunk pending this long at another (dead) trainer is taken over",
+        json_schema_extra={"read_by": "train"},
+    )
     # eval sets measured after every chunk, stored with the version: "name=dir[,name=dir...]"
-    eval_classification: str = ""  # CLIP_benchmark wds layout (design.md)
-    eval_retrieval: str = ""
+    eval_classification: str = Field(
+        "",
+        description=(
+            "classification eval sets measured after every chunk, `name=dir[,name=dir]` (CLIP_benchmark wds "
+            "layout)"
+        ),
+        json_schema_extra={"read_by": "train"},
+    )
+    eval_retrieval: str = Field(
+        "",
+        description="retrieval eval sets measured after every chunk, `name=dir[,name=dir]`",
+        json_schema_extra={"read_by": "train"},
+    )
     # API
-    api_key: SecretStr | None = None  # required by write endpoints when set
+    api_key: SecretStr | None = Field(
+        None,
+        description="when set, write endpoints (`POST /ingest`) need it in `X-API-Key`",
+        json_schema_extra={"read_by": "api"},
+    )
     # serving (ctp serve)
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8000, ge=0, le=65535)  # 0: a free port (tests)
-    serve_checkpoint_dir: Path | None = None  # serve checkpoints from this dir instead of the registry
-    watch_interval_s: float = Field(2.0, gt=0)  # poll for new versions / chunks this often
-    max_batch_size: int = Field(32, gt=0)  # requests per forward
-    max_wait_ms: float = Field(5.0, ge=0)  # a batch waits at most this long to fill
-    queue_size: int = Field(256, gt=0)  # requests waiting for a forward; more get 503
-    max_body_bytes: int = Field(10_000_000, gt=0)  # request bodies over this get 413
-    max_labels: int = Field(256, gt=0)  # labels per /classify request
-    max_templates: int = Field(16, gt=0)  # templates per /classify request
-    max_k: int = Field(100, gt=0)  # results per /retrieve request
-    label_cache_size: int = Field(65_536, gt=0)  # cached label text embeddings (LRU)
-    ann_threshold: int = Field(200_000, gt=0)  # gallery size from which retrieval uses faiss HNSW
-    gallery_shards: list[Path] = []  # extra WebDataset shard dirs in the retrieval gallery
-    gallery_max_items: int = Field(1_000_000, gt=0)  # the gallery stops growing past this
-    cors_origins: list[str] = []  # CORS is off unless origins are given
+    api_host: str = Field(
+        "127.0.0.1",
+        description="address `ctp serve` binds (`0.0.0.0` in containers)",
+        json_schema_extra={"read_by": "api"},
+    )
+    api_port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="port `ctp serve` listens on (0: a free port)",
+        json_schema_extra={"read_by": "api"},
+    )
+    serve_checkpoint_dir: Path | None = Field(
+        None,
+        description="serve checkpoints from this dir instead of the Redis registry",
+        json_schema_extra={"read_by": "api"},
+    )
+    watch_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="poll for new versions and new chunks this often",
+        json_schema_extra={"read_by": "api"},
+    )
+    max_batch_size: int = Field(
+        32, gt=0, description="requests batched into one forward", json_schema_extra={"read_by": "api"}
+    )
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="a batch waits at most this long to fill", json_schema_extra={"read_by": "api"}
+    )
+    queue_size: int = Field(
+        256,
+        gt=0,
+        description="requests waiting for a forward; more get 503 `overloaded`",
+        json_schema_extra={"read_by": "api"},
+    )
+    max_body_bytes: int = Field(
+        10_000_000, gt=0, description="request bodies over this get 413", json_schema_extra={"read_by": "api"}
+    )
+    max_labels: int = Field(
+        256, gt=0, description="labels per `/classify` request", json_schema_extra={"read_by": "api"}
+    )
+    max_templates: int = Field(
+        16, gt=0, description="prompt templates per `/classify` request", json_schema_extra={"read_by": "api"}
+    )
+    max_k: int = Field(
+        100, gt=0, description="results per `/retrieve` request", json_schema_extra={"read_by": "api"}
+    )
+    label_cache_size: int = Field(
+        65_536, gt=0, description="cached label text embeddings (LRU)", json_schema_extra={"read_by": "api"}
+    )
+    ann_threshold: int = Field(
+        200_000,
+        gt=0,
+        description=(
+            "gallery size from which retrieval uses faiss HNSW (exact search below, or without faiss)"
+        ),
+        json_schema_extra={"read_by": "api"},
+    )
+    gallery_shards: list[Path] = Field(
+        [],
+        description='extra WebDataset shard dirs in the retrieval gallery, JSON list: `["/data/g1"]`',
+        json_schema_extra={"read_by": "api"},
+    )
+    gallery_max_items: int = Field(
+        1_000_000,
+        gt=0,
+        description="the retrieval gallery stops growing past this",
+        json_schema_extra={"read_by": "api"},
+    )
+    cors_origins: list[str] = Field(
+        [],
+        description="allowed CORS origins, JSON list; empty: CORS off",
+        json_schema_extra={"read_by": "api"},
+    )
 
     @field_validator("strategy")
     @classmethod
@@ -95,6 +296,16 @@ class Settings(BaseSettings):
     def _named_dirs(cls, v: str) -> str:
         parse_named_dirs(v)
         return v
+
+    def message_limits(self) -> Limits:
+        """The ingest message limits (``service.messages.Limits``) these settings set."""
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            max_image_bytes=self.max_image_bytes,
+            max_image_pixels=self.max_image_pixels,
+            max_text_chars=self.max_text_chars,
+            max_label_chars=self.max_label_chars,
+        )
 
     def eval_classification_sets(self) -> dict[str, Path]:
         return parse_named_dirs(self.eval_classification)

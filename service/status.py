@@ -18,8 +18,7 @@ from typing import Any
 
 import redis
 
-from service.chunks import DEAD_CHUNKS, ChunkQueue
-from service.ingest import offsets_key
+from service.chunks import DEAD_CHUNKS, ChunkQueue, offsets_key
 from service.redis_memory import RedisMemory
 from service.registry import Registry
 from service.settings import Settings, load_settings
@@ -28,8 +27,12 @@ from service.settings import Settings, load_settings
 def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> dict[str, Any]:
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=timeout_ms + 1000,
-                             bootstrap_timeout_ms=timeout_ms, consumer_timeout_ms=timeout_ms)
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        request_timeout_ms=timeout_ms + 1000,
+        bootstrap_timeout_ms=timeout_ms,
+        consumer_timeout_ms=timeout_ms,
+    )
     try:
         partitions = consumer.partitions_for_topic(settings.topic) or set()
         tps = [TopicPartition(settings.topic, p) for p in sorted(partitions)]
@@ -39,8 +42,12 @@ def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> 
         for tp in tps:
             done = int(stored.get(str(tp.partition).encode(), 0))
             per[tp.partition] = {"end": ends[tp], "chunked": done, "lag": max(0, ends[tp] - done)}
-        return {"topic": settings.topic, "partitions": per, "lag": sum(p["lag"] for p in per.values()),
-                "produced": sum(p["end"] for p in per.values())}
+        return {
+            "topic": settings.topic,
+            "partitions": per,
+            "lag": sum(p["lag"] for p in per.values()),
+            "produced": sum(p["end"] for p in per.values()),
+        }
     finally:
         consumer.close()
 
@@ -50,13 +57,15 @@ def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"time": time.time(), "errors": {}}
     try:
         q = ChunkQueue(r)
-        out["chunks"] = {"pending": q.pending(), "enqueued": int(r.xlen(q.stream)), "dead": int(r.hlen(DEAD_CHUNKS))}
+        out["chunks"] = {
+            "pending": q.pending(),
+            "enqueued": int(r.xlen(q.stream)),
+            "dead": int(r.hlen(DEAD_CHUNKS)),
+        }
         mem = RedisMemory(client=r, max_items=settings.memory_size)
         out["memory"] = {"items": len(mem), "bytes": mem.nbytes(), "capacity": settings.memory_size}
         reg = Registry(r, root=settings.data_dir / "checkpoints", keep=settings.keep_checkpoints)
-        out["versions"] = [{"version": v.version, "created": v.created, "chunks": v.meta.get("chunks"),
-                            "strategy": v.meta.get("strategy"), "metrics": v.meta.get("metrics", {})}
-                           for v in reg.history()]
+        out["versions"] = [v.summary() for v in reg.history()]
         out["latest"] = reg.latest_version()
     except redis.RedisError as e:
         out["errors"]["redis"] = f"{type(e).__name__}: {e}"
@@ -73,7 +82,9 @@ def format_status(s: dict[str, Any]) -> str:
     if "ingest" in s:
         ing = s["ingest"]
         parts = ", ".join(f"p{p}: {v['lag']}" for p, v in ing["partitions"].items())
-        lines.append(f"topic {ing['topic']}: {ing['produced']} produced, lag {ing['lag']} ({parts or 'no partitions'})")
+        lines.append(
+            f"topic {ing['topic']}: {ing['produced']} produced, lag {ing['lag']} ({parts or 'no partitions'})"
+        )
     if "chunks" in s:
         c = s["chunks"]
         lines.append(f"chunks: {c['enqueued']} enqueued, {c['pending']} pending, {c['dead']} set aside")
@@ -83,8 +94,9 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"model versions: latest {s['latest']}, {len(s['versions'])} kept")
         for v in s["versions"][-5:]:
             metrics = "; ".join(_headline(n, m) for n, m in (v["metrics"] or {}).items() if m)
-            lines.append(f"  v{v['version']}: {v['chunks']} chunks, {v['strategy']}"
-                         f"{', ' + metrics if metrics else ''}")
+            lines.append(
+                f"  v{v['version']}: {v['chunks']} chunks, {v['strategy']}{', ' + metrics if metrics else ''}"
+            )
     for part, err in s["errors"].items():
         lines.append(f"{part}: UNAVAILABLE ({err})")
     return "\n".join(lines)
@@ -97,7 +109,9 @@ def _headline(name: str, m: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ctp status", description="topic lag, chunks pending, memory, model versions")
+    p = argparse.ArgumentParser(
+        prog="ctp status", description="topic lag, chunks pending, memory, model versions"
+    )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     args = p.parse_args(argv)
     s = collect_status(load_settings())

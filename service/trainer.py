@@ -89,7 +89,10 @@ class TrainerLease:
     """
 
     KEY = "ctp:trainer:lease"
-    _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+    _RENEW = (
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
+        "return 0"
+    )
     _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
     def __init__(self, client, holder: str, *, ttl_s: float = 30.0):
@@ -170,24 +173,35 @@ class TrainerWorker:
         self.stats = TrainerStats()
         self._failures: Counter[str] = Counter()
         self._stop = threading.Event()
-        self._eval_sets = ({n: load_classification_set(d) for n, d in (eval_classification or {}).items()},
-                           {n: load_retrieval_set(d) for n, d in (eval_retrieval or {}).items()})
-        self.lease = TrainerLease(queue.r, f"{self.consumer}:{os.getpid()}:{uuid.uuid4().hex[:8]}", ttl_s=lease_s)
+        self._eval_sets = (
+            {n: load_classification_set(d) for n, d in (eval_classification or {}).items()},
+            {n: load_retrieval_set(d) for n, d in (eval_retrieval or {}).items()},
+        )
+        self.lease = TrainerLease(
+            queue.r, f"{self.consumer}:{os.getpid()}:{uuid.uuid4().hex[:8]}", ttl_s=lease_s
+        )
         self._load()
 
     def _load(self) -> None:
         """Model, learner and eval curves from the newest checkpoint; else the configured weights."""
         latest = self.registry.latest()
         self.loaded_version = latest.version if latest else None
-        self.bundle = create_model(self.model_name, pretrained=str(latest.path) if latest else self.pretrained,
-                                   device=self.config.device, seed=self.config.seed)
+        self.bundle = create_model(
+            self.model_name,
+            pretrained=str(latest.path) if latest else self.pretrained,
+            device=self.config.device,
+            seed=self.config.seed,
+        )
         meta = latest.meta if latest else {}
         self.trained_ids: list[str] = list(meta.get("chunk_ids", []))
         self.tracker = EvalTracker(*self._eval_sets, state=meta.get("eval_state"))
         self.learner = ContinualLearner(
-            bundle=self.bundle, strategy=self.strategy, memory=self.memory,
+            bundle=self.bundle,
+            strategy=self.strategy,
+            memory=self.memory,
             generator=create_generator(self.generator_name) if self.strategy.pseudo_texts else None,
-            config=self.config, chunks_done=len(self.trained_ids),
+            config=self.config,
+            chunks_done=len(self.trained_ids),
             pretrained=bool(self.pretrained) or latest is not None,
         )
 
@@ -275,13 +289,28 @@ class TrainerWorker:
         if self.rank != 0:
             self.trained_ids.append(task.chunk_id)
             return
-        meta = {"model": self.model_name, "config": self.bundle.config, "strategy": self.strategy.name,
-                "chunks": len(self.trained_ids) + 1, "chunk_ids": [*self.trained_ids, task.chunk_id],
-                "pairs": len(samples), "train": report.to_dict()}
+        meta = {
+            "model": self.model_name,
+            "config": self.bundle.config,
+            "strategy": self.strategy.name,
+            "chunks": len(self.trained_ids) + 1,
+            "chunk_ids": [*self.trained_ids, task.chunk_id],
+            "pairs": len(samples),
+            "train": report.to_dict(),
+        }
         if self.tracker:
-            evals = self.tracker.after_chunk(self.bundle, [s.label for s in samples], device=self.config.device)
-            meta["metrics"] = {n: {**(e["final"] or {}), "avg_accuracy": e["avg_accuracy"],
-                                   "forgetting": e["forgetting"], "bwt": e["bwt"]} for n, e in evals.items()}
+            evals = self.tracker.after_chunk(
+                self.bundle, [s.label for s in samples], device=self.config.device
+            )
+            meta["metrics"] = {
+                n: {
+                    **(e["final"] or {}),
+                    "avg_accuracy": e["avg_accuracy"],
+                    "forgetting": e["forgetting"],
+                    "bwt": e["bwt"],
+                }
+                for n, e in evals.items()
+            }
             meta["eval_state"] = self.tracker.state()
         meta["seconds"] = time.perf_counter() - t0
         info = self.registry.publish(self.bundle.model, meta, fence=self.lease.fence)
@@ -289,19 +318,27 @@ class TrainerWorker:
         self.queue.ack(task)
         self.stats.chunks += 1
         self.stats.last_version = info.version
-        logger.info("chunk %s -> version %d (%d pairs, %.1f s)", task.chunk_id, info.version, len(samples),
-                    time.perf_counter() - t0)
+        logger.info(
+            "chunk %s -> version %d (%d pairs, %.1f s)",
+            task.chunk_id,
+            info.version,
+            len(samples),
+            time.perf_counter() - t0,
+        )
 
     def _failed(self, task: ChunkTask, err: Exception) -> None:
         self._failures[task.chunk_id] += 1
         attempts = max(task.deliveries, self._failures[task.chunk_id])
         self.stats.failed += 1
-        logger.exception("chunk %s failed (attempt %d of %d): %s", task.chunk_id, attempts, self.max_attempts, err)
+        logger.exception(
+            "chunk %s failed (attempt %d of %d): %s", task.chunk_id, attempts, self.max_attempts, err
+        )
         if self.rank == 0 and attempts >= self.max_attempts:
-            self.queue.r.hset(DEAD_CHUNKS, task.chunk_id, f"{type(err).__name__}: {err}"[:1000])
-            self.queue.ack(task)
+            self.queue.bury(task, f"{type(err).__name__}: {err}")
             self.stats.dead += 1
-            logger.error("chunk %s given up after %d attempts; recorded in %s", task.chunk_id, attempts, DEAD_CHUNKS)
+            logger.error(
+                "chunk %s given up after %d attempts; recorded in %s", task.chunk_id, attempts, DEAD_CHUNKS
+            )
         self._load()  # training may have changed the model half-way: start again from the checkpoint
 
 
@@ -314,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     from ctp.experiment import init_distributed
     from service.settings import load_settings
 
-    p = argparse.ArgumentParser(prog="ctp train", description="chunk queue -> continual training -> checkpoints")
+    p = argparse.ArgumentParser(
+        prog="ctp train", description="chunk queue -> continual training -> checkpoints"
+    )
     p.add_argument("--burst", action="store_true", help="stop once the chunk queue is empty")
     p.add_argument("--generator", default="edit", help="pseudo-text generator: edit, captioner or random")
     args = p.parse_args(argv)
@@ -322,13 +361,23 @@ def main(argv: list[str] | None = None) -> int:
     rank, device = init_distributed(s.device)
     client = redis.Redis.from_url(s.redis_url)
     worker = TrainerWorker(
-        queue=ChunkQueue(client), registry=Registry(client, root=s.data_dir / "checkpoints", keep=s.keep_checkpoints),
-        memory=RedisMemory(client=client, max_items=s.memory_size, max_bytes=s.memory_max_bytes,
-                           policy=s.memory_policy),
-        model=s.model, pretrained=s.pretrained, strategy=s.strategy, generator=args.generator,
-        config=TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, device=device, progress=rank == 0),
-        eval_classification=s.eval_classification_sets(), eval_retrieval=s.eval_retrieval_sets(),
-        consumer=s.trainer_name, claim_idle_ms=int(s.claim_idle_s * 1000), lease_s=s.trainer_lease_s,
+        queue=ChunkQueue(client),
+        registry=Registry(client, root=s.data_dir / "checkpoints", keep=s.keep_checkpoints),
+        memory=RedisMemory(
+            client=client, max_items=s.memory_size, max_bytes=s.memory_max_bytes, policy=s.memory_policy
+        ),
+        model=s.model,
+        pretrained=s.pretrained,
+        strategy=s.strategy,
+        generator=args.generator,
+        config=TrainConfig(
+            epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, device=device, progress=rank == 0
+        ),
+        eval_classification=s.eval_classification_sets(),
+        eval_retrieval=s.eval_retrieval_sets(),
+        consumer=s.trainer_name,
+        claim_idle_ms=int(s.claim_idle_s * 1000),
+        lease_s=s.trainer_lease_s,
     )
     worker.install_signal_handlers()
     stats = worker.run(burst=args.burst)

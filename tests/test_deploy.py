@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.infra import KAFKA_VERSION
+from service.local.infra import KAFKA_VERSION
+from service.local.settings_doc import MEANINGS, env_name, markdown_table
 from service.settings import Settings
-from service.settings_doc import MEANINGS, env_name, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -40,8 +40,11 @@ def services(compose) -> dict:
 def _dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     out: list[tuple[str, str]] = []
-    text = re.sub(r"\\\n", " ", "\n".join(ln for ln in DOCKERFILE.read_text().splitlines()
-                                         if not ln.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")),
+    )
     for line in text.splitlines():
         if line.strip():
             word, _, rest = line.strip().partition(" ")
@@ -105,7 +108,9 @@ def test_no_secret_values_in_compose(services):
 def test_volumes_declared_and_mounted(compose, services):
     declared = set(compose["volumes"])
     assert {"kafka-data", "redis-data", "ctp-data"} <= declared
-    mounts = {name: {v.split(":")[0]: v.split(":")[1] for v in s.get("volumes", [])} for name, s in services.items()}
+    mounts = {
+        name: {v.split(":")[0]: v.split(":")[1] for v in s.get("volumes", [])} for name, s in services.items()
+    }
     for name, m in mounts.items():
         for source in m:
             assert source in declared, f"{name} mounts undeclared volume {source}"
@@ -134,8 +139,11 @@ def test_healthchecks_and_start_order(services):
         return {k: v["condition"] for k, v in services[name]["depends_on"].items()}
 
     assert deps("topics") == {"kafka": "service_healthy"}
-    assert deps("ingest") == {"kafka": "service_healthy", "redis": "service_healthy",
-                              "topics": "service_completed_successfully"}
+    assert deps("ingest") == {
+        "kafka": "service_healthy",
+        "redis": "service_healthy",
+        "topics": "service_completed_successfully",
+    }
     assert deps("trainer")["redis"] == "service_healthy"
     assert deps("api")["redis"] == "service_healthy"
     assert deps("producer")["topics"] == "service_completed_successfully"
@@ -158,10 +166,15 @@ def test_kafka_single_node_kraft(services):
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
     assert env["CLUSTER_ID"]
-    factors = {k: v for k, v in env.items() if k.endswith(("REPLICATION_FACTOR", "MIN_ISR", "MIN_INSYNC_REPLICAS"))}
+    factors = {
+        k: v for k, v in env.items() if k.endswith(("REPLICATION_FACTOR", "MIN_ISR", "MIN_INSYNC_REPLICAS"))
+    }
     assert len(factors) >= 6 and set(factors.values()) == {"1"}, factors
-    for k in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
-              "KAFKA_DEFAULT_REPLICATION_FACTOR"):
+    for k in (
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_DEFAULT_REPLICATION_FACTOR",
+    ):
         assert env[k] == "1", k
     # an internal listener for the containers, a host listener for producers outside Docker
     listeners = dict(x.split("://") for x in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
@@ -180,7 +193,10 @@ def test_redis_appendonly(services):
 def _compose_cli() -> list[str] | None:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
         return ["docker", "compose"]
     return None
 
@@ -191,8 +207,14 @@ def test_docker_compose_config_validates():
     assert cli is not None, "docker-compose is not installed; run `bash .ci/install-servers --test-tools` (make test does)"
     env = {**os.environ, "KAFKA_HOST_ADDRESS": "gpu-host.example", "DEMO_RATE": "7"}
     env.pop("CTP_API_KEY", None)
-    out = subprocess.run([*cli, "-f", str(COMPOSE), "--profile", "demo", "config"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*cli, "-f", str(COMPOSE), "--profile", "demo", "config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     resolved = yaml.safe_load(out.stdout)["services"]
     assert set(resolved) >= {"kafka", "redis", "topics", "ingest", "trainer", "api", "producer"}
@@ -210,7 +232,9 @@ def test_dockerfile():
     assert words[0] == "FROM" and words.count("FROM") == 1
     user = [rest for w, rest in instructions if w == "USER"]
     assert user and user[-1].split(":")[0] not in ("root", "0")
-    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")  # nothing runs as root after
+    assert words.index("USER") > max(
+        i for i, w in enumerate(words) if w == "RUN"
+    )  # nothing runs as root after
     health = [rest for w, rest in instructions if w == "HEALTHCHECK"]
     assert len(health) == 1 and "CMD" in health[0] and "ctp-healthcheck" in health[0]
     assert [rest for w, rest in instructions if w == "ENTRYPOINT"] == ['["ctp"]']
@@ -224,7 +248,9 @@ def test_dockerfile():
     deps_run = next(i for i, (w, rest) in enumerate(instructions) if w == "RUN" and " deps" in rest)
     source_copy = next(i for i, rest in copies if rest.split()[0] == ".")
     assert deps_run < source_copy
-    assert all(rest.split()[0] in ("pyproject.toml", "docker/install.sh") for i, rest in copies if i < deps_run)
+    assert all(
+        rest.split()[0] in ("pyproject.toml", "docker/install.sh") for i, rest in copies if i < deps_run
+    )
     for key in _dockerfile_env():
         assert not SECRETISH.search(key), f"secret-looking ENV {key} in the image"
     assert not [rest for w, rest in instructions if w == "ARG" and SECRETISH.search(rest)]
@@ -233,8 +259,11 @@ def test_dockerfile():
 
 
 def test_dockerignore_lets_in_only_the_build_inputs():
-    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert lines[0] == "*"  # an allow-list: .venv, runs, data, .git and any .env stay out
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "ctp", "service", "docker"}
@@ -251,8 +280,20 @@ def test_healthcheck_finds_the_role(tmp_path):
     hc = _healthcheck_module()
     assert hc.role_of(["/usr/local/bin/python", "/usr/local/bin/ctp", "serve"]) == "serve"
     assert hc.role_of(["python", "-m", "service.cli", "train"]) == "train"
-    assert hc.role_of(["/usr/local/bin/python", "/usr/local/bin/torchrun", "--nproc_per_node", "4",
-                       "-m", "service.cli", "train"]) == "train"
+    assert (
+        hc.role_of(
+            [
+                "/usr/local/bin/python",
+                "/usr/local/bin/torchrun",
+                "--nproc_per_node",
+                "4",
+                "-m",
+                "service.cli",
+                "train",
+            ]
+        )
+        == "train"
+    )
     assert hc.role_of(["python", "-c", "print()"]) is None
     for pid, argv in {"1": [b"/sbin/docker-init", b"--", b"ctp", b"ingest"], "7": [b"sleep", b"1"]}.items():
         (tmp_path / pid).mkdir()
@@ -276,8 +317,12 @@ def test_build_steps_run_outside_docker(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     py = venv / "bin" / "python"
-    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # this environment's packages (pip, torch, ...) visible after the venv's own
     (Path(purelib) / "_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     steps = ["deps", "--print", "package", "--no-deps", "check"]
@@ -286,8 +331,14 @@ def test_build_steps_run_outside_docker(tmp_path):
     if torch.version.cuda:
         steps.append("--cuda")
     env = {**os.environ, "PYTHON": str(py), "SRC": str(src)}
-    out = subprocess.run(["bash", str(src / "docker/install.sh"), *steps], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        ["bash", str(src / "docker/install.sh"), *steps],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "check: ok" in out.stdout
     import tomllib
@@ -301,7 +352,9 @@ def test_build_steps_run_outside_docker(tmp_path):
 
 
 def test_build_steps_usage():
-    out = subprocess.run(["bash", str(ROOT / "docker/install.sh"), "nonsense"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", str(ROOT / "docker/install.sh"), "nonsense"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "unknown step" in out.stderr
 
 
@@ -321,7 +374,7 @@ def test_readme_configuration_table_lists_exactly_the_settings():
     assert sorted(names) == sorted(env_name(f) for f in Settings.model_fields)
     assert len(names) == len(set(names))
     assert set(MEANINGS) == set(Settings.model_fields)
-    # generated, not hand-edited: `python -m service.settings_doc` prints it
+    # generated, not hand-edited: `python -m service.local.settings_doc` prints it
     assert "\n".join(rows) + "\n" == markdown_table()
 
 

@@ -21,7 +21,7 @@ from ctp.models import create_model
 from ctp.synthetic import generate_pairs
 from ctp.train import preprocess_images
 from service.chunks import ChunkStore
-from service.infra import free_port
+from service.local.infra import free_port
 
 MODEL = "ctp-vit-micro-32"
 CLASSES = ["circle", "square", "triangle", "star"]
@@ -30,7 +30,10 @@ CLASSES = ["circle", "square", "triangle", "star"]
 def make_pairs(per_class: int = 12, seed: int = 0) -> list[Sample]:
     """Synthetic shapes captioned "a {shape}" (the label is what the tiny model must learn)."""
     pairs = generate_pairs(CLASSES, per_class, np.random.default_rng(seed), 32, key_prefix=f"s{seed}")
-    return [Sample(key=p.key, image=p.image, text=f"a {p.label}", label=p.label, meta={"id": p.key}) for p in pairs]
+    return [
+        Sample(key=p.key, image=p.image, text=f"a {p.label}", label=p.label, meta={"id": p.key})
+        for p in pairs
+    ]
 
 
 @functools.cache
@@ -58,8 +61,11 @@ def train_tiny(pairs: list[Sample], *, steps: int = 200, seed: int = 0) -> torch
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
-        loss = contrastive_loss(model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True),
-                                model.logit_scale.exp())
+        loss = contrastive_loss(
+            model.encode_image(images, normalize=True),
+            model.encode_text(tokens, normalize=True),
+            model.logit_scale.exp(),
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -80,8 +86,16 @@ class ServerThread:
 
     def __init__(self, app, port: int | None = None):
         self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=5,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

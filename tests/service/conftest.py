@@ -1,6 +1,6 @@
 """Real servers for service tests: one Kafka broker per session, a fresh Redis per test.
 
-Both run on free loopback ports with their own temp dirs, started and stopped by service.infra
+Both run on free loopback ports with their own temp dirs, started and stopped by service.local.infra
 (the same code CI and ``ctp up`` use). Tests that use them are marked ``integration`` here, so
 ``-m "not integration"`` leaves them out without each file having to say so.
 """
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.infra import KafkaServer, RedisServer
+from service.local.infra import KafkaServer, RedisServer
 
 SERVER_FIXTURES = {"kafka", "redis_server"}
 

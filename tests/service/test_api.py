@@ -9,7 +9,7 @@ import threading
 import httpx
 import pytest
 
-from service.api import create_app
+from service.serve.api import create_app
 from service.settings import load_settings
 from tests.service.api_support import (
     CLASSES,
@@ -39,9 +39,17 @@ def server(tmp_path_factory, pairs):
     root = tmp_path_factory.mktemp("api")
     write_checkpoint(root / "ckpt" / "v000001", trained_model(), version=1)
     write_chunk(root / "data" / "chunks", "chunk_000", pairs)
-    settings = load_settings(data_dir=root / "data", serve_checkpoint_dir=root / "ckpt", watch_interval_s=0.1,
-                             api_key=KEY, max_body_bytes=200_000, max_labels=8, max_image_pixels=64 * 64,
-                             kafka_bootstrap="127.0.0.1:1", max_k=20)
+    settings = load_settings(
+        data_dir=root / "data",
+        serve_checkpoint_dir=root / "ckpt",
+        watch_interval_s=0.1,
+        api_key=KEY,
+        max_body_bytes=200_000,
+        max_labels=8,
+        max_image_pixels=64 * 64,
+        kafka_bootstrap="127.0.0.1:1",
+        max_k=20,
+    )
     app = create_app(settings)
     with serving(app) as srv:
         srv.app, srv.root = app, root
@@ -72,18 +80,25 @@ def test_classify_ranks_the_true_label_first_for_training_images(client, pairs):
 
 def test_classify_multipart_default_template_and_top_k(client, pairs):
     p = pairs[0]
-    r = client.post("/classify", files={"file": ("x.png", p.image, "image/png")},
-                    data={"labels": CLASSES, "templates": ["a {c}"], "top_k": "2"})
+    r = client.post(
+        "/classify",
+        files={"file": ("x.png", p.image, "image/png")},
+        data={"labels": CLASSES, "templates": ["a {c}"], "top_k": "2"},
+    )
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
     assert len(preds) == 2 and preds[0]["label"] == p.label
-    as_json = client.post("/classify", json={"image": b64(p.image), "labels": CLASSES, "templates": ["a {c}"],
-                                             "top_k": 2}).json()["predictions"]
+    as_json = client.post(
+        "/classify", json={"image": b64(p.image), "labels": CLASSES, "templates": ["a {c}"], "top_k": 2}
+    ).json()["predictions"]
     assert [x["label"] for x in as_json] == [x["label"] for x in preds]
     assert as_json[0]["score"] == pytest.approx(preds[0]["score"], abs=1e-5)
     # curl -F labels=a,b,c: one field of comma-separated labels
-    one_field = client.post("/classify", files={"file": ("x.png", p.image, "image/png")},
-                            data={"labels": ",".join(CLASSES), "templates": ["a {c}"]}).json()["predictions"]
+    one_field = client.post(
+        "/classify",
+        files={"file": ("x.png", p.image, "image/png")},
+        data={"labels": ",".join(CLASSES), "templates": ["a {c}"]},
+    ).json()["predictions"]
     assert sorted(x["label"] for x in one_field) == sorted(CLASSES) and one_field[0]["label"] == p.label
 
 
@@ -104,13 +119,24 @@ def test_retrieve_text_finds_images_of_the_class_and_image_finds_its_caption(cli
 
 def test_model_health_and_metrics(client):
     info = client.get("/model").json()
-    assert info["model_version"] == "1" and info["model"] == "ctp-vit-micro-32" and info["strategy"] == "finetune"
+    assert (
+        info["model_version"] == "1"
+        and info["model"] == "ctp-vit-micro-32"
+        and info["strategy"] == "finetune"
+    )
     assert info["index"] == "exact" and info["versions"][0]["version"] == "1"
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready", "model_version": "1"}
     text = client.get("/metrics").text
-    for name in ("ctp_requests_total", "ctp_request_seconds_bucket", "ctp_batch_size_bucket", "ctp_queue_depth",
-                 "ctp_swaps_total", "ctp_swap_seconds_bucket", "ctp_gallery_items"):
+    for name in (
+        "ctp_requests_total",
+        "ctp_request_seconds_bucket",
+        "ctp_batch_size_bucket",
+        "ctp_queue_depth",
+        "ctp_swaps_total",
+        "ctp_swap_seconds_bucket",
+        "ctp_gallery_items",
+    ):
         assert name in text
     assert "ctp_model_version 1.0" in text
     assert 'ctp_requests_total{endpoint="/classify",status="200"}' in text
@@ -125,19 +151,22 @@ def _error(r: httpx.Response, status: int, code: str | None = None) -> dict:
     return body
 
 
-@pytest.mark.parametrize("payload,code", [
-    ({"image": "not base64!", "labels": ["a"]}, "bad_base64"),
-    ({"image": b64(b"\x89PNG\r\n\x1a\n garbage"), "labels": ["a"]}, "bad_image"),
-    ({"image": "", "labels": ["a"]}, "bad_image"),
-    ({"labels": ["a"]}, "invalid_request"),
-    ({"image": "AAAA", "labels": []}, "invalid_request"),
-    ({"image": "AAAA", "labels": ["a", "a"]}, "duplicate_labels"),
-    ({"image": "AAAA", "labels": [" "]}, "empty_labels"),
-    ({"image": "AAAA", "labels": [str(i) for i in range(9)]}, "too_many_labels"),
-    ({"image": "AAAA", "labels": ["a"], "templates": ["no placeholder"]}, "bad_template"),
-    ({"image": "AAAA", "labels": ["a"], "top_k": 0}, "invalid_request"),
-    ({"image": "AAAA", "labels": ["a"], "extra": 1}, "invalid_request"),
-])
+@pytest.mark.parametrize(
+    "payload,code",
+    [
+        ({"image": "not base64!", "labels": ["a"]}, "bad_base64"),
+        ({"image": b64(b"\x89PNG\r\n\x1a\n garbage"), "labels": ["a"]}, "bad_image"),
+        ({"image": "", "labels": ["a"]}, "bad_image"),
+        ({"labels": ["a"]}, "invalid_request"),
+        ({"image": "AAAA", "labels": []}, "invalid_request"),
+        ({"image": "AAAA", "labels": ["a", "a"]}, "duplicate_labels"),
+        ({"image": "AAAA", "labels": [" "]}, "empty_labels"),
+        ({"image": "AAAA", "labels": [str(i) for i in range(9)]}, "too_many_labels"),
+        ({"image": "AAAA", "labels": ["a"], "templates": ["no placeholder"]}, "bad_template"),
+        ({"image": "AAAA", "labels": ["a"], "top_k": 0}, "invalid_request"),
+        ({"image": "AAAA", "labels": ["a"], "extra": 1}, "invalid_request"),
+    ],
+)
 def test_classify_invalid_input_is_422(client, payload, code):
     _error(client.post("/classify", json=payload), 422, code)
 
@@ -146,6 +175,7 @@ def test_classify_too_many_pixels_is_422(client):
     from PIL import Image
 
     from ctp.images import encode_image
+
     big = encode_image(Image.new("RGB", (65, 64)), "png")  # 4160 pixels > 64*64
     body = _error(client.post("/classify", json={"image": b64(big), "labels": ["a"]}), 422, "bad_image")
     assert "pixels" in body["reason"]
@@ -163,8 +193,11 @@ def test_other_errors(client):
 
 
 def test_oversized_body_is_413_before_it_is_read(client, server):
-    _error(client.post("/classify", content=b"x" * 200_001, headers={"content-type": "application/json"}), 413,
-           "too_large")
+    _error(
+        client.post("/classify", content=b"x" * 200_001, headers={"content-type": "application/json"}),
+        413,
+        "too_large",
+    )
 
     sent = []
 
@@ -176,9 +209,12 @@ def test_oversized_body_is_413_before_it_is_read(client, server):
     _error(client.post("/classify", content=body(), headers={"content-type": "application/json"}), 413)
     # a Content-Length over the limit is answered without the body (raw socket: no client buffering)
     import socket
+
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 999999999\r\n\r\n")
+        sock.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 999999999\r\n\r\n"
+        )
         reply = b""
         while chunk := sock.recv(4096):  # the server closes after the answer
             reply += chunk
@@ -187,6 +223,7 @@ def test_oversized_body_is_413_before_it_is_read(client, server):
 
 def test_ingest_needs_the_key(client, pairs):
     from service.messages import encode_message
+
     msg = encode_message(text="a circle", image=pairs[0].image, id="x1")
     _error(client.post("/ingest", content=msg), 401, "missing_api_key")
     _error(client.post("/ingest", content=msg, headers={"x-api-key": "wrong"}), 403, "wrong_api_key")
@@ -231,7 +268,9 @@ def test_full_queue_is_503_with_retry_after(server, pairs):
 def test_gallery_grows_when_a_chunk_lands(client, server):
     extra = make_pairs(per_class=2, seed=7)
     write_chunk(server.root / "data" / "chunks", "chunk_001", extra)
-    wait_for(lambda: client.post("/retrieve", json={"text": "a star"}).json()["gallery_size"] == 48 + len(extra))
+    wait_for(
+        lambda: client.post("/retrieve", json={"text": "a star"}).json()["gallery_size"] == 48 + len(extra)
+    )
     assert client.get("/model").json()["model_version"] == "1"
 
 
@@ -250,8 +289,9 @@ def test_directory_mode_swaps_and_refuses_a_corrupt_checkpoint(client, server):
 
 
 def test_not_ready_until_a_model_loads_and_cors_off_by_default(tmp_path):
-    settings = load_settings(data_dir=tmp_path / "data", serve_checkpoint_dir=tmp_path / "none",
-                             watch_interval_s=0.1)
+    settings = load_settings(
+        data_dir=tmp_path / "data", serve_checkpoint_dir=tmp_path / "none", watch_interval_s=0.1
+    )
     with serving(create_app(settings)) as srv, httpx.Client(base_url=srv.url) as c:
         r = c.get("/readyz")
         _error(r, 503, "not_ready")
@@ -263,8 +303,14 @@ def test_not_ready_until_a_model_loads_and_cors_off_by_default(tmp_path):
 
 
 def test_cors_when_enabled(tmp_path):
-    settings = load_settings(data_dir=tmp_path, serve_checkpoint_dir=tmp_path, cors_origins=["http://ok.example"])
+    settings = load_settings(
+        data_dir=tmp_path, serve_checkpoint_dir=tmp_path, cors_origins=["http://ok.example"]
+    )
     with serving(create_app(settings)) as srv, httpx.Client(base_url=srv.url) as c:
-        assert c.get("/healthz", headers={"origin": "http://ok.example"}).headers[
-            "access-control-allow-origin"] == "http://ok.example"
-        assert "access-control-allow-origin" not in c.get("/healthz", headers={"origin": "http://evil"}).headers
+        assert (
+            c.get("/healthz", headers={"origin": "http://ok.example"}).headers["access-control-allow-origin"]
+            == "http://ok.example"
+        )
+        assert (
+            "access-control-allow-origin" not in c.get("/healthz", headers={"origin": "http://evil"}).headers
+        )

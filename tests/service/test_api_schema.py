@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck
 from schemathesis import GenerationMode
 
-from service.api import create_app
+from service.serve.api import create_app
 from service.settings import load_settings
 from tests.service.api_support import (
     make_pairs,
@@ -32,10 +32,18 @@ def api(tmp_path_factory):
     write_chunk(root / "data" / "chunks", "chunk_000", make_pairs(per_class=3))
     # a key is set and Kafka is absent: generated requests cannot guess the key, so /ingest answers
     # 401/403/413/422 and never reaches the (unavailable) broker
-    settings = load_settings(data_dir=root / "data", serve_checkpoint_dir=root / "ckpt", api_key="k" * 32,
-                             kafka_bootstrap="127.0.0.1:1", max_body_bytes=100_000, max_labels=16, max_k=50)
+    settings = load_settings(
+        data_dir=root / "data",
+        serve_checkpoint_dir=root / "ckpt",
+        api_key="k" * 32,
+        kafka_bootstrap="127.0.0.1:1",
+        max_body_bytes=100_000,
+        max_labels=16,
+        max_k=50,
+    )
     with serving(create_app(settings)) as srv:
         import httpx
+
         wait_for(lambda: httpx.get(f"{srv.url}/readyz").status_code == 200)
         yield srv
 
@@ -60,10 +68,20 @@ def test_no_generated_input_gives_a_server_error(api):
         tried.append((op.label, media_type, mode.value))
 
         @hypothesis.given(case=op.as_strategy(generation_mode=mode, media_type=media_type))
-        @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                             suppress_health_check=list(HealthCheck))
+        @hypothesis.settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):
-            if case.meta and case.meta.generation.mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and "image" in case.body:
+            if (
+                case.meta
+                and case.meta.generation.mode is GenerationMode.POSITIVE
+                and isinstance(case.body, dict)
+                and "image" in case.body
+            ):
                 case.body["image"] = IMAGE  # a real image: the labels, templates, k... reach the model
             response = case.call(timeout=30)
             calls.append((case.operation.label, response.status_code))

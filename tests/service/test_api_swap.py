@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ctp.models import create_model
-from service.api import create_app
 from service.registry import Registry
+from service.serve.api import create_app
 from service.settings import load_settings
 from tests.service.api_support import (
     CLASSES,
@@ -36,12 +36,16 @@ def _expected_top_scores(probes) -> dict[tuple[str, int], float]:
     bundle = create_model("ctp-vit-micro-32")
     model = trained_model()
     from ctp.train import preprocess_images
+
     images = preprocess_images([p.image for p in probes], [p.key for p in probes], bundle.preprocess_val)
     with torch.no_grad():
         img = F.normalize(model.encode_image(images), dim=-1)
         txt = F.normalize(model.encode_text(bundle.tokenizer([f"a {c}" for c in CLASSES])), dim=-1)
-    return {(str(v), i): float((s * img[i] @ txt.T).softmax(-1).max()) for v, s in SCALES.items()
-            for i in range(len(probes))}
+    return {
+        (str(v), i): float((s * img[i] @ txt.T).softmax(-1).max())
+        for v, s in SCALES.items()
+        for i in range(len(probes))
+    }
 
 
 def _register_corrupt(reg: Registry) -> int:
@@ -50,8 +54,14 @@ def _register_corrupt(reg: Registry) -> int:
     path = write_checkpoint(reg.root / f"v{version:06d}", trained_model(), version=version)
     (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])  # truncated
     with reg.r.pipeline() as pipe:
-        pipe.hset(reg._vkey(version), mapping={"path": str(path), "meta": json.dumps({"model": "ctp-vit-micro-32"}),
-                                               "created": time.time()})
+        pipe.hset(
+            reg._vkey(version),
+            mapping={
+                "path": str(path),
+                "meta": json.dumps({"model": "ctp-vit-micro-32"}),
+                "created": time.time(),
+            },
+        )
         pipe.zadd(f"{reg.prefix}:history", {str(version): version})
         pipe.set(f"{reg.prefix}:latest", version)
         pipe.publish(reg.channel, version)
@@ -64,7 +74,10 @@ def test_hot_swap_under_load(redis_server, tmp_path):
     probes = [next(p for p in pairs if p.label == c) for c in CLASSES]
     expected = _expected_top_scores(probes)
     reg = Registry(redis_server.client(), root=tmp_path / "data" / "checkpoints")
-    reg.publish(trained_model(logit_scale=SCALES[1]), {"model": "ctp-vit-micro-32", "strategy": "incclip", "chunks": 1})
+    reg.publish(
+        trained_model(logit_scale=SCALES[1]),
+        {"model": "ctp-vit-micro-32", "strategy": "incclip", "chunks": 1},
+    )
     write_chunk(tmp_path / "data" / "chunks", "chunk_000", pairs)  # re-embedded at every swap
     # polling every 30 s: swaps within the test's seconds come from the pub/sub wake-up
     settings = load_settings(data_dir=tmp_path / "data", redis_url=redis_server.url, watch_interval_s=30)
@@ -79,10 +92,18 @@ def test_hot_swap_under_load(redis_server, tmp_path):
             while not stop.is_set():
                 i = (i + 1) % len(probes)
                 before = holder.snapshot.version
-                r = await c.post("/classify", json={"image": base64.b64encode(probes[i].image).decode(),
-                                                    "labels": CLASSES, "templates": ["a {c}"]})
+                r = await c.post(
+                    "/classify",
+                    json={
+                        "image": base64.b64encode(probes[i].image).decode(),
+                        "labels": CLASSES,
+                        "templates": ["a {c}"],
+                    },
+                )
                 after = holder.snapshot.version
-                results.append((before, after, r.status_code, r.json() if r.status_code == 200 else r.text, i))
+                results.append(
+                    (before, after, r.status_code, r.json() if r.status_code == 200 else r.text, i)
+                )
 
     async def load(url: str) -> None:
         await asyncio.gather(*(client(n, url) for n in range(CLIENTS)))
@@ -97,18 +118,24 @@ def test_hot_swap_under_load(redis_server, tmp_path):
         try:
             wait_for(lambda: answered("1"), timeout=60)
             for v in (2, 3):
-                reg.publish(trained_model(logit_scale=SCALES[v]), {"model": "ctp-vit-micro-32", "strategy": "incclip",
-                                                                   "chunks": v})
+                reg.publish(
+                    trained_model(logit_scale=SCALES[v]),
+                    {"model": "ctp-vit-micro-32", "strategy": "incclip", "chunks": v},
+                )
                 wait_for(lambda v=v: answered(str(v)), timeout=60)
             assert _register_corrupt(reg) == 4
             wait_for(lambda: holder.stats.failures == 1, timeout=60)
             # 5: weights of another architecture under this model's name: strict loading refuses them
-            reg.publish(create_model("ctp-rn-tiny-32").model, {"model": "ctp-vit-micro-32", "strategy": "incclip"})
+            reg.publish(
+                create_model("ctp-rn-tiny-32").model, {"model": "ctp-vit-micro-32", "strategy": "incclip"}
+            )
             wait_for(lambda: holder.stats.failures == 2, timeout=60)
             n_before = len(results)
             wait_for(lambda: len(results) > n_before + 50, timeout=60)  # still serving 3 after both refusals
-            reg.publish(trained_model(logit_scale=SCALES[6]), {"model": "ctp-vit-micro-32", "strategy": "incclip",
-                                                               "chunks": 6})
+            reg.publish(
+                trained_model(logit_scale=SCALES[6]),
+                {"model": "ctp-vit-micro-32", "strategy": "incclip", "chunks": 6},
+            )
             wait_for(lambda: answered("6"), timeout=60)
         finally:
             stop.set()

@@ -9,16 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from ctp.models import create_model
-from service.batching import Batcher, Overloaded
-from service.serving import GalleryIndex, LabelCache, Snapshot
+from service.serve.batching import Batcher, Overloaded
+from service.serve.gallery import GalleryIndex
+from service.serve.snapshot import LabelCache, Snapshot
 
 
 def _index(n: int, d: int = 16, *, ann_threshold: int = 10**9, seed: int = 0) -> GalleryIndex:
     g = torch.Generator().manual_seed(seed)
     img = F.normalize(torch.randn(n, d, generator=g), dim=-1)
     txt = F.normalize(torch.randn(n, d, generator=g), dim=-1)
-    return GalleryIndex([f"id{i}" for i in range(n)], [f"t{i}" for i in range(n)], img, txt,
-                        ann_threshold=ann_threshold)
+    return GalleryIndex(
+        [f"id{i}" for i in range(n)], [f"t{i}" for i in range(n)], img, txt, ann_threshold=ann_threshold
+    )
 
 
 def test_exact_search_is_the_brute_force_ranking():
@@ -30,8 +32,10 @@ def test_exact_search_is_the_brute_force_ranking():
     assert [r for r, _ in hits] == want.indices.tolist() and hits[0][0] == 17
     torch.testing.assert_close(torch.tensor([s for _, s in hits]), want.values)
     assert index.search(q, against="texts", k=500)[-1][1] <= index.search(q, against="texts", k=1)[0][1]
-    assert len(index.search(q, against="texts", k=500)) == 200 and GalleryIndex.empty(16, torch.device("cpu")).search(
-        q, against="images", k=3) == []
+    assert (
+        len(index.search(q, against="texts", k=500)) == 200
+        and GalleryIndex.empty(16, torch.device("cpu")).search(q, against="images", k=3) == []
+    )
 
 
 def test_extend_leaves_the_old_index_unchanged():
@@ -68,9 +72,16 @@ def test_label_cache_is_an_lru():
 def _snapshot(seed: int, version: str) -> Snapshot:
     b = create_model("ctp-vit-micro-32", seed=seed)
     b.model.eval()
-    return Snapshot(version=version, model=b.model, tokenizer=b.tokenizer, preprocess=b.preprocess_val,
-                    device=torch.device("cpu"), logit_scale=100.0, meta={},
-                    index=GalleryIndex.empty(32, torch.device("cpu")))
+    return Snapshot(
+        version=version,
+        model=b.model,
+        tokenizer=b.tokenizer,
+        preprocess=b.preprocess_val,
+        device=torch.device("cpu"),
+        logit_scale=100.0,
+        meta={},
+        index=GalleryIndex.empty(32, torch.device("cpu")),
+    )
 
 
 def test_batcher_batches_and_keeps_each_job_on_its_own_snapshot():
@@ -84,14 +95,17 @@ def test_batcher_batches_and_keeps_each_job_on_its_own_snapshot():
         try:
             return await asyncio.gather(
                 *(b.submit(s1 if i % 2 else s2, "images", images[i]) for i in range(12)),
-                b.submit(s1, "texts", ["a circle", "a square"]))
+                b.submit(s1, "texts", ["a circle", "a square"]),
+            )
         finally:
             await b.stop()
 
     out = asyncio.run(run())
     assert sum(sizes) == 13 and max(sizes) == 4 and len(sizes) <= 5  # batched, never past the limit
     for i in range(12):
-        torch.testing.assert_close(out[i], (s1 if i % 2 else s2).encode_images(images[i]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            out[i], (s1 if i % 2 else s2).encode_images(images[i]), atol=1e-5, rtol=1e-4
+        )
     torch.testing.assert_close(out[12], s1.encode_texts(["a circle", "a square"]), atol=1e-5, rtol=1e-4)
 
 
@@ -102,8 +116,9 @@ def test_batcher_refuses_when_the_queue_is_full():
         b = Batcher(max_batch_size=1, max_wait_ms=0, queue_size=2)
         await b.start()
         try:
-            results = await asyncio.gather(*(b.submit(snap, "texts", ["x"]) for _ in range(6)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(b.submit(snap, "texts", ["x"]) for _ in range(6)), return_exceptions=True
+            )
         finally:
             await b.stop()
         return results

@@ -15,10 +15,10 @@ import redis
 
 from ctp.checkpoint import save_checkpoint
 from ctp.metrics import continual_summary, forgetting
-from service.api import create_app
-from service.dashboard import IngestRate, KafkaLag, eval_curves, matrix_curves
-from service.infra import free_port
+from service.local.infra import free_port
 from service.registry import Registry
+from service.serve.api import create_app
+from service.serve.dashboard import IngestRate, KafkaLag, eval_curves, matrix_curves
 from service.settings import load_settings
 from tests.service.api_support import (
     CLASSES,
@@ -41,14 +41,22 @@ R_CAPTIONS = [0.5, 0.55, 0.6]  # retrieval: one column, mean_recall@1
 
 def eval_state(n: int) -> dict:
     """The tracker state after ``n`` chunks, as the trainer stores it in a version's metadata."""
-    shapes = {"kind": "classification",
-              "after_chunk": [{"acc1": sum(r[: i + 1]) / (i + 1), "acc5": 1.0, "mean_per_class_recall": 0.5}
-                              for i, r in enumerate(R_SHAPES[:n])],
-              "rows": [r[:n] for r in R_SHAPES[:n]]}
-    captions = {"kind": "retrieval",
-                "after_chunk": [{"image_retrieval_recall@1": v, "text_retrieval_recall@1": v, "mean_recall@1": v}
-                                for v in R_CAPTIONS[:n]],
-                "rows": [[v] + [None] * (n - 1) for v in R_CAPTIONS[:n]]}
+    shapes = {
+        "kind": "classification",
+        "after_chunk": [
+            {"acc1": sum(r[: i + 1]) / (i + 1), "acc5": 1.0, "mean_per_class_recall": 0.5}
+            for i, r in enumerate(R_SHAPES[:n])
+        ],
+        "rows": [r[:n] for r in R_SHAPES[:n]],
+    }
+    captions = {
+        "kind": "retrieval",
+        "after_chunk": [
+            {"image_retrieval_recall@1": v, "text_retrieval_recall@1": v, "mean_recall@1": v}
+            for v in R_CAPTIONS[:n]
+        ],
+        "rows": [[v] + [None] * (n - 1) for v in R_CAPTIONS[:n]],
+    }
     return {"chunk_labels": CHUNK_LABELS[:n], "results": {"shapes": shapes, "captions": captions}}
 
 
@@ -58,11 +66,19 @@ def version_meta(n: int) -> dict:
     metrics = {}
     for name, r in state["results"].items():
         metrics[name] = {**r["after_chunk"][-1], **continual_summary(r["rows"])}
-    return {"model": MODEL, "strategy": "ctp", "chunks": n, "chunk_ids": [f"c{i}" for i in range(n)],
-            "pairs": 48, "metrics": metrics, "eval_state": state}
+    return {
+        "model": MODEL,
+        "strategy": "ctp",
+        "chunks": n,
+        "chunk_ids": [f"c{i}" for i in range(n)],
+        "pairs": 48,
+        "metrics": metrics,
+        "eval_state": state,
+    }
 
 
 # ---- units ----------------------------------------------------------------------------------------
+
 
 def test_matrix_curves_match_ctp_metrics():
     R = [[0.9, None, 0.3, 0.1], [0.5, 0.7, None, 0.2], [0.8, 0.4, 0.6, None], [0.2, 0.9, 0.1, 0.5]]
@@ -101,6 +117,7 @@ def test_ingest_rate_from_successive_produced_counts():
 
 # ---- /status and thumbnails without Redis or Kafka --------------------------------------------------
 
+
 def test_status_answers_200_with_errors_when_redis_and_kafka_are_away(tmp_path):
     """Checkpoint-dir mode, nothing listening on the Redis and Kafka ports: the page still gets its
     versions and curves from the checkpoints, and says what is down."""
@@ -108,9 +125,13 @@ def test_status_answers_200_with_errors_when_redis_and_kafka_are_away(tmp_path):
         save_checkpoint(tmp_path / "ckpt" / f"v{n:06d}", trained_model(), {**version_meta(n), "version": n})
     pairs = make_pairs(per_class=2)
     write_chunk(tmp_path / "data" / "chunks", "chunk_000", pairs)
-    settings = load_settings(data_dir=tmp_path / "data", serve_checkpoint_dir=tmp_path / "ckpt",
-                             redis_url=f"redis://127.0.0.1:{free_port()}/0", kafka_bootstrap="127.0.0.1:1",
-                             watch_interval_s=0.1)
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        serve_checkpoint_dir=tmp_path / "ckpt",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        kafka_bootstrap="127.0.0.1:1",
+        watch_interval_s=0.1,
+    )
     with serving(create_app(settings)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         wait_for(lambda: client.get("/readyz").status_code == 200)
         t0 = time.monotonic()
@@ -126,7 +147,9 @@ def test_status_answers_200_with_errors_when_redis_and_kafka_are_away(tmp_path):
 
         img = client.get(f"/gallery/{pairs[3].key}/image")
         assert img.status_code == 200 and img.content == pairs[3].image
-        assert img.headers["content-type"] == "image/png" and img.headers["x-content-type-options"] == "nosniff"
+        assert (
+            img.headers["content-type"] == "image/png" and img.headers["x-content-type-options"] == "nosniff"
+        )
         for bad in ("/gallery/nope/image", "/gallery/a/b/image", "/gallery/%00/image"):
             r = client.get(bad)
             assert r.status_code == 404 and r.json()["error"] == "not_found"
@@ -139,6 +162,7 @@ def test_status_answers_200_with_errors_when_redis_and_kafka_are_away(tmp_path):
 
 # ---- the page in a real browser ---------------------------------------------------------------------
 
+
 def _chrome(tmp_path: Path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -148,9 +172,16 @@ def _chrome(tmp_path: Path):
     assert browser and driver_path, "needs chromium and chromedriver: run .ci/install-servers --test-tools"
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--disable-extensions", "--no-first-run", "--window-size=1280,1500",
-                f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--disable-extensions",
+        "--no-first-run",
+        "--window-size=1280,1500",
+        f"--user-data-dir={tmp_path / 'chrome-profile'}",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
@@ -160,16 +191,20 @@ def _chrome(tmp_path: Path):
 def stack(tmp_path, redis_server, monkeypatch):
     """A live API on a real Redis registry of three versions (eval metrics in each), a gallery chunk,
     and a stand-in for the Kafka lag that grows 40 messages a second."""
-    import service.dashboard
+    import service.serve.dashboard
 
     start = time.time()
 
     def fake_lag(settings, r, *, timeout_ms=5000):
         produced = 1000 + int((time.time() - start) * 40)
-        return {"topic": settings.topic, "partitions": {0: {"end": produced, "chunked": produced - 7, "lag": 7}},
-                "lag": 7, "produced": produced}
+        return {
+            "topic": settings.topic,
+            "partitions": {0: {"end": produced, "chunked": produced - 7, "lag": 7}},
+            "lag": 7,
+            "produced": produced,
+        }
 
-    monkeypatch.setattr(service.dashboard, "topic_lag", fake_lag)
+    monkeypatch.setattr(service.serve.dashboard, "topic_lag", fake_lag)
     data = tmp_path / "data"
     client = redis.Redis.from_url(redis_server.url)
     registry = Registry(client, root=data / "checkpoints")
@@ -177,8 +212,9 @@ def stack(tmp_path, redis_server, monkeypatch):
         registry.publish(trained_model(), version_meta(n))
     pairs = make_pairs()
     write_chunk(data / "chunks", "chunk_000", pairs)
-    settings = load_settings(data_dir=data, redis_url=redis_server.url, kafka_bootstrap="127.0.0.1:1",
-                             watch_interval_s=0.2)
+    settings = load_settings(
+        data_dir=data, redis_url=redis_server.url, kafka_bootstrap="127.0.0.1:1", watch_interval_s=0.2
+    )
     with serving(create_app(settings)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         wait_for(lambda: http.get("/readyz").status_code == 200)
         srv.http, srv.pairs = http, pairs
@@ -217,8 +253,10 @@ def test_dashboard_in_headless_chromium(stack, tmp_path):
             assert [float(c.get_attribute("data-y")) for c in fgt] == pytest.approx(curve["forgetting"])
             per_version = css(f'{card} svg[data-chart="forgetting"] circle[data-series="version"]')
             assert len(per_version) == 3  # one per registry version
-        shapes_fgt = [float(c.get_attribute("data-y")) for c in
-                      css('.chart-card[data-set="shapes"] circle[data-series="forgetting"]')]
+        shapes_fgt = [
+            float(c.get_attribute("data-y"))
+            for c in css('.chart-card[data-set="shapes"] circle[data-series="forgetting"]')
+        ]
         assert shapes_fgt[-1] == pytest.approx(forgetting(R_SHAPES, 2)) and shapes_fgt[-1] > 0
 
         # pipeline tiles: Redis figures at once; the (stand-in) ingest rate once two lag samples are in
@@ -237,10 +275,13 @@ def test_dashboard_in_headless_chromium(stack, tmp_path):
         driver.find_element(By.ID, "classify-labels").send_keys(", ".join(labels))
         driver.find_element(By.ID, "classify-btn").click()
         wait.until(lambda d: len(css("#classify-results li")) == len(labels))
-        shown = [(li.get_attribute("data-label"), float(li.get_attribute("data-score")))
-                 for li in css("#classify-results li")]
-        want = http.post("/classify", files={"file": ("shape.png", pairs[5].image, "image/png")},
-                         data={"labels": labels}).json()["predictions"]
+        shown = [
+            (li.get_attribute("data-label"), float(li.get_attribute("data-score")))
+            for li in css("#classify-results li")
+        ]
+        want = http.post(
+            "/classify", files={"file": ("shape.png", pairs[5].image, "image/png")}, data={"labels": labels}
+        ).json()["predictions"]
         assert [x[0] for x in shown] == [p["label"] for p in want]
         assert [x[1] for x in shown] == pytest.approx([p["score"] for p in want], abs=1e-6)
         assert shown[0][0] == f"a {pairs[5].label}"
@@ -252,8 +293,12 @@ def test_dashboard_in_headless_chromium(stack, tmp_path):
         wait.until(lambda d: len(css("#retrieve-results li")) == 8)
         want = http.post("/retrieve", json={"text": "a star", "k": 8}).json()["results"]
         assert [li.get_attribute("data-id") for li in css("#retrieve-results li")] == [x["id"] for x in want]
-        wait.until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#retrieve-results img')].every(i => i.complete && i.naturalWidth > 0)"))
+        wait.until(
+            lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#retrieve-results img')]"
+                ".every(i => i.complete && i.naturalWidth > 0)"
+            )
+        )
 
         logs = driver.get_log("browser")
         assert not [e for e in logs if e["level"] == "SEVERE"], logs
@@ -279,7 +324,7 @@ def test_kafka_lag_refresh_runs_in_background(monkeypatch):
     """A slow or absent broker never blocks ``poll()``; a failure is retried after ``retry_s``."""
     import threading
 
-    import service.dashboard
+    import service.serve.dashboard
 
     gate = threading.Event()
     calls = []
@@ -289,7 +334,7 @@ def test_kafka_lag_refresh_runs_in_background(monkeypatch):
         gate.wait(10)
         raise ConnectionError("no broker")
 
-    monkeypatch.setattr(service.dashboard, "topic_lag", slow_lag)
+    monkeypatch.setattr(service.serve.dashboard, "topic_lag", slow_lag)
     lag = KafkaLag(load_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"), every_s=0.0, retry_s=60)
     t0 = time.monotonic()
     first = lag.poll()

@@ -1,4 +1,4 @@
-"""service.infra against the real servers: Kafka round trip, Redis basics and AOF, clean stops."""
+"""service.local.infra against the real servers: Kafka round trip, Redis basics and AOF, clean stops."""
 
 import os
 import shutil
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from service.infra import KafkaServer, RedisServer, main, port_open
+from service.local.infra import KafkaServer, RedisServer, ensure_topics, main, port_open
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -41,7 +41,7 @@ def _consume(consumer: KafkaConsumer, n: int, *, timeout: float = 30.0) -> list:
 
 def test_kafka_produce_consume_with_group(kafka: KafkaServer) -> None:
     topic, group, partitions = _name("roundtrip"), _name("group"), 3
-    kafka.create_topic(topic, partitions=partitions)
+    ensure_topics(kafka.bootstrap, {topic: partitions})
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     for i in range(100):
         producer.send(topic, value=str(i).encode(), partition=i % partitions)
@@ -87,7 +87,7 @@ def test_second_kafka_gets_own_ports_and_stops(kafka: KafkaServer) -> None:
     try:
         assert other.port not in (kafka.port, kafka.controller_port)
         assert other.data_dir != kafka.data_dir
-        other.create_topic(_name("other"))
+        ensure_topics(other.bootstrap, {_name("other"): 1})
     finally:
         pid, port, data_dir = other.pid, other.port, other.data_dir
         other.stop()
@@ -161,7 +161,7 @@ def test_cli_fetch_prints_cache_dir(kafka: KafkaServer, capsys: pytest.CaptureFi
 
 def test_cli_redis_serves_until_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.infra", "redis", "--aof"],
+        [sys.executable, "-m", "service.local.infra", "redis", "--aof"],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[2],
@@ -198,7 +198,7 @@ def _dead(pid: int) -> bool:
 def test_server_dies_with_killed_parent() -> None:
     # A test run killed hard (CI timeout, OOM killer) must not leave servers running.
     code = (
-        "from service.infra import RedisServer; s = RedisServer().start(); "
+        "from service.local.infra import RedisServer; s = RedisServer().start(); "
         "print(s.pid, s.port, s.data_dir, flush=True); input()"
     )
     proc = subprocess.Popen(

@@ -10,6 +10,7 @@ from PIL import Image
 from ctp.data import read_chunk
 from service.chunks import ChunkQueue, ChunkStore
 from service.ingest import IngestWorker
+from service.local.infra import ensure_topics
 from service.messages import encode_message
 
 pytestmark = pytest.mark.timeout(300)
@@ -21,20 +22,39 @@ def _png(i: int) -> bytes:
     return buf.getvalue()
 
 
-BAD = [b"not json", b"[1,2]", b'{"text": 3, "image": "x"}', b'{"text": "a", "image": "%%%"}',
-       encode_message(text="a", image=b"definitely not an image"), encode_message(text="", image=_png(1)),
-       None]
+BAD = [
+    b"not json",
+    b"[1,2]",
+    b'{"text": 3, "image": "x"}',
+    b'{"text": "a", "image": "%%%"}',
+    encode_message(text="a", image=b"definitely not an image"),
+    encode_message(text="", image=_png(1)),
+    None,
+]
 
 
 def _worker(kafka, redis_server, tmp_path, topic, group, **kw):
     client = redis_server.client()
-    return IngestWorker(bootstrap=kafka.bootstrap, topic=topic, dlq_topic=f"{topic}.dlq", group=group,
-                        redis_client=client, store=ChunkStore(tmp_path / "chunks"), queue=ChunkQueue(client), **kw)
+    return IngestWorker(
+        bootstrap=kafka.bootstrap,
+        topic=topic,
+        dlq_topic=f"{topic}.dlq",
+        group=group,
+        redis_client=client,
+        store=ChunkStore(tmp_path / "chunks"),
+        queue=ChunkQueue(client),
+        **kw,
+    )
 
 
 def _dlq(kafka, topic, n):
-    c = KafkaConsumer(f"{topic}.dlq", bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest",
-                      consumer_timeout_ms=5000, group_id=None)
+    c = KafkaConsumer(
+        f"{topic}.dlq",
+        bootstrap_servers=kafka.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+        group_id=None,
+    )
     out = [r for r in c]
     c.close()
     return out
@@ -42,17 +62,22 @@ def _dlq(kafka, topic, n):
 
 def test_end_to_end_chunks_dead_letters_and_duplicates(kafka, redis_server, tmp_path):
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=2)
-    kafka.create_topic(f"{topic}.dlq", partitions=1)
+    ensure_topics(kafka.bootstrap, {topic: 2})
+    ensure_topics(kafka.bootstrap, {f"{topic}.dlq": 1})
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     n_valid = 520
     for i in range(n_valid):
-        producer.send(topic, encode_message(id=f"pair-{i}", text=f"pair number {i}", image=_png(i), label=f"c{i % 4}"),
-                      partition=i % 2)
+        producer.send(
+            topic,
+            encode_message(id=f"pair-{i}", text=f"pair number {i}", image=_png(i), label=f"c{i % 4}"),
+            partition=i % 2,
+        )
         if i % 100 == 0:
             producer.send(topic, BAD[(i // 100) % len(BAD)], partition=i % 2)
     for i in range(0, 30):  # resent pairs: same ids, dropped
-        producer.send(topic, encode_message(id=f"pair-{i}", text=f"pair number {i}", image=_png(i)), partition=1)
+        producer.send(
+            topic, encode_message(id=f"pair-{i}", text=f"pair number {i}", image=_png(i)), partition=1
+        )
     producer.flush()
 
     w = _worker(kafka, redis_server, tmp_path, topic, "ingest-a", chunk_size=100, chunk_max_wait_s=2)
@@ -72,7 +97,11 @@ def test_end_to_end_chunks_dead_letters_and_duplicates(kafka, redis_server, tmp_
     assert len(dead) == 6
     for rec in dead:
         headers = dict(rec.headers)
-        assert headers["ctp-error"] and headers["ctp-reason"] and headers["ctp-source"].startswith(topic.encode())
+        assert (
+            headers["ctp-error"]
+            and headers["ctp-reason"]
+            and headers["ctp-source"].startswith(topic.encode())
+        )
 
     # the same group again: everything is recorded, nothing new
     w2 = _worker(kafka, redis_server, tmp_path, topic, "ingest-a", chunk_size=100)
@@ -82,7 +111,7 @@ def test_end_to_end_chunks_dead_letters_and_duplicates(kafka, redis_server, tmp_
 def test_offsets_in_redis_win_over_kafka_commits(kafka, redis_server, tmp_path):
     """A crash between recording a chunk and committing to Kafka must not give a second chunk."""
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=1)
+    ensure_topics(kafka.bootstrap, {topic: 1})
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     for i in range(50):
         producer.send(topic, encode_message(id=f"p{i}", text=f"t {i}", image=_png(i)))
@@ -101,7 +130,7 @@ def test_produce_command_feeds_ingest(kafka, redis_server, tmp_path, monkeypatch
     from service.cli import main
 
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=2)
+    ensure_topics(kafka.bootstrap, {topic: 2})
     monkeypatch.setenv("CTP_KAFKA_BOOTSTRAP", kafka.bootstrap)
     monkeypatch.setenv("CTP_TOPIC", topic)
     monkeypatch.setenv("CTP_DLQ_TOPIC", f"{topic}.dlq")

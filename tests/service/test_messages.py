@@ -9,7 +9,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from service.messages import InvalidMessage, Limits, encode_message, safe_key, validate_message
+from service.messages import InvalidMessage, Limits, encode_message, validate_message
 
 
 def png(w=8, h=8, color=(255, 0, 0)) -> bytes:
@@ -26,10 +26,17 @@ def jpeg() -> bytes:
 
 def bomb_png(w=100_000, h=100_000) -> bytes:
     """A valid PNG header claiming a huge image (the data is tiny)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
 
 
 def msg(**fields) -> bytes:
@@ -39,12 +46,15 @@ def msg(**fields) -> bytes:
 
 
 def test_valid_message_round_trip():
-    pair = validate_message(encode_message(text=" a red square ", image=png(), label="square", meta={"src": "t"}),
-                            default_id="ctp.pairs-0-17")
+    pair = validate_message(
+        encode_message(text=" a red square ", image=png(), label="square", meta={"src": "t"}),
+        default_id="ctp.pairs-0-17",
+    )
     assert pair.text == "a red square" and pair.label == "square" and pair.meta == {"src": "t"}
     assert pair.id == "ctp.pairs-0-17" and pair.ext == "png"
-    assert validate_message(msg(image=base64.b64encode(jpeg()).decode(), id="x1"), default_id="d").ext == "jpg"
-    assert safe_key("ctp.pairs/0.17") == "ctp_pairs_0_17"
+    assert (
+        validate_message(msg(image=base64.b64encode(jpeg()).decode(), id="x1"), default_id="d").ext == "jpg"
+    )
 
 
 BAD = {
@@ -67,7 +77,10 @@ BAD = {
     "empty text": (msg(text="   "), "empty_text"),
     "huge text": (msg(text="a" * 5000), "text_too_long"),
     "unicode junk": (msg(text="a\x00b\x07c"), "text_control_chars"),
-    "lone surrogate": (b'{"text": "\\ud800 x", "image": "' + base64.b64encode(png()) + b'"}', "text_control_chars"),
+    "lone surrogate": (
+        b'{"text": "\\ud800 x", "image": "' + base64.b64encode(png()) + b'"}',
+        "text_control_chars",
+    ),
     "oversized message": (b"{" + b" " * 9_000_000 + b"}", "too_large"),
     "oversized image": (None, "image_too_large"),
     "huge meta": (msg(meta={"k": "v" * 20_000}), "meta_too_large"),

@@ -23,6 +23,7 @@ from ctp.checkpoint import load_checkpoint
 from ctp.data import read_chunk
 from ctp.synthetic import make_stream
 from service.chunks import ChunkQueue
+from service.local.infra import ensure_topics
 from service.redis_memory import RedisMemory
 from service.registry import Registry
 from tests.service.test_messages import BAD, bomb_png, msg, png
@@ -37,17 +38,34 @@ BAD_INPUTS["decompression bomb"] = msg(image=base64.b64encode(bomb_png()).decode
 
 
 def _env(kafka, redis_server, tmp_path, topic, **extra) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-            "CTP_KAFKA_BOOTSTRAP": kafka.bootstrap, "CTP_TOPIC": topic, "CTP_DLQ_TOPIC": f"{topic}.dlq",
-            "CTP_REDIS_URL": redis_server.url, "CTP_DATA_DIR": str(tmp_path / "data"),
-            "CTP_MODEL": "ctp-vit-micro-32", "CTP_EPOCHS": "1", "CTP_BATCH_SIZE": "32", "CTP_MEMORY_SIZE": "60",
-            "CTP_MAX_MESSAGE_BYTES": "200000", "CTP_TRAINER_LEASE_S": "2", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "CTP_KAFKA_BOOTSTRAP": kafka.bootstrap,
+        "CTP_TOPIC": topic,
+        "CTP_DLQ_TOPIC": f"{topic}.dlq",
+        "CTP_REDIS_URL": redis_server.url,
+        "CTP_DATA_DIR": str(tmp_path / "data"),
+        "CTP_MODEL": "ctp-vit-micro-32",
+        "CTP_EPOCHS": "1",
+        "CTP_BATCH_SIZE": "32",
+        "CTP_MEMORY_SIZE": "60",
+        "CTP_MAX_MESSAGE_BYTES": "200000",
+        "CTP_TRAINER_LEASE_S": "2",
+        **extra,
+    }
 
 
 def _ctp(env, *args, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -98,8 +116,13 @@ def _queued_ids(redis_client) -> Counter:
 
 
 def _dead_letters(kafka, topic) -> list:
-    c = KafkaConsumer(f"{topic}.dlq", bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest",
-                      consumer_timeout_ms=4000, group_id=None)
+    c = KafkaConsumer(
+        f"{topic}.dlq",
+        bootstrap_servers=kafka.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=4000,
+        group_id=None,
+    )
     out = list(c)
     c.close()
     return out
@@ -111,19 +134,32 @@ def _produce_valid(path: Path, n: int, prefix: str) -> list[str]:
     ids = [f"{prefix}-{i}" for i in range(n)]
     with open(path, "wb") as f:
         for i, pair_id in enumerate(ids):
-            f.write(encode_message(id=pair_id, text=f"a photo of thing {i % 5}", label=f"thing {i % 5}",
-                                   image=png(16, 16, (i % 256, (3 * i) % 256, 40))) + b"\n")
+            f.write(
+                encode_message(
+                    id=pair_id,
+                    text=f"a photo of thing {i % 5}",
+                    label=f"thing {i % 5}",
+                    image=png(16, 16, (i % 256, (3 * i) % 256, 40)),
+                )
+                + b"\n"
+            )
     return ids
 
 
 def test_end_to_end_produce_ingest_train_versions(kafka, redis_server, tmp_path):
     topic = f"e2e-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=2)
-    kafka.create_topic(f"{topic}.dlq", partitions=1)
+    ensure_topics(kafka.bootstrap, {topic: 2})
+    ensure_topics(kafka.bootstrap, {f"{topic}.dlq": 1})
     env = _env(kafka, redis_server, tmp_path, topic, CTP_CHUNK_SIZE="130", CTP_CHUNK_MAX_WAIT_S="3")
     ids = _produce_valid(tmp_path / "valid.jsonl", 520, "pair")
-    out = subprocess.run([sys.executable, "-m", "service.cli", "produce", "--jsonl", str(tmp_path / "valid.jsonl")],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "produce", "--jsonl", str(tmp_path / "valid.jsonl")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "sent 520 messages" in out.stdout, out.stderr[-2000:]
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", max_request_size=2_000_000)
     for value in BAD_INPUTS.values():
@@ -135,8 +171,10 @@ def test_end_to_end_produce_ingest_train_versions(kafka, redis_server, tmp_path)
     r = redis_server.client()
     reg = Registry(r, root=tmp_path / "data" / "checkpoints")
     try:
+
         def drained():
             return sum(_queued_ids(r).values()) == 520 and ChunkQueue(r).pending() == 0
+
         _wait(drained, 600, "all pairs chunked and trained", [ingest, trainer])
     finally:
         for p in (ingest, trainer):
@@ -158,16 +196,26 @@ def test_end_to_end_produce_ingest_train_versions(kafka, redis_server, tmp_path)
     assert latest.meta["chunks"] == len(chunks) == latest.version
     load_checkpoint(latest.path)
 
-    status = subprocess.run([sys.executable, "-m", "service.cli", "status", "--json"], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "service.cli", "status", "--json"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     s = json.loads(status.stdout)
-    assert status.returncode == 0 and s["ingest"]["lag"] == 0 and s["ingest"]["produced"] == 520 + len(BAD_INPUTS)
+    assert (
+        status.returncode == 0
+        and s["ingest"]["lag"] == 0
+        and s["ingest"]["produced"] == 520 + len(BAD_INPUTS)
+    )
     assert s["chunks"]["pending"] == 0 and s["latest"] == latest.version and s["memory"]["items"] == 60
 
 
 def test_ingest_killed_at_random_points_loses_and_doubles_nothing(kafka, redis_server, tmp_path):
     topic = f"crash-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=2)
+    ensure_topics(kafka.bootstrap, {topic: 2})
     env = _env(kafka, redis_server, tmp_path, topic, CTP_CHUNK_SIZE="40", CTP_CHUNK_MAX_WAIT_S="0.5")
     rng = random.Random(7)
     ids: list[str] = []
@@ -185,7 +233,9 @@ def test_ingest_killed_at_random_points_loses_and_doubles_nothing(kafka, redis_s
         before = sum(_queued_ids(r).values())
         log = tmp_path / f"ingest-{trial}.log"
         p = _ctp(env, "ingest", log=log)
-        _wait(lambda log=log: "partitions assigned: [0, 1]" in log.read_text(), 120, "partitions assigned", [p])
+        _wait(
+            lambda log=log: "partitions assigned: [0, 1]" in log.read_text(), 120, "partitions assigned", [p]
+        )
         delay = rng.uniform(0.0, 2.0)  # while reading, validating, writing and recording chunks
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
@@ -208,11 +258,15 @@ def test_trainer_killed_mid_chunk_resumes_from_the_last_good_checkpoint(kafka, r
     r = redis_server.client()
     queue = ChunkQueue(r)
     for d in stream.chunks:
-        queue.enqueue(d.name, d, 80)
-    env = _env(kafka, redis_server, tmp_path, "unused", CTP_EPOCHS="80", CTP_MEMORY_SIZE="30")  # ~10 s a chunk
+        queue.record_chunk(d.name, d, 80)
+    env = _env(
+        kafka, redis_server, tmp_path, "unused", CTP_EPOCHS="80", CTP_MEMORY_SIZE="30"
+    )  # ~10 s a chunk
     reg = Registry(r, root=tmp_path / "data" / "checkpoints")
     rng = random.Random(3)
-    for trial in range(3):  # kill -9 while a chunk is in training (its progress bar shows), at a random moment
+    for trial in range(
+        3
+    ):  # kill -9 while a chunk is in training (its progress bar shows), at a random moment
         log = tmp_path / f"trainer-{trial}.log"
         p = _ctp(env, "train", log=log)
         _wait(lambda log=log: "incclip chunk" in log.read_text(), 120, "training to start", [p])
@@ -242,31 +296,51 @@ def test_ctp_up_demo_runs_the_stack_and_ctrl_c_stops_it_all(tmp_path):
     land and answers /classify; Ctrl-C stops every process and the state stays on disk."""
     import httpx
 
-    from service.infra import free_port
+    from service.local.infra import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTP_")}
-    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CTP_DATA_DIR": str(tmp_path / "data"),
-                "CTP_MODEL": "ctp-vit-micro-32", "CTP_EPOCHS": "1", "CTP_CHUNK_MAX_WAIT_S": "2",
-                "CTP_API_PORT": str(port), "CTP_WATCH_INTERVAL_S": "0.5"})
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "CTP_DATA_DIR": str(tmp_path / "data"),
+            "CTP_MODEL": "ctp-vit-micro-32",
+            "CTP_EPOCHS": "1",
+            "CTP_CHUNK_MAX_WAIT_S": "2",
+            "CTP_API_PORT": str(port),
+            "CTP_WATCH_INTERVAL_S": "0.5",
+        }
+    )
     log = tmp_path / "up.log"
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--demo", "--rate", "0",
-                               "--status-every", "5"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "up", "--demo", "--rate", "0", "--status-every", "5"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     try:
+
         def served(at_least: int):
             try:
                 r = api.get("/model")
             except httpx.HTTPError:
                 return False
             return r.status_code == 200 and int(r.json()["model_version"]) >= at_least
+
         _wait(lambda: served(1), 600, "the API serving version 1", [up])
         _wait(lambda: served(2), 600, "the API swapping to version 2", [up])
         chunk0 = make_stream(tmp_path / "data" / "demo-stream", "class-incremental-small").chunks[0]
         image = read_chunk(chunk0)[0].image
-        r = api.post("/classify", files={"file": ("x.png", image, "image/png")}, data={"labels": "circle,square,star"})
-        assert r.status_code == 200 and len(r.json()["predictions"]) == 3 and int(r.json()["model_version"]) >= 2
+        r = api.post(
+            "/classify", files={"file": ("x.png", image, "image/png")}, data={"labels": "circle,square,star"}
+        )
+        assert (
+            r.status_code == 200 and len(r.json()["predictions"]) == 3 and int(r.json()["model_version"]) >= 2
+        )
         children = _descendants(up.pid)
         assert len(children) >= 5  # kafka, redis-server, ingest, trainer, api (the producer may be done)
         up.send_signal(signal.SIGINT)
@@ -276,7 +350,9 @@ def test_ctp_up_demo_runs_the_stack_and_ctrl_c_stops_it_all(tmp_path):
         if up.poll() is None:
             up.kill()
     text = log.read_text()
-    assert "kafka   127.0.0.1:" in text and "redis   redis://127.0.0.1:" in text and "ctp up: stopping" in text
+    assert (
+        "kafka   127.0.0.1:" in text and "redis   redis://127.0.0.1:" in text and "ctp up: stopping" in text
+    )
     assert f"api     http://127.0.0.1:{port}" in text
     time.sleep(1)
     assert not [pid for pid in children if _alive(pid)]
@@ -287,7 +363,7 @@ def test_two_ingest_workers_share_the_partitions_and_hand_over_on_stop(kafka, re
     """Scale-out: a second consumer takes half the partitions; when one stops (SIGTERM), the other
     takes its partitions over from the recorded offsets: still every pair exactly once."""
     topic = f"scale-{uuid.uuid4().hex[:6]}"
-    kafka.create_topic(topic, partitions=4)
+    ensure_topics(kafka.bootstrap, {topic: 4})
     env = _env(kafka, redis_server, tmp_path, topic, CTP_CHUNK_SIZE="30", CTP_CHUNK_MAX_WAIT_S="1")
     r = redis_server.client()
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
@@ -302,6 +378,7 @@ def test_two_ingest_workers_share_the_partitions_and_hand_over_on_stop(kafka, re
         def split():
             a, b = _last_assignment(logs[0]), _last_assignment(logs[1])
             return a and b and not a & b and len(a | b) == 4
+
         _wait(split, 120, "the partitions split between the two", workers)
         workers[0].send_signal(signal.SIGTERM)
         assert workers[0].wait(60) == 0

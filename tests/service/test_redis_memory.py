@@ -43,10 +43,15 @@ class TestRedisMemory(MemoryContract):
         assert stored == {f"{a.prefix}:item:{k}" for k in keys}  # no orphan hashes
 
     def test_matches_the_in_process_memory(self):
-        mem, ref = self.make_memory(max_items=12, policy="class_balanced"), InProcessMemory(max_items=12, policy="class_balanced")
+        mem, ref = (
+            self.make_memory(max_items=12, policy="class_balanced"),
+            InProcessMemory(max_items=12, policy="class_balanced"),
+        )
         for c in range(3):
             batch = items(20, prefix=f"{c}-", label_of=lambda i, c=c: f"l{(c + i) % 5}")
-            assert mem.add(batch, rng=random.Random(c)).admitted == ref.add(batch, rng=random.Random(c)).admitted
+            assert (
+                mem.add(batch, rng=random.Random(c)).admitted == ref.add(batch, rng=random.Random(c)).admitted
+            )
         assert mem.keys() == ref.keys()
 
     def test_export(self, tmp_path):

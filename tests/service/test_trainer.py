@@ -20,9 +20,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _worker(client, root, **kw):
-    return TrainerWorker(queue=ChunkQueue(client), registry=Registry(client, root=root), model="ctp-vit-micro-32",
-                         memory=RedisMemory(client=client, max_items=30, policy="class_balanced"),
-                         strategy="incclip", config=TrainConfig(epochs=1, batch_size=32, progress=False), **kw)
+    return TrainerWorker(
+        queue=ChunkQueue(client),
+        registry=Registry(client, root=root),
+        model="ctp-vit-micro-32",
+        memory=RedisMemory(client=client, max_items=30, policy="class_balanced"),
+        strategy="incclip",
+        config=TrainConfig(epochs=1, batch_size=32, progress=False),
+        **kw,
+    )
 
 
 def _queued(redis_server, tmp_path, chunks: int = 2):
@@ -31,7 +37,7 @@ def _queued(redis_server, tmp_path, chunks: int = 2):
     client = redis_server.client()
     queue = ChunkQueue(client)
     for d in stream.chunks[:chunks]:
-        queue.enqueue(d.name, d, 80)
+        queue.record_chunk(d.name, d, 80)
     return stream, client, queue
 
 
@@ -66,12 +72,20 @@ def test_a_chunk_published_but_not_acked_is_not_trained_again(redis_server, tmp_
 
 def test_eval_sets_are_measured_and_stored_with_each_version(redis_server, tmp_path):
     stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
-    _worker(client, tmp_path / "ckpt", eval_classification={"syn": stream.classification},
-            eval_retrieval={"syn_ret": stream.retrieval}).run(burst=True, block_ms=50)
+    _worker(
+        client,
+        tmp_path / "ckpt",
+        eval_classification={"syn": stream.classification},
+        eval_retrieval={"syn_ret": stream.retrieval},
+    ).run(burst=True, block_ms=50)
     # a restarted worker continues the curves from the checkpoint's metadata
-    queue.enqueue("chunk_001", stream.chunks[1], 80)
-    _worker(client, tmp_path / "ckpt", eval_classification={"syn": stream.classification},
-            eval_retrieval={"syn_ret": stream.retrieval}).run(burst=True, block_ms=50)
+    queue.record_chunk("chunk_001", stream.chunks[1], 80)
+    _worker(
+        client,
+        tmp_path / "ckpt",
+        eval_classification={"syn": stream.classification},
+        eval_retrieval={"syn_ret": stream.retrieval},
+    ).run(burst=True, block_ms=50)
     reg = Registry(client, root=tmp_path / "ckpt")
     v1, v2 = reg.history()
     assert set(v2.meta["metrics"]) == {"syn", "syn_ret"}
@@ -84,8 +98,8 @@ def test_eval_sets_are_measured_and_stored_with_each_version(redis_server, tmp_p
 
 def test_a_bad_chunk_is_retried_then_set_aside_and_the_worker_goes_on(redis_server, tmp_path):
     stream, client, queue = _queued(redis_server, tmp_path, chunks=0)
-    queue.enqueue("chunk_gone", tmp_path / "no-such-chunk", 80)
-    queue.enqueue("chunk_000", stream.chunks[0], 80)
+    queue.record_chunk("chunk_gone", tmp_path / "no-such-chunk", 80)
+    queue.record_chunk("chunk_000", stream.chunks[0], 80)
     stats = _worker(client, tmp_path / "ckpt", max_attempts=2).run(burst=True, block_ms=50)
     assert stats.failed == 2 and stats.dead == 1 and stats.chunks == 1
     assert b"no-such-chunk" in client.hget(DEAD_CHUNKS, "chunk_gone")
@@ -98,12 +112,26 @@ def test_a_bad_chunk_is_retried_then_set_aside_and_the_worker_goes_on(redis_serv
 @pytest.mark.timeout(600)
 def test_trainer_under_torchrun_trains_each_chunk_once(redis_server, tmp_path):
     stream, client, queue = _queued(redis_server, tmp_path)
-    env = {**os.environ, "CTP_REDIS_URL": redis_server.url, "CTP_DATA_DIR": str(tmp_path / "data"),
-           "CTP_MODEL": "ctp-vit-micro-32", "CTP_EPOCHS": "1", "CTP_BATCH_SIZE": "16", "CTP_MEMORY_SIZE": "30",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "CTP_REDIS_URL": redis_server.url,
+        "CTP_DATA_DIR": str(tmp_path / "data"),
+        "CTP_MODEL": "ctp-vit-micro-32",
+        "CTP_EPOCHS": "1",
+        "CTP_BATCH_SIZE": "16",
+        "CTP_MEMORY_SIZE": "30",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     torchrun = Path(sys.executable).with_name("torchrun")
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "service.cli", "train",
-                          "--burst"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    out = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "service.cli", "train", "--burst"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     reg = Registry(client, root=tmp_path / "data" / "checkpoints")
     assert [v.version for v in reg.history()] == [1, 2]  # one version per chunk: rank 0 alone publishes
@@ -124,7 +152,7 @@ def test_one_trainer_at_a_time_a_standby_takes_over_from_the_latest_version(redi
     first_stats = _worker(client, tmp_path / "ckpt", consumer="a", lease_s=2).run(burst=True, block_ms=50)
     standby.join(60)
     # whichever held the lease trained chunk 0; then chunk 1 goes to the other, on top of version 1
-    queue.enqueue("chunk_001", stream.chunks[1], 80)
+    queue.record_chunk("chunk_001", stream.chunks[1], 80)
     assert first_stats.chunks + done["stats"].chunks == 1
     third = _worker(client, tmp_path / "ckpt", consumer="c", lease_s=2).run(burst=True, block_ms=50)
     assert third.chunks == 1

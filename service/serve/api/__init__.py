@@ -1,5 +1,5 @@
 """The serving API (FastAPI): ``create_app`` and the ``ctp serve`` entry point."""
 
-from service.api.app import create_app, main
+from service.serve.api.app import create_app, main
 
 __all__ = ["create_app", "main"]

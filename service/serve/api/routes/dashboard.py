@@ -1,6 +1,6 @@
 """The dashboard: ``GET /`` (page), ``GET /status`` (its JSON), ``GET /gallery/{id}/image`` (thumbnails).
 
-The page is static HTML + vanilla JS + CSS from ``service/api/static`` (no build step, no CDN);
+The page is static HTML + vanilla JS + CSS from ``service/serve/api/static`` (no build step, no CDN);
 it polls ``/status`` and calls ``/classify`` and ``/retrieve`` for its try-it panel.
 ``/status`` gathers in a worker thread and is cached for ``STATUS_TTL_S``: many open pages cost
 one gather (concurrent requests wait for the same one). It answers 200 whatever is down: what
@@ -20,11 +20,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.deps import Context, ServeContext
-from service.api.errors import ApiError
-from service.api.schemas import ErrorBody
-from service.dashboard import DashboardStatus
-from service.gallery_images import GalleryImages, gallery_dirs
+from service.serve.api.deps import Context, ServeContext
+from service.serve.api.errors import ApiError
+from service.serve.api.schemas import ErrorBody
+from service.serve.dashboard import DashboardStatus
+from service.serve.gallery import GalleryImages
 
 router = APIRouter(tags=["dashboard"])
 
@@ -32,8 +32,10 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
 STATUS_TTL_S = 1.5
 # the page loads only its own files; uploads are previewed from blob: URLs
-PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 class DashboardState:
@@ -46,7 +48,7 @@ class DashboardState:
         self.lock = asyncio.Lock()
         self.cached: bytes | None = None  # the JSON body
         self.cached_at = -float("inf")
-        self.dirs = lambda: gallery_dirs(ctx.holder.fixed_dirs, ctx.holder.chunks_root)
+        self.dirs = ctx.holder.gallery_dirs
 
     def gather_json(self) -> bytes:
         return json.dumps(self.status.gather(), default=str, allow_nan=False).encode()
@@ -63,20 +65,29 @@ def _state(request: Request, ctx: ServeContext) -> DashboardState:
 
 
 class StatusBody(BaseModel):
-    """``ctp status --json`` plus what the dashboard draws (service/dashboard.py); more keys may appear."""
+    """``ctp status --json`` plus what the dashboard draws (service/serve/dashboard.py); more keys may
+    appear."""
 
     model_config = ConfigDict(extra="allow")
 
     time: float
-    errors: dict[str, str] = Field(description="part -> what failed (redis, kafka, ...); empty when all answered")
+    errors: dict[str, str] = Field(
+        description="part -> what failed (redis, kafka, ...); empty when all answered"
+    )
     chunks: dict[str, int] | None = Field(None, description="pending, enqueued, dead")
     memory: dict[str, int] | None = Field(None, description="items, bytes, capacity")
     ingest: dict[str, Any] | None = Field(None, description="topic, partitions, lag, produced, rate_per_s")
     ingest_pending: bool = Field(description="true until Kafka has answered once")
-    versions: list[dict[str, Any]] = Field([], description="registry history: version, created, chunks, metrics")
+    versions: list[dict[str, Any]] = Field(
+        [], description="registry history: version, created, chunks, metrics"
+    )
     latest: int | str | None = None
-    serving: dict[str, Any] | None = Field(description="the version this process serves; null before one loads")
-    curves: dict[str, Any] = Field(description="newest version's eval state: per set, score/avg/forgetting per chunk")
+    serving: dict[str, Any] | None = Field(
+        description="the version this process serves; null before one loads"
+    )
+    curves: dict[str, Any] = Field(
+        description="newest version's eval state: per set, score/avg/forgetting per chunk"
+    )
     version_metrics: dict[str, list[dict[str, Any]]] = Field(description="per set, one point per version")
 
 
@@ -107,15 +118,26 @@ async def status(request: Request, ctx: Context) -> Response:
         return Response(state.cached, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
-@router.get("/gallery/{item_id:path}/image", response_class=Response,
-            responses={200: {"content": {"image/*": {}}, "description": "the stored image bytes"},
-                       404: {"model": ErrorBody}})
+@router.get(
+    "/gallery/{item_id:path}/image",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/*": {}}, "description": "the stored image bytes"},
+        404: {"model": ErrorBody},
+    },
+)
 async def gallery_image(item_id: str, request: Request, ctx: Context) -> Response:
     """The image of the retrieval gallery item ``item_id`` (the ``id`` ``/retrieve`` returns), as stored."""
     found = await run_in_threadpool(_state(request, ctx).image, item_id)
     if found is None:
         raise ApiError(404, "not_found", "no gallery image with this id")
     data, media_type = found
-    return Response(data, media_type=media_type,
-                    headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff",
-                             "Content-Security-Policy": "default-src 'none'"})
+    return Response(
+        data,
+        media_type=media_type,
+        headers={
+            "Cache-Control": "max-age=300",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'",
+        },
+    )

@@ -17,8 +17,9 @@ class ClassifyRequest(BaseModel):
 
     image: str = Field(description="base64 of JPEG/PNG/WebP bytes")
     labels: list[str] = Field(min_length=1, description="class names; softmax is over these")
-    templates: list[str] | None = Field(None, min_length=1,
-                                        description='prompt templates with "{c}"; default ["{c}"]')
+    templates: list[str] | None = Field(
+        None, min_length=1, description='prompt templates with "{c}"; default ["{c}"]'
+    )
     top_k: int | None = Field(None, ge=1, description="predictions returned; default all")
 
 

@@ -31,7 +31,8 @@ import redis
 
 from ctp.checkpoint import load_meta
 from service.registry import Registry
-from service.serving import DirectorySource, ModelHolder
+from service.serve.holder import ModelHolder
+from service.serve.sources import DirectorySource
 from service.settings import Settings
 from service.status import collect_status, topic_lag
 
@@ -61,8 +62,10 @@ def task_matrix(result: dict[str, Any], labelled: bool) -> list[list[float | Non
     rows = [[_num(v) for v in row] for row in result.get("rows") or []]
     if result.get("kind") == "classification" and not labelled:
         after = result.get("after_chunk") or []
-        return [[_num(m.get("acc1")) if isinstance(m, dict) else None] + [None] * (len(row) - 1)
-                for m, row in zip(after, rows, strict=False)]
+        return [
+            [_num(m.get("acc1")) if isinstance(m, dict) else None] + [None] * (len(row) - 1)
+            for m, row in zip(after, rows, strict=False)
+        ]
     return rows
 
 
@@ -97,10 +100,18 @@ def eval_curves(meta: dict[str, Any] | None) -> dict[str, Any]:
         score = [_num(m.get(key)) if isinstance(m, dict) else None for m in after]
         avg, forget = matrix_curves(task_matrix(result, labelled))
         measured = [m is not None for m in after]
-        sets[name] = {"kind": kind, "score": key, "after_chunk": score,
-                      "avg_accuracy": [a if ok else None for a, ok in zip(avg, measured, strict=False)],
-                      "forgetting": [f if ok else None for f, ok in zip(forget, measured, strict=False)]}
-    return {"version": (meta or {}).get("version"), "chunks": len(state.get("chunk_labels") or []), "sets": sets}
+        sets[name] = {
+            "kind": kind,
+            "score": key,
+            "after_chunk": score,
+            "avg_accuracy": [a if ok else None for a, ok in zip(avg, measured, strict=False)],
+            "forgetting": [f if ok else None for f, ok in zip(forget, measured, strict=False)],
+        }
+    return {
+        "version": (meta or {}).get("version"),
+        "chunks": len(state.get("chunk_labels") or []),
+        "sets": sets,
+    }
 
 
 def version_metrics(versions: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -111,10 +122,17 @@ def version_metrics(versions: list[dict[str, Any]]) -> dict[str, list[dict[str, 
             if not isinstance(m, dict):
                 continue
             key = "acc1" if "acc1" in m else "mean_recall@1"
-            out.setdefault(name, []).append({
-                "version": str(v.get("version")), "chunks": v.get("chunks"), "score": key,
-                "value": _num(m.get(key)), "forgetting": _num(m.get("forgetting")),
-                "avg_accuracy": _num(m.get("avg_accuracy")), "bwt": _num(m.get("bwt"))})
+            out.setdefault(name, []).append(
+                {
+                    "version": str(v.get("version")),
+                    "chunks": v.get("chunks"),
+                    "score": key,
+                    "value": _num(m.get(key)),
+                    "forgetting": _num(m.get("forgetting")),
+                    "avg_accuracy": _num(m.get("avg_accuracy")),
+                    "bwt": _num(m.get("bwt")),
+                }
+            )
     return out
 
 
@@ -142,8 +160,15 @@ class IngestRate:
 class KafkaLag:
     """The topic's lag, refreshed by one background thread at most every ``every_s`` while asked."""
 
-    def __init__(self, settings: Settings, *, every_s: float = 2.0, retry_s: float = 15.0,
-                 rate_window_s: float = 60.0, timeout_ms: int = 5000):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        every_s: float = 2.0,
+        retry_s: float = 15.0,
+        rate_window_s: float = 60.0,
+        timeout_ms: int = 5000,
+    ):
         self.settings = settings
         self.every_s = every_s
         self.retry_s = retry_s  # after a failure: kafka-python logs every reconnect, spare the log
@@ -175,7 +200,7 @@ class KafkaLag:
                 self.rate.add(now, int(lag["produced"]))
                 self.ingest = {**lag, "rate_per_s": self.rate.per_s()}
                 self.error, self.checked_at = None, now
-        except Exception as e:  # noqa: BLE001 - broker or Redis away: report it, keep the page up
+        except Exception as e:  # broker or Redis away: report it, keep the page up
             with self._lock:
                 self.ingest, self.error, self.checked_at = None, f"{type(e).__name__}: {e}", time.time()
                 self._next_at = time.monotonic() + self.retry_s
@@ -205,7 +230,7 @@ class DashboardStatus:
             try:
                 out["versions"] = self.holder.source.history()
                 out["latest"] = out["versions"][-1]["version"] if out["versions"] else None
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 out["errors"]["checkpoints"] = f"{type(e).__name__}: {e}"
         out["serving"] = self._serving()
         out["curves"] = self._latest_curves()
@@ -217,9 +242,16 @@ class DashboardStatus:
         if snap is None:
             return None
         m = snap.meta
-        return {"model_version": snap.version, "model": m.get("model"), "strategy": m.get("strategy"),
-                "chunks": m.get("chunks"), "loaded_at": snap.loaded_at, "gallery_size": len(snap.index),
-                "index": snap.index.kind, "swaps": self.holder.stats.swaps}
+        return {
+            "model_version": snap.version,
+            "model": m.get("model"),
+            "strategy": m.get("strategy"),
+            "chunks": m.get("chunks"),
+            "loaded_at": snap.loaded_at,
+            "gallery_size": len(snap.index),
+            "index": snap.index.kind,
+            "swaps": self.holder.stats.swaps,
+        }
 
     def _latest_meta(self) -> tuple[Any, dict[str, Any] | None]:
         """(identity, meta) of the newest version: the registry's or the checkpoint dir's; the served
@@ -233,7 +265,9 @@ class DashboardStatus:
             else:
                 r = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
                 try:
-                    reg = Registry(r, root=self.settings.data_dir / "checkpoints", keep=self.settings.keep_checkpoints)
+                    reg = Registry(
+                        r, root=self.settings.data_dir / "checkpoints", keep=self.settings.keep_checkpoints
+                    )
                     version = reg.latest_version()
                     if version is not None and ("registry", version) == self._curves_key:
                         return self._curves_key, None  # unchanged: keep the curves computed
@@ -242,7 +276,7 @@ class DashboardStatus:
                         return ("registry", version), {**info.meta, "version": info.version}
                 finally:
                     r.close()
-        except Exception as e:  # noqa: BLE001 - Redis or disk away: fall back to what is served
+        except Exception as e:  # Redis or disk away: fall back to what is served
             logger.debug("newest version's metadata unavailable: %s", e)
         snap = self.holder.snapshot
         return (("served", snap.version, snap.load_id), snap.meta) if snap is not None else (None, None)

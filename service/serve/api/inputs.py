@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import unicodedata
-
 from torch import Tensor
 
 from ctp.images import ImageDecodeError, decode_image
-from service.api.errors import ApiError
-from service.serving import Snapshot
+from service.messages import InvalidMessage, clean_text, decode_base64
+from service.serve.api.errors import ApiError
+from service.serve.snapshot import Snapshot
 
 
 def b64_image(data: str, *, max_bytes: int) -> bytes:
-    if len(data) > max_bytes * 4 // 3 + 4:
-        raise ApiError(413, "image_too_large", f"image is over {max_bytes} bytes")
+    """The ingest contract's base64 rule (``service.messages.decode_base64``); too large is a 413."""
     try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(422, "bad_base64", f"image is not valid base64 ({e})") from None
+        return decode_base64(data, max_bytes=max_bytes)
+    except InvalidMessage as e:
+        raise ApiError(413 if e.code == "image_too_large" else 422, e.code, e.reason) from None
 
 
 def image_tensor(raw: bytes, snap: Snapshot, *, max_bytes: int, max_pixels: int) -> Tensor:
@@ -35,16 +31,10 @@ def clean_texts(values: list[str], *, what: str, max_items: int, max_chars: int)
     """NFC-normalised, stripped, non-empty, distinct, within the limits."""
     if len(values) > max_items:
         raise ApiError(422, f"too_many_{what}", f"{len(values)} {what}, limit {max_items}")
-    out = []
-    for v in values:
-        t = unicodedata.normalize("NFC", v).strip()
-        if not t:
-            raise ApiError(422, f"empty_{what}", f"one of the {what} is empty")
-        if len(t) > max_chars:
-            raise ApiError(422, f"{what}_too_long", f"{what} of {len(t)} characters, limit {max_chars}")
-        if any(unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn") for c in t):
-            raise ApiError(422, f"{what}_control_chars", f"{what} hold control or unassigned characters")
-        out.append(t)
+    try:  # the ingest contract's text rule, stricter: no tabs or newlines in labels and queries
+        out = [clean_text(v, what=what, max_chars=max_chars, allow="") for v in values]
+    except InvalidMessage as e:
+        raise ApiError(422, e.code, e.reason) from None
     if len(set(out)) != len(out):
         raise ApiError(422, f"duplicate_{what}", f"{what} must be distinct")
     return out

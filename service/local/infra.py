@@ -7,9 +7,9 @@ a restart. Both children run in their own session (Ctrl-C in a terminal reaches 
 stop them in order) and, where ``setpriv`` exists, die with the process that started them, so a
 killed test run leaves no stray JVM behind.
 
-    python -m service.infra fetch          # resolve the Kafka jars into the cache (CI does this once)
-    python -m service.infra kafka          # run a broker until Ctrl-C, printing its bootstrap address
-    python -m service.infra redis --aof    # run Redis until Ctrl-C, printing its URL
+    python -m service.local.infra fetch          # resolve the Kafka jars into the cache (CI does this once)
+    python -m service.local.infra kafka          # run a broker until Ctrl-C, printing its bootstrap address
+    python -m service.local.infra redis --aof    # run Redis until Ctrl-C, printing its URL
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -155,7 +155,9 @@ def _fetch_kafka(cache_dir: Path, *, version: str, mvn: str) -> None:
     t0 = time.monotonic()
     log.info("resolving Kafka %s jars from Maven Central into %s", version, cache_dir)
     try:
-        with importlib.resources.as_file(importlib.resources.files(__package__ or "service") / _POM) as pom:
+        with importlib.resources.as_file(
+            importlib.resources.files(__package__ or "service.local") / _POM
+        ) as pom:
             cmd = [mvn_path, "-B", "-q", "-Dstyle.color=never", "-f", str(pom)]
             cmd += ["dependency:copy-dependencies", "-DincludeScope=runtime"]
             cmd += [f"-DoutputDirectory={tmp}", f"-Dkafka.version={version}"]
@@ -187,8 +189,15 @@ class _LocalServer:
 
     LOG_NAME = "server.log"
 
-    def __init__(self, *, port: int | None, data_dir: Path | None, keep: bool, start_timeout: float,
-                 stop_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None,
+        data_dir: Path | None,
+        keep: bool,
+        start_timeout: float,
+        stop_timeout: float,
+    ) -> None:
         self.port = port  # None: a free port at start()
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.keep = keep  # keep a temp data dir after stop() (for post-mortems)
@@ -224,6 +233,29 @@ class _LocalServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
             self._owns_dir = False
+
+    def _wait_ready(self, name: str, ready: Callable[[], bool], *, question: str, interval: float) -> None:
+        """Until ``ready()`` (an exception from it means "not yet"); raise if the process exits or
+        ``start_timeout`` passes, with the log's tail."""
+        assert self._proc is not None
+        deadline = time.monotonic() + self.start_timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with code {self._proc.returncode} during startup; "
+                    f"log tail (keep=True keeps the dir):\n{_tail(self.log_path)}"
+                )
+            try:
+                if ready():
+                    return
+            except Exception as e:  # any failure here means "not ready yet"
+                last = e
+            time.sleep(interval)
+        raise TimeoutError(
+            f"{name} did not answer {question} within {self.start_timeout:.0f}s "
+            f"(last error: {last!r}); log tail (keep=True keeps the dir):\n{_tail(self.log_path)}"
+        )
 
     def start(self) -> Self:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -266,8 +298,9 @@ class KafkaServer(_LocalServer):
         java: str = "java",
         config: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout,
-                         stop_timeout=stop_timeout)  # port: the PLAINTEXT listener
+        super().__init__(
+            port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout, stop_timeout=stop_timeout
+        )  # port: the PLAINTEXT listener
         self.num_partitions = num_partitions  # default partitions of auto-created topics
         self.controller_port = controller_port  # KRaft CONTROLLER listener; None: a free port
         self.heap = heap  # -Xmx; the broker idles well under 256m, 512m leaves headroom
@@ -329,7 +362,7 @@ class KafkaServer(_LocalServer):
                     start_new_session=True,
                 )
             (self.data_dir / "kafka.pid").write_text(f"{self._proc.pid}\n")
-            self._wait_ready()
+            self._wait_ready("Kafka", self._answers, question=f"at {self.bootstrap}", interval=0.25)
         except BaseException:
             self.stop(kill=True)
             raise
@@ -384,36 +417,21 @@ class KafkaServer(_LocalServer):
             tail = "\n".join(out.stdout.decode(errors="replace").splitlines()[-30:])
             raise RuntimeError(f"kafka-storage format failed (exit {out.returncode}):\n{tail}")
 
-    def _wait_ready(self) -> None:
+    def _answers(self) -> bool:
+        """The broker answers a metadata request and is not fenced."""
         from kafka import KafkaAdminClient  # imported here so `fetch` and Redis need no kafka-python
 
-        assert self._proc is not None and self.port is not None
-        deadline = time.monotonic() + self.start_timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"Kafka exited with code {self._proc.returncode} during startup; "
-                    f"log tail (keep=True keeps the dir):\n{_tail(self.log_path)}"
-                )
-            if port_open(self.port):  # cheap check first: kafka-python logs every failed connect
-                try:
-                    admin = KafkaAdminClient(
-                        bootstrap_servers=self.bootstrap, bootstrap_timeout_ms=3000, request_timeout_ms=5000
-                    )
-                    try:
-                        brokers = admin.describe_cluster()["brokers"]
-                    finally:
-                        admin.close()
-                    if brokers and not any(b.get("is_fenced") for b in brokers):
-                        return
-                except Exception as e:  # any failure here means "not ready yet"
-                    last = e
-            time.sleep(0.25)
-        raise TimeoutError(
-            f"Kafka did not answer at {self.bootstrap} within {self.start_timeout:.0f}s "
-            f"(last error: {last!r}); log tail (keep=True keeps the dir):\n{_tail(self.log_path)}"
+        assert self.port is not None
+        if not port_open(self.port):  # cheap check first: kafka-python logs every failed connect
+            return False
+        admin = KafkaAdminClient(
+            bootstrap_servers=self.bootstrap, bootstrap_timeout_ms=3000, request_timeout_ms=5000
         )
+        try:
+            brokers = admin.describe_cluster()["brokers"]
+        finally:
+            admin.close()
+        return bool(brokers) and not any(b.get("is_fenced") for b in brokers)
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the broker by pid (SIGTERM, SIGKILL after ``stop_timeout``; SIGKILL at once if ``kill``)."""
@@ -422,37 +440,22 @@ class KafkaServer(_LocalServer):
             log.info("Kafka (pid %d) stopped", self._proc.pid)
         self._remove_owned_dir()
 
-    # -- helpers
-    def create_topic(
-        self, name: str, *, partitions: int = 1, config: Mapping[str, str] | None = None
-    ) -> None:
-        """Create ``name`` and wait until every partition has a leader."""
-        from kafka import KafkaAdminClient
-
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
-        try:
-            spec: dict[str, object] = {"num_partitions": partitions, "replication_factor": 1}
-            if config:
-                spec["configs"] = dict(config)
-            admin.create_topics({name: spec}, wait_for_metadata=True)
-        finally:
-            admin.close()
-
     def __repr__(self) -> str:
         state = f"pid={self.pid} bootstrap={self.bootstrap}" if self.running else "stopped"
         return f"KafkaServer({state})"
 
 
 def ensure_topics(bootstrap: str, topics: Mapping[str, int], *, timeout_s: float = 30.0) -> list[str]:
-    """Create the topics (name -> partitions) that do not exist yet; returns the ones created."""
+    """Create the topics (name -> partitions) that do not exist yet and wait until every partition
+    of them has a leader; returns the ones created."""
     from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
     try:
         missing = [name for name in topics if name not in set(admin.list_topics())]
         if missing:
-            admin.create_topics([NewTopic(name, topics[name], 1) for name in missing], validate_only=False)
+            specs = {name: {"num_partitions": topics[name], "replication_factor": 1} for name in missing}
+            admin.create_topics(specs, wait_for_metadata=True)
         return missing
     finally:
         admin.close()
@@ -483,8 +486,9 @@ class RedisServer(_LocalServer):
         stop_timeout: float = 10.0,
         executable: str = "redis-server",
     ) -> None:
-        super().__init__(port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout,
-                         stop_timeout=stop_timeout)  # port: kept by restart()
+        super().__init__(
+            port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout, stop_timeout=stop_timeout
+        )  # port: kept by restart()
         self.aof = aof
         self.executable = executable
 
@@ -526,7 +530,7 @@ class RedisServer(_LocalServer):
                 cwd=self.data_dir,
                 start_new_session=True,
             )
-            self._wait_ready()
+            self._wait_ready("redis-server", self._pings, question=f"PING at {self.url}", interval=0.05)
         except BaseException:
             self._terminate(kill=True)
             self._remove_owned_dir()
@@ -534,31 +538,16 @@ class RedisServer(_LocalServer):
         log.info("Redis up at %s (pid %d, aof=%s, dir %s)", self.url, self._proc.pid, self.aof, self.data_dir)
         return self
 
-    def _wait_ready(self) -> None:
+    def _pings(self) -> bool:
+        """PING answers (not LOADING an AOF, listening)."""
         import redis
 
-        assert self._proc is not None and self.port is not None
-        deadline = time.monotonic() + self.start_timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with code {self._proc.returncode} during startup; "
-                    f"log tail (keep=True keeps the dir):\n{_tail(self.log_path)}"
-                )
-            client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError as e:  # LOADING (AOF replay) or not listening yet
-                last = e
-            finally:
-                client.close()
-            time.sleep(0.05)
-        raise TimeoutError(
-            f"redis-server did not answer PING at {self.url} within {self.start_timeout:.0f}s "
-            f"(last error: {last!r}); log tail (keep=True keeps the dir):\n{_tail(self.log_path)}"
-        )
+        assert self.port is not None
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
 
     def _terminate(self, *, kill: bool) -> None:
         if self._proc is not None:
@@ -615,7 +604,7 @@ def _serve(server: KafkaServer | RedisServer, line: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.infra", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m service.local.infra", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="resolve the Kafka jars into the cache and print the cache dir")
     f.add_argument("--cache-dir", type=Path)

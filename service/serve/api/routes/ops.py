@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import Context
-from service.api.errors import ApiError
-from service.api.schemas import ErrorBody
+from service.serve.api.deps import Context
+from service.serve.api.errors import ApiError
+from service.serve.api.schemas import ErrorBody
 
 router = APIRouter(tags=["ops"])
 

@@ -20,7 +20,9 @@ class ApiError(Exception):
         self.headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
-def error_response(status: int, code: str, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, reason: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": code, "reason": reason}, status_code=status, headers=headers)
 
 
@@ -72,8 +74,9 @@ class BodyLimit:
                 await _send_json(send, 400, "bad_content_length", "Content-Length is not a number")
                 return
             if int(length) > self.max_bytes:
-                await _send_json(send, 413, "too_large",
-                                 f"body of {int(length)} bytes, limit {self.max_bytes}")
+                await _send_json(
+                    send, 413, "too_large", f"body of {int(length)} bytes, limit {self.max_bytes}"
+                )
                 return
         seen = 0
 
@@ -91,7 +94,15 @@ class BodyLimit:
 
 async def _send_json(send: Send, status: int, code: str, reason: str) -> None:
     body = json.dumps({"error": code, "reason": reason}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -8,12 +8,13 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from service.api.errors import ApiError
-from service.batching import Batcher
 from service.messages import Limits
-from service.serving import LabelCache, ModelHolder, Snapshot
+from service.serve.api.errors import ApiError
+from service.serve.batching import Batcher
+from service.serve.holder import ModelHolder
+from service.serve.snapshot import LabelCache, Snapshot
+from service.serve.telemetry import ServeMetrics
 from service.settings import Settings
-from service.telemetry import ServeMetrics
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ServeContext:
     labels: LabelCache
     metrics: ServeMetrics
     limits: Limits  # ingest message limits
-    sink: object | None = None  # service.api.routes.ingest.KafkaSink, made on first use
+    sink: object | None = None  # service.serve.api.routes.ingest.KafkaSink, made on first use
 
 
 def get_context(request: Request) -> ServeContext:

@@ -18,19 +18,22 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import ServeContext
-from service.api.errors import BodyLimit, error_response, install_error_handlers
-from service.api.routes import classify, dashboard, ingest, model, ops, retrieve
-from service.batching import Batcher, Overloaded
-from service.messages import Limits
 from service.registry import Registry
-from service.serving import DirectorySource, LabelCache, ModelHolder, RegistrySource, VersionSource
+from service.serve.api.deps import ServeContext
+from service.serve.api.errors import BodyLimit, error_response, install_error_handlers
+from service.serve.api.routes import classify, dashboard, ingest, model, ops, retrieve
+from service.serve.batching import Batcher, Overloaded
+from service.serve.holder import ModelHolder
+from service.serve.snapshot import LabelCache
+from service.serve.sources import DirectorySource, RegistrySource, VersionSource
+from service.serve.telemetry import ServeMetrics
 from service.settings import Settings, load_settings
-from service.telemetry import ServeMetrics
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = frozenset({"/classify", "/retrieve", "/model", "/ingest", "/healthz", "/readyz", "/metrics", "/", "/status"})
+ENDPOINTS = frozenset(
+    {"/classify", "/retrieve", "/model", "/ingest", "/healthz", "/readyz", "/metrics", "/", "/status"}
+)
 
 
 def version_source(settings: Settings) -> VersionSource:
@@ -38,7 +41,9 @@ def version_source(settings: Settings) -> VersionSource:
     if settings.serve_checkpoint_dir is not None:
         return DirectorySource(settings.serve_checkpoint_dir)
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
-    return RegistrySource(Registry(client, root=settings.data_dir / "checkpoints", keep=settings.keep_checkpoints))
+    return RegistrySource(
+        Registry(client, root=settings.data_dir / "checkpoints", keep=settings.keep_checkpoints)
+    )
 
 
 class Instrument:
@@ -69,25 +74,42 @@ class Instrument:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
-def create_app(settings: Settings | None = None, *, source: VersionSource | None = None,
-               holder: ModelHolder | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    source: VersionSource | None = None,
+    holder: ModelHolder | None = None,
+) -> FastAPI:
     """The API over ``holder`` (default: a ``ModelHolder`` on ``source``, default from settings)."""
     s = settings if settings is not None else load_settings()
     metrics = ServeMetrics()
     if holder is None:
         holder = ModelHolder(
-            source=source if source is not None else version_source(s), device=s.device,
-            chunks_root=s.data_dir / "chunks", gallery_dirs=s.gallery_shards, gallery_max_items=s.gallery_max_items,
-            ann_threshold=s.ann_threshold, interval_s=s.watch_interval_s, max_image_pixels=s.max_image_pixels,
-            max_image_bytes=s.max_image_bytes, listener=metrics)
-    batcher = Batcher(max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, queue_size=s.queue_size,
-                      on_batch=metrics.batch)
-    ctx = ServeContext(settings=s, holder=holder, batcher=batcher, labels=LabelCache(s.label_cache_size),
-                       metrics=metrics, limits=Limits(max_message_bytes=s.max_message_bytes,
-                                                      max_image_bytes=s.max_image_bytes,
-                                                      max_image_pixels=s.max_image_pixels,
-                                                      max_text_chars=s.max_text_chars,
-                                                      max_label_chars=s.max_label_chars))
+            source=source if source is not None else version_source(s),
+            device=s.device,
+            chunks_root=s.data_dir / "chunks",
+            gallery_dirs=s.gallery_shards,
+            gallery_max_items=s.gallery_max_items,
+            ann_threshold=s.ann_threshold,
+            interval_s=s.watch_interval_s,
+            max_image_pixels=s.max_image_pixels,
+            max_image_bytes=s.max_image_bytes,
+            listener=metrics,
+        )
+    batcher = Batcher(
+        max_batch_size=s.max_batch_size,
+        max_wait_ms=s.max_wait_ms,
+        queue_size=s.queue_size,
+        on_batch=metrics.batch,
+    )
+    ctx = ServeContext(
+        settings=s,
+        holder=holder,
+        batcher=batcher,
+        labels=LabelCache(s.label_cache_size),
+        metrics=metrics,
+        limits=s.message_limits(),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,8 +123,12 @@ def create_app(settings: Settings | None = None, *, source: VersionSource | None
             if ctx.sink is not None:
                 ctx.sink.close()
 
-    app = FastAPI(title="ctp serving API", version="1", lifespan=lifespan,
-                  description="Zero-shot classification and retrieval with the newest continually-trained model.")
+    app = FastAPI(
+        title="ctp serving API",
+        version="1",
+        lifespan=lifespan,
+        description="Zero-shot classification and retrieval with the newest continually-trained model.",
+    )
     app.state.ctx = ctx
     install_error_handlers(app)
 
@@ -114,8 +140,12 @@ def create_app(settings: Settings | None = None, *, source: VersionSource | None
     for r in (classify.router, retrieve.router, model.router, ingest.router, ops.router, dashboard.router):
         app.include_router(r)
     if s.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=s.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Content-Type", "X-API-Key"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=s.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key"],
+        )
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
     app.add_middleware(Instrument, metrics=metrics)  # outermost: sees the 413s too
     return app
@@ -130,12 +160,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ctp serve", description="serve the newest model: classify, retrieve")
     p.add_argument("--host", help="default CTP_API_HOST")
     p.add_argument("--port", type=int, help="default CTP_API_PORT")
-    p.add_argument("--checkpoint-dir", help="serve checkpoints from this dir (no Redis); default CTP_SERVE_CHECKPOINT_DIR")
+    p.add_argument(
+        "--checkpoint-dir",
+        help="serve checkpoints from this dir (no Redis); default CTP_SERVE_CHECKPOINT_DIR",
+    )
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
-    overrides = {k: v for k, v in (("api_host", args.host), ("api_port", args.port),
-                                   ("serve_checkpoint_dir", args.checkpoint_dir)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("api_host", args.host),
+            ("api_port", args.port),
+            ("serve_checkpoint_dir", args.checkpoint_dir),
+        )
+        if v is not None
+    }
     s = load_settings(**overrides)
-    uvicorn.run(create_app(s), host=s.api_host, port=s.api_port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(s),
+        host=s.api_host,
+        port=s.api_port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+    )
     return 0

@@ -25,12 +25,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.infra import KafkaServer, RedisServer, _parent_death_prefix, free_port, port_open
+from service.local.infra import KafkaServer, RedisServer, _parent_death_prefix, free_port, port_open
 
 DEMO_STREAM = "class-incremental-small"
 # CPU-sized demo: a chunk per 200 pairs, few epochs; any CTP_ variable set by the user wins.
-DEMO_SETTINGS = {"CTP_CHUNK_SIZE": "200", "CTP_CHUNK_MAX_WAIT_S": "20", "CTP_EPOCHS": "8",
-                 "CTP_MEMORY_SIZE": "400"}
+DEMO_SETTINGS = {
+    "CTP_CHUNK_SIZE": "200",
+    "CTP_CHUNK_MAX_WAIT_S": "20",
+    "CTP_EPOCHS": "8",
+    "CTP_MEMORY_SIZE": "400",
+}
 
 
 @dataclass
@@ -48,8 +52,13 @@ class Child:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             # SIGTERM to the child if `ctp up` itself dies (even by SIGKILL): no orphaned roles
-            self.proc = subprocess.Popen([*_parent_death_prefix(), sys.executable, "-m", "service.cli", *self.argv],
-                                         env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [*_parent_death_prefix(), sys.executable, "-m", "service.cli", *self.argv],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def stop(self, timeout: float) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -78,13 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     from service.settings import load_settings
 
     p = argparse.ArgumentParser(prog="ctp up", description=__doc__.splitlines()[0])
-    p.add_argument("--demo", action="store_true", help=f"also stream the synthetic {DEMO_STREAM} data through it")
+    p.add_argument(
+        "--demo", action="store_true", help=f"also stream the synthetic {DEMO_STREAM} data through it"
+    )
     p.add_argument("--rate", type=float, default=40.0, help="demo: pairs per second")
     p.add_argument("--partitions", type=int, default=2, help="partitions of a new topic")
     p.add_argument("--no-api", action="store_true", help="do not start the API server")
     p.add_argument("--status-every", type=float, default=15.0, help="seconds between status lines (0: none)")
-    p.add_argument("--exit-when-done", action="store_true",
-                   help="demo: stop once every produced pair is trained, and report the curves")
+    p.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="demo: stop once every produced pair is trained, and report the curves",
+    )
     args = p.parse_args(argv)
     if args.exit_when_done and not args.demo:
         p.error("--exit-when-done needs --demo")
@@ -107,15 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if "CTP_KAFKA_BOOTSTRAP" not in os.environ:
-            kafka = KafkaServer(port=ports["kafka"], controller_port=ports["kafka_controller"],
-                                data_dir=data_dir / "kafka", num_partitions=args.partitions).start()
+            kafka = KafkaServer(
+                port=ports["kafka"],
+                controller_port=ports["kafka_controller"],
+                data_dir=data_dir / "kafka",
+                num_partitions=args.partitions,
+            ).start()
             servers.append(kafka)
             env["CTP_KAFKA_BOOTSTRAP"] = kafka.bootstrap
         if "CTP_REDIS_URL" not in os.environ:
             redis_server = RedisServer(port=ports["redis"], aof=True, data_dir=data_dir / "redis").start()
             servers.append(redis_server)
             env["CTP_REDIS_URL"] = redis_server.url
-        from service.infra import ensure_topics
+        from service.local.infra import ensure_topics
 
         ensure_topics(env["CTP_KAFKA_BOOTSTRAP"], {settings.topic: args.partitions, settings.dlq_topic: 1})
         if args.demo:
@@ -125,28 +143,45 @@ def main(argv: list[str] | None = None) -> int:
             env.setdefault("CTP_EVAL_CLASSIFICATION", f"synthetic={stream.classification}")
             env.setdefault("CTP_EVAL_RETRIEVAL", f"synthetic_retrieval={stream.retrieval}")
         logs = data_dir / "logs"
-        children = [Child("ingest", ["ingest"], logs / "ingest.log"), Child("trainer", ["train"], logs / "trainer.log")]
-        api = not args.no_api and importlib.util.find_spec("service.api") is not None
+        children = [
+            Child("ingest", ["ingest"], logs / "ingest.log"),
+            Child("trainer", ["train"], logs / "trainer.log"),
+        ]
+        api = not args.no_api and importlib.util.find_spec("service.serve.api") is not None
         if api:
             if "CTP_API_PORT" not in os.environ:  # 8000 unless something else holds it
                 env["CTP_API_PORT"] = str(8000 if not port_open(8000) else free_port())
             children.append(Child("api", ["serve"], logs / "api.log"))
         if args.demo:
-            children.append(Child("producer", ["produce", "--shards", *map(str, stream.chunks), "--rate",
-                                               str(args.rate)], logs / "producer.log", once=True))
+            children.append(
+                Child(
+                    "producer",
+                    ["produce", "--shards", *map(str, stream.chunks), "--rate", str(args.rate)],
+                    logs / "producer.log",
+                    once=True,
+                )
+            )
         for c in children:
             c.start(env)
-        lines = [f"ctp up: data in {data_dir}",
-                 f"  kafka   {env['CTP_KAFKA_BOOTSTRAP']}  topic {settings.topic} (dead letters: {settings.dlq_topic})",
-                 f"  redis   {env['CTP_REDIS_URL']}"]
+        lines = [
+            f"ctp up: data in {data_dir}",
+            f"  kafka   {env['CTP_KAFKA_BOOTSTRAP']}  topic {settings.topic} "
+            f"(dead letters: {settings.dlq_topic})",
+            f"  redis   {env['CTP_REDIS_URL']}",
+        ]
         if api:
             host, port = env.get("CTP_API_HOST", "127.0.0.1"), env.get("CTP_API_PORT", "8000")
             lines.append(f"  api     http://{host}:{port}  (docs at /docs, dashboard at /)")
-        lines += [f"  logs    {logs}/{{{','.join(c.name for c in children)}}}.log",
-                  f"  status  CTP_REDIS_URL={env['CTP_REDIS_URL']} CTP_KAFKA_BOOTSTRAP={env['CTP_KAFKA_BOOTSTRAP']} "
-                  f"ctp status", "Ctrl-C stops everything."]
+        lines += [
+            f"  logs    {logs}/{{{','.join(c.name for c in children)}}}.log",
+            f"  status  CTP_REDIS_URL={env['CTP_REDIS_URL']} "
+            f"CTP_KAFKA_BOOTSTRAP={env['CTP_KAFKA_BOOTSTRAP']} ctp status",
+            "Ctrl-C stops everything.",
+        ]
         print("\n".join(lines), flush=True)
-        _supervise(children, env, servers, args.status_every, lambda: stop, exit_when_done=args.exit_when_done)
+        _supervise(
+            children, env, servers, args.status_every, lambda: stop, exit_when_done=args.exit_when_done
+        )
         if args.exit_when_done:
             _report(env, data_dir)
     finally:
@@ -166,8 +201,15 @@ def _settings(env: dict[str, str]):
     return Settings(**{k[4:].lower(): v for k, v in env.items() if k.startswith("CTP_")})
 
 
-def _supervise(children: list[Child], env: dict[str, str], servers, status_every: float, stopped, *,
-               exit_when_done: bool = False) -> None:
+def _supervise(
+    children: list[Child],
+    env: dict[str, str],
+    servers,
+    status_every: float,
+    stopped,
+    *,
+    exit_when_done: bool = False,
+) -> None:
     from service.status import collect_status, format_status
 
     last_status = last_check = time.monotonic()
@@ -186,16 +228,22 @@ def _supervise(children: list[Child], env: dict[str, str], servers, status_every
                 continue
             if c.next_start == 0.0:
                 c.restarts += 1
-                c.next_start = time.monotonic() + min(60.0, 2.0 ** c.restarts)
-                print(f"ctp up: {c.name} exited with {rc}; restart {c.restarts} in "
-                      f"{c.next_start - time.monotonic():.0f} s (log {c.log})", flush=True)
+                c.next_start = time.monotonic() + min(60.0, 2.0**c.restarts)
+                print(
+                    f"ctp up: {c.name} exited with {rc}; restart {c.restarts} in "
+                    f"{c.next_start - time.monotonic():.0f} s (log {c.log})",
+                    flush=True,
+                )
             elif time.monotonic() >= c.next_start:
                 c.next_start = 0.0
                 c.start(env)
         if status_every and time.monotonic() - last_status >= status_every:
             last_status = time.monotonic()
             try:
-                print("status: " + format_status(collect_status(_settings(env))).replace("\n", "\n  "), flush=True)
+                print(
+                    "status: " + format_status(collect_status(_settings(env))).replace("\n", "\n  "),
+                    flush=True,
+                )
             except Exception as e:  # status is a convenience: never let it end the stack
                 print(f"ctp up: status unavailable: {e}", flush=True)
         if exit_when_done and time.monotonic() - last_check >= 2.0:
@@ -206,8 +254,13 @@ def _supervise(children: list[Child], env: dict[str, str], servers, status_every
 
 
 def _all_trained(s: dict) -> bool:
-    return (not s["errors"] and s["ingest"]["lag"] == 0 and s["chunks"]["pending"] == 0
-            and s["chunks"]["enqueued"] > 0 and s["latest"] is not None)
+    return (
+        not s["errors"]
+        and s["ingest"]["lag"] == 0
+        and s["chunks"]["pending"] == 0
+        and s["chunks"]["enqueued"] > 0
+        and s["latest"] is not None
+    )
 
 
 def _report(env: dict[str, str], data_dir: Path) -> None:
@@ -218,10 +271,15 @@ def _report(env: dict[str, str], data_dir: Path) -> None:
     from service.registry import Registry
 
     settings = _settings(env)
-    latest = Registry(redis.Redis.from_url(settings.redis_url), root=settings.data_dir / "checkpoints").latest()
+    latest = Registry(
+        redis.Redis.from_url(settings.redis_url), root=settings.data_dir / "checkpoints"
+    ).latest()
     results = (latest.meta.get("eval_state") or {}).get("results", {}) if latest else {}
     evals = {}
-    print(f"ctp up: version {latest.version if latest else None} after {latest.meta['chunks'] if latest else 0} chunks")
+    print(
+        f"ctp up: version {latest.version if latest else None} after {latest.meta['chunks'] if latest else 0}"
+        " chunks"
+    )
     for name, r in results.items():
         after = [m for m in r["after_chunk"] if m]
         if not after:
@@ -229,8 +287,11 @@ def _report(env: dict[str, str], data_dir: Path) -> None:
         key = "acc1" if r["kind"] == "classification" else "mean_recall@1"
         evals[name] = {"after_chunk": after, "score": key}
         m = latest.meta["metrics"][name]
-        print(f"  {name}: {key} after each chunk " + " ".join(f"{a[key]:.3f}" for a in after)
-              + f"; average accuracy {_f(m.get('avg_accuracy'))}, forgetting {_f(m.get('forgetting'))}")
+        print(
+            f"  {name}: {key} after each chunk "
+            + " ".join(f"{a[key]:.3f}" for a in after)
+            + f"; average accuracy {_f(m.get('avg_accuracy'))}, forgetting {_f(m.get('forgetting'))}"
+        )
     if evals:
         path = plot_accuracy_curves({settings.strategy: {"eval": evals}}, data_dir / "demo-accuracy.png")
         print(f"  plot: {path}")

@@ -12,11 +12,11 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from torch import Tensor
 
-from service.api.deps import Context, CurrentSnapshot, ServeContext
-from service.api.errors import ApiError
-from service.api.inputs import b64_image, clean_texts, image_tensor
-from service.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody, Prediction
-from service.serving import Snapshot
+from service.serve.api.deps import Context, CurrentSnapshot, ServeContext
+from service.serve.api.errors import ApiError
+from service.serve.api.inputs import b64_image, clean_texts, image_tensor
+from service.serve.api.schemas import ClassifyRequest, ClassifyResponse, ErrorBody, Prediction
+from service.serve.snapshot import Snapshot
 
 router = APIRouter(tags=["classify"])
 
@@ -27,19 +27,30 @@ _MULTIPART = {
     "required": ["file", "labels"],
     "properties": {
         "file": {"type": "string", "format": "binary"},
-        "labels": {"type": "array", "items": {"type": "string"}, "minItems": 1,
-                   "description": "one field per label, or one field of comma-separated labels"},
+        "labels": {
+            "type": "array",
+            "items": {"type": "string"},
+            "minItems": 1,
+            "description": "one field per label, or one field of comma-separated labels",
+        },
         "templates": {"type": "array", "items": {"type": "string"}},
         "top_k": {"type": "integer", "minimum": 1},
     },
 }
-_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ClassifyRequest.model_json_schema()},
-    "multipart/form-data": {"schema": _MULTIPART},
-}}}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": ClassifyRequest.model_json_schema()},
+            "multipart/form-data": {"schema": _MULTIPART},
+        },
+    }
+}
 
 
-async def _parse(request: Request, ctx: ServeContext) -> tuple[bytes, list[str], list[str] | None, int | None]:
+async def _parse(
+    request: Request, ctx: ServeContext
+) -> tuple[bytes, list[str], list[str] | None, int | None]:
     s = ctx.settings
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
@@ -47,7 +58,7 @@ async def _parse(request: Request, ctx: ServeContext) -> tuple[bytes, list[str],
             form = await request.form(max_files=1, max_fields=s.max_labels + s.max_templates + 2)
         except ApiError:
             raise
-        except Exception as e:  # noqa: BLE001 - malformed multipart, too many parts
+        except Exception as e:  # malformed multipart, too many parts
             raise ApiError(422, "bad_form", f"cannot parse the form: {e}") from None
         file = form.get("file")
         if not isinstance(file, UploadFile):
@@ -62,7 +73,9 @@ async def _parse(request: Request, ctx: ServeContext) -> tuple[bytes, list[str],
             raise ApiError(422, "missing_labels", "form needs one or more 'labels' fields")
         templates = [v for v in form.getlist("templates") if isinstance(v, str)] or None
         top_k = form.get("top_k")
-        if top_k is not None and (not isinstance(top_k, str) or not top_k.strip().isdigit() or int(top_k) < 1):
+        if top_k is not None and (
+            not isinstance(top_k, str) or not top_k.strip().isdigit() or int(top_k) < 1
+        ):
             raise ApiError(422, "bad_top_k", "top_k must be a positive integer")
         return raw, labels, templates, int(top_k) if top_k is not None else None
     if ctype and not ctype.startswith("application/json"):
@@ -83,7 +96,9 @@ async def label_matrix(ctx: ServeContext, snap: Snapshot, labels: list[str], tem
     rows = [ctx.labels.get(k) for k in keys]
     missing = [i for i, r in enumerate(rows) if r is None]
     if missing:
-        emb = await ctx.batcher.submit(snap, "texts", [keys[i][1].replace("{c}", keys[i][2]) for i in missing])
+        emb = await ctx.batcher.submit(
+            snap, "texts", [keys[i][1].replace("{c}", keys[i][2]) for i in missing]
+        )
         for i, row in zip(missing, emb, strict=True):
             rows[i] = row.clone()
             ctx.labels.put(keys[i], rows[i])
@@ -97,15 +112,20 @@ async def classify(request: Request, ctx: Context, snap: CurrentSnapshot) -> Cla
     s = ctx.settings
     raw, labels, templates, top_k = await _parse(request, ctx)
     labels = clean_texts(labels, what="labels", max_items=s.max_labels, max_chars=s.max_label_chars)
-    templates = clean_texts(templates or ["{c}"], what="templates", max_items=s.max_templates,
-                            max_chars=s.max_text_chars)
+    templates = clean_texts(
+        templates or ["{c}"], what="templates", max_items=s.max_templates, max_chars=s.max_text_chars
+    )
     if any("{c}" not in t for t in templates):
         raise ApiError(422, "bad_template", 'every template must contain "{c}"')
-    image = await run_in_threadpool(image_tensor, raw, snap, max_bytes=s.max_image_bytes,
-                                    max_pixels=s.max_image_pixels)  # [1, 3, H, W]
-    image_emb, classes = await asyncio.gather(ctx.batcher.submit(snap, "images", image),
-                                              label_matrix(ctx, snap, labels, templates))
+    image = await run_in_threadpool(
+        image_tensor, raw, snap, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
+    )  # [1, 3, H, W]
+    image_emb, classes = await asyncio.gather(
+        ctx.batcher.submit(snap, "images", image), label_matrix(ctx, snap, labels, templates)
+    )
     probs = (snap.logit_scale * image_emb[0] @ classes.T).softmax(dim=-1)  # [C]
     order = probs.argsort(descending=True)[: top_k or len(labels)].tolist()
-    return ClassifyResponse(model_version=snap.version,
-                            predictions=[Prediction(label=labels[i], score=float(probs[i])) for i in order])
+    return ClassifyResponse(
+        model_version=snap.version,
+        predictions=[Prediction(label=labels[i], score=float(probs[i])) for i in order],
+    )

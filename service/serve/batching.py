@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from service.serving import Snapshot
+from service.serve.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,14 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, queue_size: int = 256,
-                 on_batch: Callable[[int, float], None] | None = None):
+    def __init__(
+        self,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 256,
+        on_batch: Callable[[int, float], None] | None = None,
+    ):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.queue_size = queue_size
@@ -78,7 +84,8 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     async def submit(self, snapshot: Snapshot, kind: Kind, payload: Tensor | list[str]) -> Tensor:
-        """Embeddings ``[n, D]`` of ``payload`` by ``snapshot``'s model; ``Overloaded`` if the queue is full."""
+        """Embeddings ``[n, D]`` of ``payload`` by ``snapshot``'s model; ``Overloaded`` if the queue is
+        full."""
         if self._queue is None:
             raise RuntimeError("batcher not started")
         job = _Job(snapshot, kind, payload, asyncio.get_running_loop().create_future())
@@ -110,7 +117,7 @@ class Batcher:
             t0 = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, _forward, batch)
-            except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep the worker
+            except Exception as e:  # fail this batch's requests, keep the worker
                 logger.exception("forward failed")
                 results = [e] * len(batch)
             if self.on_batch:
@@ -141,7 +148,7 @@ def _forward(batch: list[_Job]) -> list[Tensor | BaseException]:
             parts = torch.split(emb, [j.n for j in jobs])
             for i, part in zip(members, parts, strict=True):
                 out[i] = part
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             for i in members:
                 out[i] = e
     return out  # type: ignore[return-value]
