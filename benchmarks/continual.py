@@ -108,14 +108,29 @@ def sweeps() -> dict[str, Sweep]:
     val_seeds = (100, 101, 102)
     val = Sweep("validation", grid(SYNTHETIC, val_seeds, strategies=("finetune", "er", "er_kd", "incclip")))
     for variant, (strategy, sets, extra) in ABLATIONS.items():
-        val.cells += grid(SYNTHETIC, val_seeds, strategies=(strategy,), shares=(0.03,),
-                          variant=variant, sets=sets, extra=extra)
+        val.cells += grid(
+            SYNTHETIC,
+            val_seeds,
+            strategies=(strategy,),
+            shares=(0.03,),
+            variant=variant,
+            sets=sets,
+            extra=extra,
+        )
     test = Sweep("test", grid(SYNTHETIC, range(5)) + grid(EMOJI, range(5)))
     long = Sweep("long", grid(SYNTHETIC_LONG, range(5)) + grid(EMOJI_LONG, range(5)))
     # Warm start: per seed, a base model pretrained on 6 emoji classes the stream never shows,
     # then the same 10-class stream as emoji-ci-10.
-    warm = Sweep("warm", cells=grid(WARM, range(5), strategies=("finetune", "er", "lwf", "incclip"),
-                                    shares=(0.01, 0.03), pretrained="base"))
+    warm = Sweep(
+        "warm",
+        cells=grid(
+            WARM,
+            range(5),
+            strategies=("finetune", "er", "lwf", "incclip"),
+            shares=(0.01, 0.03),
+            pretrained="base",
+        ),
+    )
     return {s.name: s for s in (val, test, long, warm)}
 
 
@@ -130,21 +145,63 @@ def stream_pairs(stream: str, data_dir: Path) -> int:
 
 def trim(metrics: dict) -> dict:
     """What the report needs: figures per chunk, not per step."""
-    keep = {k: metrics[k] for k in ("strategy", "chunks", "model", "seed", "generator", "memory_size",
-                                    "memory_policy", "train_config", "strategy_config", "seconds", "compute")}
+    keep = {
+        k: metrics[k]
+        for k in (
+            "strategy",
+            "chunks",
+            "model",
+            "seed",
+            "generator",
+            "memory_size",
+            "memory_policy",
+            "train_config",
+            "strategy_config",
+            "seconds",
+            "compute",
+        )
+    }
     keep["eval"] = metrics["eval"]
-    keep["chunk_reports"] = [{"index": c["index"], "pairs": c["train"]["pairs"], "steps": c["train"]["steps"],
-                              "seconds": round(c["train"]["seconds"], 3), "pseudo_seconds": round(c["pseudo_seconds"], 3),
-                              "kd_weight": c.get("kd_weight"), "memory_share": c.get("memory_share"),
-                              "memory_items": c["memory_items"], "pseudo_kept": c["pseudo"].get("kept", 0)}
-                             for c in metrics["chunk_reports"]]
+    keep["chunk_reports"] = [
+        {
+            "index": c["index"],
+            "pairs": c["train"]["pairs"],
+            "steps": c["train"]["steps"],
+            "seconds": round(c["train"]["seconds"], 3),
+            "pseudo_seconds": round(c["pseudo_seconds"], 3),
+            "kd_weight": c.get("kd_weight"),
+            "memory_share": c.get("memory_share"),
+            "memory_items": c["memory_items"],
+            "pseudo_kept": c["pseudo"].get("kept", 0),
+        }
+        for c in metrics["chunk_reports"]
+    ]
     return keep
 
 
 def command(cell: Cell, *, memory_size: int, out: Path, data_dir: Path, bases: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "service.cli", "experiment", "--stream", cell.stream, "--data-dir", str(data_dir),
-           "--strategy", cell.strategy, "--seed", str(cell.seed), "--memory-size", str(memory_size),
-           "--no-progress", "--no-checkpoint", "--out", str(out), *COMMON, *cell.extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "experiment",
+        "--stream",
+        cell.stream,
+        "--data-dir",
+        str(data_dir),
+        "--strategy",
+        cell.strategy,
+        "--seed",
+        str(cell.seed),
+        "--memory-size",
+        str(memory_size),
+        "--no-progress",
+        "--no-checkpoint",
+        "--out",
+        str(out),
+        *COMMON,
+        *cell.extra,
+    ]
     for s in cell.sets:
         cmd += ["--set", s]
     if cell.pretrained:
@@ -169,9 +226,16 @@ def run_cell(cell: Cell, sweep: str, args, sizes: dict[str, int]) -> tuple[Cell,
     if proc.returncode != 0:
         raise RuntimeError(f"{cell} failed, see {out / 'log.txt'}")
     metrics = trim(json.loads((out / "metrics.json").read_text()))
-    metrics["cell"] = {"stream": cell.stream, "share": cell.share, "variant": cell.variant, "sets": list(cell.sets),
-                       "extra": list(cell.extra), "pretrained": cell.pretrained, "common": COMMON,
-                       "stream_pairs": sizes[cell.stream]}
+    metrics["cell"] = {
+        "stream": cell.stream,
+        "share": cell.share,
+        "variant": cell.variant,
+        "sets": list(cell.sets),
+        "extra": list(cell.extra),
+        "pretrained": cell.pretrained,
+        "common": COMMON,
+        "stream_pairs": sizes[cell.stream],
+    }
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics, indent=1))
@@ -195,9 +259,24 @@ def ensure_base(cell: Cell, sweep: str, args) -> None:
         return
     paths = make_named_stream(cell.stream, args.data_dir / f"{cell.stream}-seed{cell.seed}", seed=cell.seed)
     common = [a if a != COMMON[COMMON.index("--epochs") + 1] else BASE_EPOCHS for a in COMMON]
-    cmd = [sys.executable, "-m", "service.cli", "experiment", "--chunks", *map(str, paths.base_chunks),
-           "--eval-classification", f"base={paths.base_classification}", "--strategy", "finetune",
-           "--seed", str(cell.seed), "--no-progress", "--out", str(out), *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "experiment",
+        "--chunks",
+        *map(str, paths.base_chunks),
+        "--eval-classification",
+        f"base={paths.base_classification}",
+        "--strategy",
+        "finetune",
+        "--seed",
+        str(cell.seed),
+        "--no-progress",
+        "--out",
+        str(out),
+        *common,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "w") as log:
@@ -205,7 +284,9 @@ def ensure_base(cell: Cell, sweep: str, args) -> None:
     meta = json.loads((out / "metrics.json").read_text())
     dest = RESULTS / sweep / "bases" / f"{cell.stream}-seed{cell.seed}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps({"command": cmd[3:], "eval": meta["eval"], "compute": meta["compute"]}, indent=1))
+    dest.write_text(
+        json.dumps({"command": cmd[3:], "eval": meta["eval"], "compute": meta["compute"]}, indent=1)
+    )
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
@@ -220,7 +301,10 @@ def cmd_run(args) -> int:
     sweep = sweeps()[args.sweep]
     cells = select(sweep.cells, args.only)
     todo = [c for c in cells if not c.path(sweep.name).is_file()]
-    print(f"sweep {sweep.name}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run", flush=True)
+    print(
+        f"sweep {sweep.name}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run",
+        flush=True,
+    )
     if not todo:
         return 0
     sizes = {s: stream_pairs(s, args.data_dir) for s in sorted({c.stream for c in todo})}
@@ -244,7 +328,10 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     sweep = sweeps()[args.sweep]
     for c in select(sweep.cells, args.only):
-        print(("done " if c.path(sweep.name).is_file() else "todo ") + str(c.path(sweep.name).relative_to(RESULTS)))
+        print(
+            ("done " if c.path(sweep.name).is_file() else "todo ")
+            + str(c.path(sweep.name).relative_to(RESULTS))
+        )
     return 0
 
 
@@ -261,10 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("run", "plan", "report"):
         q = sub.add_parser(name)
         q.add_argument("--sweep", required=True, choices=sorted(sweeps()))
-        q.add_argument("--only", nargs="*", default=[], metavar="FIELD=VALUE", help="e.g. stream=emoji-ci-small seed=0")
-        q.add_argument("--work", type=Path, default=Path("runs/continual"), help="scratch dir (logs, base checkpoints)")
-        q.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CTP_CACHE", Path.home() / ".cache" / "ctp"))
-                       / "streams")
+        q.add_argument(
+            "--only", nargs="*", default=[], metavar="FIELD=VALUE", help="e.g. stream=emoji-ci-small seed=0"
+        )
+        q.add_argument(
+            "--work", type=Path, default=Path("runs/continual"), help="scratch dir (logs, base checkpoints)"
+        )
+        q.add_argument(
+            "--data-dir",
+            type=Path,
+            default=Path(os.environ.get("CTP_CACHE", Path.home() / ".cache" / "ctp")) / "streams",
+        )
         q.add_argument("--jobs", type=int, default=2, help="experiments at once")
         q.add_argument("--threads", type=int, default=1, help="torch threads per experiment")
         q.add_argument("--docs", type=Path, default=ROOT.parent / "docs" / "results")

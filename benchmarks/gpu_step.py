@@ -1,8 +1,11 @@
-"""Training-step cost of ctp's finetune and incclip steps against open_clip's own step: pairs/s, peak memory, MFU.
+"""Training-step cost of ctp's finetune and incclip steps against open_clip's own step.
+
+Pairs/s, peak memory and MFU.
 
     python benchmarks/gpu_step.py step [--model ViT-B-32] [--batch-size 256] [--steps 20] [--warmup 3]
                                        [--rounds 2] [--device cuda] [--peak-tflops F] [--json FILE]
-    python benchmarks/gpu_step.py env [--device cuda] [--json FILE]     # GPU, torch/CUDA, a bf16 matmul ceiling
+    # GPU, torch/CUDA, a bf16 matmul ceiling:
+    python benchmarks/gpu_step.py env [--device cuda] [--json FILE]
 
 ``step`` trains the same chunk three ways in one process: ``finetune`` and ``incclip`` through
 ``ctp.train.train_on_chunk`` (what the service's trainer runs: bf16 autocast on CUDA, AdamW, grad
@@ -49,9 +52,28 @@ from pathlib import Path
 import torch
 
 # dense bf16 tensor-core rates from the vendors' datasheets, TFLOP/s (without sparsity)
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
-PACKAGES = ("torch", "torchvision", "open_clip_torch", "ftfy", "wcwidth", "regex", "safetensors", "timm",
-            "transformers", "huggingface_hub", "numpy", "pillow")
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "ftfy",
+    "wcwidth",
+    "regex",
+    "safetensors",
+    "timm",
+    "transformers",
+    "huggingface_hub",
+    "numpy",
+    "pillow",
+)
 
 
 def peak_tflops_for(name: str) -> float | None:
@@ -100,18 +122,37 @@ def environment(device: torch.device) -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-           "packages": versions, "device": str(device)}
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "packages": versions,
+        "device": str(device),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                   multiprocessors=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   peak_bf16_tflops_datasheet=peak_tflops_for(props.name))
+        env.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            peak_bf16_tflops_datasheet=peak_tflops_for(props.name),
+        )
         if shutil.which("nvidia-smi"):
-            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            q = subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             env["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
         env["matmul_bf16_tflops"] = round(matmul_tflops(device), 1)
     return env
@@ -176,7 +217,9 @@ def synthetic_pairs(n: int, image_size: int, seed: int):
     from ctp.synthetic import generate_pairs
 
     classes = ["circle", "square", "triangle", "star"]
-    return generate_pairs(classes, max(1, math.ceil(n / len(classes))), np.random.default_rng(seed), image_size)[:n]
+    return generate_pairs(
+        classes, max(1, math.ceil(n / len(classes))), np.random.default_rng(seed), image_size
+    )[:n]
 
 
 @contextlib.contextmanager
@@ -194,8 +237,11 @@ def memory_window(device: torch.device, into: dict):
     yield
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    into.update(base_gib=round(base / 2**30, 3), peak_gib=round(peak / 2**30, 3),
-                variant_gib=round((peak - base) / 2**30, 3))
+    into.update(
+        base_gib=round(base / 2**30, 3),
+        peak_gib=round(peak / 2**30, 3),
+        variant_gib=round((peak - base) / 2**30, 3),
+    )
 
 
 def ctp_round(name, bundle, data, *, batch_size, steps, warmup, device) -> tuple[float, dict]:
@@ -212,18 +258,30 @@ def ctp_round(name, bundle, data, *, batch_size, steps, warmup, device) -> tuple
             continue
         take = n_new * n_steps
         sync(device)
-        res = train_on_chunk(model, images=data["images"][:take], texts=data["texts"][:take],
-                             tokenizer=bundle.tokenizer, strategy=strategy,
-                             teacher=data["teacher"] if strategy.distill else None,
-                             replay=data["replay"] if strategy.replay else (),
-                             replay_images=data["replay_images"] if strategy.replay else None,
-                             epochs=1, batch_size=batch_size, device=device, progress=False)
+        res = train_on_chunk(
+            model,
+            images=data["images"][:take],
+            texts=data["texts"][:take],
+            tokenizer=bundle.tokenizer,
+            strategy=strategy,
+            teacher=data["teacher"] if strategy.distill else None,
+            replay=data["replay"] if strategy.replay else (),
+            replay_images=data["replay_images"] if strategy.replay else None,
+            epochs=1,
+            batch_size=batch_size,
+            device=device,
+            progress=False,
+        )
         sync(device)
     assert res is not None and res.steps == steps, (name, res and res.steps, steps)
     del model
-    return res.pairs_per_second, {"steps": res.steps, "pairs_per_step": res.pairs / res.steps,
-                                  "negatives_per_step": res.negatives_per_step,
-                                  "prepare_seconds": round(res.prepare_seconds, 4), "loss": res.loss}
+    return res.pairs_per_second, {
+        "steps": res.steps,
+        "pairs_per_step": res.pairs / res.steps,
+        "negatives_per_step": res.negatives_per_step,
+        "prepare_seconds": round(res.prepare_seconds, 4),
+        "loss": res.loss,
+    }
 
 
 def open_clip_round(bundle, data, *, batch_size, steps, warmup, device) -> tuple[float, dict]:
@@ -262,10 +320,20 @@ def open_clip_round(bundle, data, *, batch_size, steps, warmup, device) -> tuple
     return steps * batch_size / seconds, {"steps": steps, "pairs_per_step": batch_size, "loss": loss.item()}
 
 
-def clip_step_costs(model_name: str = "ViT-B-32", *, batch_size: int = 256, steps: int = 20, warmup: int = 3,
-                    rounds: int = 2, device: torch.device | str = "cuda", peak_tflops: float | None = None,
-                    data_on_device: bool | None = None, distinct: int = 512, matmul_tflops: float | None = None,
-                    log=print) -> dict:
+def clip_step_costs(
+    model_name: str = "ViT-B-32",
+    *,
+    batch_size: int = 256,
+    steps: int = 20,
+    warmup: int = 3,
+    rounds: int = 2,
+    device: torch.device | str = "cuda",
+    peak_tflops: float | None = None,
+    data_on_device: bool | None = None,
+    distinct: int = 512,
+    matmul_tflops: float | None = None,
+    log=print,
+) -> dict:
     """pairs/s, peak memory and MFU of finetune / incclip (train_on_chunk) and the open_clip step."""
     from ctp.continual import memory_items_from
     from ctp.models import create_model
@@ -290,10 +358,18 @@ def clip_step_costs(model_name: str = "ViT-B-32", *, batch_size: int = 256, step
         it.pseudo_texts = ["a purple nothing", "a blue circle"]
     if data_on_device:
         images, base_img = images.to(device), base_img.to(device)
-    data = {"images": images, "texts": texts, "tokens": bundle.tokenizer(texts), "replay": replay,
-            "replay_images": base_img, "teacher": copy.deepcopy(bundle.model).eval().requires_grad_(False)}
-    log(f"data: {n_total} pairs ({len(pairs)} distinct) at {size} px on {images.device}, "
-        f"{time.perf_counter() - t0:.1f} s")
+    data = {
+        "images": images,
+        "texts": texts,
+        "tokens": bundle.tokenizer(texts),
+        "replay": replay,
+        "replay_images": base_img,
+        "teacher": copy.deepcopy(bundle.model).eval().requires_grad_(False),
+    }
+    log(
+        f"data: {n_total} pairs ({len(pairs)} distinct) at {size} px on {images.device}, "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
 
     if peak_tflops is None and device.type == "cuda":
         peak_tflops = peak_tflops_for(torch.cuda.get_device_name(device))
@@ -323,21 +399,34 @@ def clip_step_costs(model_name: str = "ViT-B-32", *, batch_size: int = 256, step
         pps = statistics.median(per_round[name])
         achieved = flops * pps if flops else None
         results[name].update(
-            pairs_per_s=sig(pps), pairs_per_s_rounds=[sig(v) for v in per_round[name]],
+            pairs_per_s=sig(pps),
+            pairs_per_s_rounds=[sig(v) for v in per_round[name]],
             ms_per_step=sig(1000 * results[name]["pairs_per_step"] / pps),
             achieved_tflops=sig(achieved / 1e12) if achieved else None,
             mfu=sig(achieved / (peak_tflops * 1e12)) if achieved and peak_tflops else None,
-            mfu_vs_matmul=sig(achieved / (matmul_tflops * 1e12)) if achieved and matmul_tflops else None)
+            mfu_vs_matmul=sig(achieved / (matmul_tflops * 1e12)) if achieved and matmul_tflops else None,
+        )
     oc = results["open_clip"]["pairs_per_s"]
     for name in ("finetune", "incclip"):
         results[name]["vs_open_clip"] = sig(results[name]["pairs_per_s"] / oc, 3) if oc else None
     return {
-        "model": model_name, "image_size": size, "batch_size": batch_size, "steps": steps, "warmup": warmup,
-        "rounds": rounds, "device": str(device), "autocast": "bf16" if device.type == "cuda" else "none (fp32)",
-        "data": "device" if data_on_device else "host", "threads": torch.get_num_threads(),
-        "flops_per_pair": flops, "flops_per_pair_counted": counted, "flops_per_pair_formula": formula,
+        "model": model_name,
+        "image_size": size,
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "rounds": rounds,
+        "device": str(device),
+        "autocast": "bf16" if device.type == "cuda" else "none (fp32)",
+        "data": "device" if data_on_device else "host",
+        "threads": torch.get_num_threads(),
+        "flops_per_pair": flops,
+        "flops_per_pair_counted": counted,
+        "flops_per_pair_formula": formula,
         "flops_source": "FlopCounterMode (open_clip fwd+ClipLoss+bwd)" if counted else "formula",
-        "peak_tflops": peak_tflops, "matmul_tflops": matmul_tflops, "seconds": round(time.perf_counter() - t0, 2),
+        "peak_tflops": peak_tflops,
+        "matmul_tflops": matmul_tflops,
+        "seconds": round(time.perf_counter() - t0, 2),
         "variants": results,
     }
 
@@ -346,18 +435,28 @@ def print_table(res: dict, out=print) -> None:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    out(f"{res['model']} @{res['image_size']} px, batch {res['batch_size']}, {res['device']}, autocast "
-        f"{res['autocast']}, data on {res['data']}, {res['steps']} timed steps after {res['warmup']} warm-up, "
-        f"median of {res['rounds']} rounds")
-    out(f"model FLOPs/pair: {fmt(res['flops_per_pair'], '.4g')} ({res['flops_source']}; formula "
-        f"{fmt(res['flops_per_pair_formula'], '.4g')}); peak {fmt(res['peak_tflops'], 'g')} TFLOP/s")
-    out(f"{'variant':<10} {'pairs/s':>9} {'ms/step':>8} {'vs oc':>6} {'TFLOP/s':>8} {'MFU':>7} "
-        f"{'peak GiB':>9} {'own GiB':>8}")
+    out(
+        f"{res['model']} @{res['image_size']} px, batch {res['batch_size']}, {res['device']}, autocast "
+        f"{res['autocast']}, data on {res['data']}, {res['steps']} "
+        f"timed steps after {res['warmup']} warm-up, "
+        f"median of {res['rounds']} rounds"
+    )
+    out(
+        f"model FLOPs/pair: {fmt(res['flops_per_pair'], '.4g')} ({res['flops_source']}; formula "
+        f"{fmt(res['flops_per_pair_formula'], '.4g')}); peak {fmt(res['peak_tflops'], 'g')} TFLOP/s"
+    )
+    out(
+        f"{'variant':<10} {'pairs/s':>9} {'ms/step':>8} {'vs oc':>6} {'TFLOP/s':>8} {'MFU':>7} "
+        f"{'peak GiB':>9} {'own GiB':>8}"
+    )
     for name, v in res["variants"].items():
         mfu = f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "-"
-        out(f"{name:<10} {v['pairs_per_s']:>9.0f} {v['ms_per_step']:>8.2f} {fmt(v.get('vs_open_clip'), '.2f'):>6} "
+        out(
+            f"{name:<10} {v['pairs_per_s']:>9.0f} {v['ms_per_step']:>8.2f} "
+            f"{fmt(v.get('vs_open_clip'), '.2f'):>6} "
             f"{fmt(v['achieved_tflops'], '.1f'):>8} {mfu:>7} {fmt(v['peak_gib'], '.2f'):>9} "
-            f"{fmt(v['variant_gib'], '.2f'):>8}")
+            f"{fmt(v['variant_gib'], '.2f'):>8}"
+        )
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -381,8 +480,12 @@ def main(argv=None) -> int:
     s.add_argument("--warmup", type=int, default=3, help="untimed steps per round, before the timed ones")
     s.add_argument("--rounds", type=int, default=2)
     s.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for MFU (default: by GPU name)")
-    s.add_argument("--env-json", type=Path, help="env's figures: its matmul_bf16_tflops becomes mfu_vs_matmul's ceiling")
-    s.add_argument("--data", choices=("device", "host"), help="where the chunk's images live (default: device on CUDA)")
+    s.add_argument(
+        "--env-json", type=Path, help="env's figures: its matmul_bf16_tflops becomes mfu_vs_matmul's ceiling"
+    )
+    s.add_argument(
+        "--data", choices=("device", "host"), help="where the chunk's images live (default: device on CUDA)"
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.cmd == "env":
@@ -392,10 +495,18 @@ def main(argv=None) -> int:
         ceiling = None
         if args.env_json and args.env_json.is_file():
             ceiling = json.loads(args.env_json.read_text()).get("matmul_bf16_tflops")
-        res = clip_step_costs(args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                              rounds=args.rounds, device=device, peak_tflops=args.peak_tflops,
-                              data_on_device=None if args.data is None else args.data == "device",
-                              matmul_tflops=ceiling, log=lambda m: print(m, flush=True))
+        res = clip_step_costs(
+            args.model,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            device=device,
+            peak_tflops=args.peak_tflops,
+            data_on_device=None if args.data is None else args.data == "device",
+            matmul_tflops=ceiling,
+            log=lambda m: print(m, flush=True),
+        )
         print_table(res)
     if args.json:
         write_json(args.json, res)

@@ -67,8 +67,9 @@ def produce(bootstrap: str, topic: str, n: int, *, image_size: int, partitions: 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 20)
     nbytes = 0
     for i in tqdm(range(n), desc=f"produce {n} pairs", unit="msg"):
-        value = encode_message(id=f"p{i}", text=f"a photo of thing {i % 10}", image=images[i % 64],
-                               label=f"thing {i % 10}")
+        value = encode_message(
+            id=f"p{i}", text=f"a photo of thing {i % 10}", image=images[i % 64], label=f"thing {i % 10}"
+        )
         nbytes += len(value)
         producer.send(topic, value, key=f"p{i}".encode(), partition=i % partitions)
     producer.flush()
@@ -79,8 +80,14 @@ def produce(bootstrap: str, topic: str, n: int, *, image_size: int, partitions: 
 def raw_limit(bootstrap: str, topic: str, n: int) -> float:
     """Seconds for a fresh consumer group to read n messages and decode every image."""
     t0 = time.perf_counter()
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"raw-{uuid.uuid4().hex[:8]}",
-                             auto_offset_reset="earliest", enable_auto_commit=False, max_poll_records=500)
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"raw-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_poll_records=500,
+    )
     seen = 0
     while seen < n:
         for records in consumer.poll(timeout_ms=500).values():
@@ -93,16 +100,26 @@ def raw_limit(bootstrap: str, topic: str, n: int) -> float:
     return elapsed
 
 
-def ingest_run(bootstrap: str, topic: str, n: int, redis_server: RedisServer, tmp: Path, chunk_size: int) -> float:
+def ingest_run(
+    bootstrap: str, topic: str, n: int, redis_server: RedisServer, tmp: Path, chunk_size: int
+) -> float:
     """Seconds for IngestWorker (fresh group, fresh Redis) from start to its last chunk recorded."""
     client = redis_server.client()
     client.flushall()
     store = ChunkStore(tmp / f"chunks-{uuid.uuid4().hex[:6]}")
     queue = ChunkQueue(client)
     t0_wall = time.time()
-    worker = IngestWorker(bootstrap=bootstrap, topic=topic, dlq_topic=f"{topic}.dlq",
-                          group=f"ingest-{uuid.uuid4().hex[:8]}", redis_client=client, store=store, queue=queue,
-                          chunk_size=chunk_size, chunk_max_wait_s=1.0)
+    worker = IngestWorker(
+        bootstrap=bootstrap,
+        topic=topic,
+        dlq_topic=f"{topic}.dlq",
+        group=f"ingest-{uuid.uuid4().hex[:8]}",
+        redis_client=client,
+        store=store,
+        queue=queue,
+        chunk_size=chunk_size,
+        chunk_max_wait_s=1.0,
+    )
     stats = worker.run(burst=True, idle_s=2.0)
     if stats["valid"] != n:
         raise RuntimeError(f"ingest saw {stats['valid']} valid pairs of {n}: {dict(stats)}")
@@ -110,23 +127,47 @@ def ingest_run(bootstrap: str, topic: str, n: int, redis_server: RedisServer, tm
     return last_entry_ms / 1000 - t0_wall
 
 
-def freshness(kafka: KafkaServer, redis_server: RedisServer, tmp: Path, *, seconds: float, rate: float,
-              image_size: int, chunk_size: int, max_wait: float, epochs: int, model: str) -> dict:
+def freshness(
+    kafka: KafkaServer,
+    redis_server: RedisServer,
+    tmp: Path,
+    *,
+    seconds: float,
+    rate: float,
+    image_size: int,
+    chunk_size: int,
+    max_wait: float,
+    epochs: int,
+    model: str,
+) -> dict:
     topic = f"fresh-{uuid.uuid4().hex[:6]}"
     ensure_topics(kafka.bootstrap, {topic: 1})
     redis_server.client().flushall()
-    settings = {"CTP_KAFKA_BOOTSTRAP": kafka.bootstrap, "CTP_TOPIC": topic, "CTP_DLQ_TOPIC": f"{topic}.dlq",
-                "CTP_REDIS_URL": redis_server.url, "CTP_DATA_DIR": str(tmp / "fresh"), "CTP_MODEL": model,
-                "CTP_EPOCHS": str(epochs), "CTP_CHUNK_SIZE": str(chunk_size), "CTP_CHUNK_MAX_WAIT_S": str(max_wait),
-                "CTP_BATCH_SIZE": "32", "CTP_MEMORY_SIZE": "200", "CTP_KEEP_CHECKPOINTS": "1000"}
+    settings = {
+        "CTP_KAFKA_BOOTSTRAP": kafka.bootstrap,
+        "CTP_TOPIC": topic,
+        "CTP_DLQ_TOPIC": f"{topic}.dlq",
+        "CTP_REDIS_URL": redis_server.url,
+        "CTP_DATA_DIR": str(tmp / "fresh"),
+        "CTP_MODEL": model,
+        "CTP_EPOCHS": str(epochs),
+        "CTP_CHUNK_SIZE": str(chunk_size),
+        "CTP_CHUNK_MAX_WAIT_S": str(max_wait),
+        "CTP_BATCH_SIZE": "32",
+        "CTP_MEMORY_SIZE": "200",
+        "CTP_KEEP_CHECKPOINTS": "1000",
+    }
     env = {**os.environ, **settings, "PYTHONPATH": str(ROOT)}
     logs = tmp / "fresh-logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for role in ("ingest", "train"):
         with open(logs / f"{role}.log", "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", role], env=env, stdout=out,
-                                          stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", role], env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+            )
     rng = np.random.default_rng(1)
     images = [make_image(rng, image_size) for _ in range(16)]
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=5)
@@ -137,7 +178,9 @@ def freshness(kafka: KafkaServer, redis_server: RedisServer, tmp: Path, *, secon
         time.sleep(max(0.0, t0 + i / rate - time.time()))
         pid = f"f{i}"
         sent[pid] = time.time()
-        producer.send(topic, encode_message(id=pid, text=f"thing {i % 4}", image=images[i % 16], label=f"thing {i % 4}"))
+        producer.send(
+            topic, encode_message(id=pid, text=f"thing {i % 4}", image=images[i % 16], label=f"thing {i % 4}")
+        )
     producer.flush()
     client = redis_server.client()
     reg = Registry(client, root=tmp / "fresh" / "checkpoints", keep=10_000)
@@ -170,9 +213,17 @@ def freshness(kafka: KafkaServer, redis_server: RedisServer, tmp: Path, *, secon
     if not lat:
         raise RuntimeError(f"no pair reached a checkpoint; see {logs}")
     train_s = [v.meta.get("seconds", 0.0) for v in reg.history()]
-    return {"settings": settings, "pairs": n, "trained": len(lat), "seconds": lat,
-            "p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)), "max": lat[-1],
-            "versions": len(train_s), "train_seconds_per_chunk": statistics.mean(train_s) if train_s else None}
+    return {
+        "settings": settings,
+        "pairs": n,
+        "trained": len(lat),
+        "seconds": lat,
+        "p50": float(np.percentile(lat, 50)),
+        "p90": float(np.percentile(lat, 90)),
+        "max": lat[-1],
+        "versions": len(train_s),
+        "train_seconds_per_chunk": statistics.mean(train_s) if train_s else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,43 +247,80 @@ def main(argv: list[str] | None = None) -> int:
         topic = f"bench-{uuid.uuid4().hex[:6]}"
         ensure_topics(kafka.bootstrap, {topic: args.partitions})
         ensure_topics(kafka.bootstrap, {f"{topic}.dlq": 1})
-        nbytes = produce(kafka.bootstrap, topic, args.pairs, image_size=args.image_size, partitions=args.partitions)
+        nbytes = produce(
+            kafka.bootstrap, topic, args.pairs, image_size=args.image_size, partitions=args.partitions
+        )
         raw, ing = [], []
         for r in range(args.rounds):  # alternate, so drift on the machine hits both
             raw.append(raw_limit(kafka.bootstrap, topic, args.pairs))
             ing.append(ingest_run(kafka.bootstrap, topic, args.pairs, redis_server, tmp, args.chunk_size))
-            print(f"round {r}: raw {args.pairs / raw[-1]:.0f} pairs/s, ingest {args.pairs / ing[-1]:.0f} pairs/s",
-                  flush=True)
+            print(
+                f"round {r}: raw {args.pairs / raw[-1]:.0f} pairs/s, "
+                f"ingest {args.pairs / ing[-1]:.0f} pairs/s",
+                flush=True,
+            )
         raw_rate, ing_rate = args.pairs / min(raw), args.pairs / min(ing)
         fresh = None
         if args.freshness_seconds > 0:
-            fresh = freshness(kafka, redis_server, tmp, seconds=args.freshness_seconds, rate=args.rate,
-                              image_size=args.image_size, chunk_size=args.fresh_chunk_size,
-                              max_wait=args.fresh_max_wait, epochs=args.fresh_epochs, model=args.model)
-    result = {"pairs": args.pairs, "image_size": args.image_size, "partitions": args.partitions,
-              "message_kb": nbytes / args.pairs / 1024, "chunk_size": args.chunk_size,
-              "raw_seconds": raw, "ingest_seconds": ing, "raw_pairs_per_s": raw_rate, "ingest_pairs_per_s": ing_rate,
-              "ratio": ing_rate / raw_rate, "cpus": os.cpu_count(), "freshness": fresh}
+            fresh = freshness(
+                kafka,
+                redis_server,
+                tmp,
+                seconds=args.freshness_seconds,
+                rate=args.rate,
+                image_size=args.image_size,
+                chunk_size=args.fresh_chunk_size,
+                max_wait=args.fresh_max_wait,
+                epochs=args.fresh_epochs,
+                model=args.model,
+            )
+    result = {
+        "pairs": args.pairs,
+        "image_size": args.image_size,
+        "partitions": args.partitions,
+        "message_kb": nbytes / args.pairs / 1024,
+        "chunk_size": args.chunk_size,
+        "raw_seconds": raw,
+        "ingest_seconds": ing,
+        "raw_pairs_per_s": raw_rate,
+        "ingest_pairs_per_s": ing_rate,
+        "ratio": ing_rate / raw_rate,
+        "cpus": os.cpu_count(),
+        "freshness": fresh,
+    }
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    lines = ["# Ingest benchmark", "",
-             f"`python benchmarks/ingest.py --pairs {args.pairs} --image-size {args.image_size} "
-             f"--partitions {args.partitions} --rounds {args.rounds}`; {os.cpu_count()} CPUs, "
-             f"{result['message_kb']:.1f} KiB a message (JPEG {args.image_size} px, base64 in JSON).", "",
-             "| reader | pairs/s (best of rounds) | rounds, s |", "|---|---|---|",
-             f"| raw limit: consume + decode | {raw_rate:.0f} | {', '.join(f'{x:.2f}' for x in raw)} |",
-             f"| ctp ingest: validate, chunk, fsync, record, commit | {ing_rate:.0f} | "
-             f"{', '.join(f'{x:.2f}' for x in ing)} |", "",
-             f"Ingest reaches **{100 * result['ratio']:.0f} %** of the raw limit (target >= 70 %).", ""]
+    lines = [
+        "# Ingest benchmark",
+        "",
+        f"`python benchmarks/ingest.py --pairs {args.pairs} --image-size {args.image_size} "
+        f"--partitions {args.partitions} --rounds {args.rounds}`; {os.cpu_count()} CPUs, "
+        f"{result['message_kb']:.1f} KiB a message (JPEG {args.image_size} px, base64 in JSON).",
+        "",
+        "| reader | pairs/s (best of rounds) | rounds, s |",
+        "|---|---|---|",
+        f"| raw limit: consume + decode | {raw_rate:.0f} | {', '.join(f'{x:.2f}' for x in raw)} |",
+        f"| ctp ingest: validate, chunk, fsync, record, commit | {ing_rate:.0f} | "
+        f"{', '.join(f'{x:.2f}' for x in ing)} |",
+        "",
+        f"Ingest reaches **{100 * result['ratio']:.0f} %** of the raw limit (target >= 70 %).",
+        "",
+    ]
     if fresh:
         s = fresh["settings"]
-        lines += ["## Freshness: produced -> in a checkpoint", "",
-                  f"{fresh['pairs']} pairs at {args.rate:.0f}/s; chunk size {s['CTP_CHUNK_SIZE']}, chunk max wait "
-                  f"{s['CTP_CHUNK_MAX_WAIT_S']} s, model {s['CTP_MODEL']}, {s['CTP_EPOCHS']} epochs a chunk "
-                  f"({fresh['train_seconds_per_chunk']:.1f} s of training and eval a chunk, {fresh['versions']} "
-                  "versions).", "",
-                  f"p50 **{fresh['p50']:.1f} s**, p90 {fresh['p90']:.1f} s, max {fresh['max']:.1f} s "
-                  f"({fresh['trained']} of {fresh['pairs']} pairs reached a checkpoint).", "",
-                  "![freshness](freshness.png)", ""]
+        lines += [
+            "## Freshness: produced -> in a checkpoint",
+            "",
+            f"{fresh['pairs']} pairs at {args.rate:.0f}/s; chunk size {s['CTP_CHUNK_SIZE']}, chunk max wait "
+            f"{s['CTP_CHUNK_MAX_WAIT_S']} s, model {s['CTP_MODEL']}, {s['CTP_EPOCHS']} epochs a chunk "
+            f"({fresh['train_seconds_per_chunk']:.1f} s of training and eval a chunk, {fresh['versions']} "
+            "versions).",
+            "",
+            f"p50 **{fresh['p50']:.1f} s**, p90 {fresh['p90']:.1f} s, max {fresh['max']:.1f} s "
+            f"({fresh['trained']} of {fresh['pairs']} pairs reached a checkpoint).",
+            "",
+            "![freshness](freshness.png)",
+            "",
+        ]
         _plot(fresh, args.out / "freshness.png")
     (args.out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -1,6 +1,7 @@
 """Serving benchmark: /classify throughput and latency, batching against no batching, swaps.
 
-    python benchmarks/serve.py [--model ctp-vit-tiny-32] [--seconds 5] [--gallery 256] [--out runs/bench-serve]
+    python benchmarks/serve.py [--model ctp-vit-tiny-32] [--seconds 5] [--gallery 256]
+        [--out runs/bench-serve]
 
 One run measures, against real ``ctp serve`` processes (checkpoint-directory mode, no Redis):
 1. the bare model's batched forward throughput (images/s, batch 32, no HTTP): the ceiling;
@@ -51,8 +52,18 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "CTP_DATA_DIR": str(data), "CTP_WATCH_INTERVAL_S": "0.2", **env}
-        self.cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--checkpoint-dir",
-                    str(ckpt), "--log-level", "warning"]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--checkpoint-dir",
+            str(ckpt),
+            "--log-level",
+            "warning",
+        ]
 
     def __enter__(self) -> Server:
         self.proc = subprocess.Popen(self.cmd, env=self.env)
@@ -102,13 +113,21 @@ async def load(url: str, bodies: list[dict], *, concurrency: int, seconds: float
     t0 = time.perf_counter()
     await asyncio.gather(*(client(n) for n in range(concurrency)))
     wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "rps": len(latencies) / wall,
-            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
-            "latencies": latencies, "stamps": stamps}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / wall,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "latencies": latencies,
+        "stamps": stamps,
+    }
 
 
-def bare_model(model_name: str, images: torch.Tensor, *, batch: int = 32, seconds: float = 1.0,
-               rounds: int = 3) -> float:
+def bare_model(
+    model_name: str, images: torch.Tensor, *, batch: int = 32, seconds: float = 1.0, rounds: int = 3
+) -> float:
     """Images/s of ``encode_image`` on preprocessed batches: the most the server could reach.
 
     Best of ``rounds``: on a shared machine the best round is the one least disturbed.
@@ -127,7 +146,9 @@ def bare_model(model_name: str, images: torch.Tensor, *, batch: int = 32, second
     return best
 
 
-async def swap_run(server: Server, ckpt: Path, model, bodies, *, seconds: float, every: float, model_name: str):
+async def swap_run(
+    server: Server, ckpt: Path, model, bodies, *, seconds: float, every: float, model_name: str
+):
     """Steady load, then the same load while a new version lands every ``every`` seconds."""
     steady = await load(server.url, bodies, concurrency=32, seconds=seconds)
     swaps = 0
@@ -139,7 +160,9 @@ async def swap_run(server: Server, ckpt: Path, model, bodies, *, seconds: float,
         while time.perf_counter() < end - every / 2:
             await asyncio.sleep(every)
             v += 1
-            await asyncio.to_thread(save_checkpoint, ckpt / f"v{v:06d}", model, {"model": model_name, "version": v})
+            await asyncio.to_thread(
+                save_checkpoint, ckpt / f"v{v:06d}", model, {"model": model_name, "version": v}
+            )
             swaps += 1
 
     during, _ = await asyncio.gather(load(server.url, bodies, concurrency=32, seconds=seconds), publisher())
@@ -164,12 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     pairs = generate_pairs(LABELS[:4], max(1, args.gallery // 4), np.random.default_rng(0), size)
     write_shards(pairs, work / "data" / "chunks" / "chunk_000")
     save_checkpoint(work / "ckpt" / "v000001", bundle.model, {"model": args.model, "version": 1})
-    bodies = [{"image": base64.b64encode(s.image).decode(), "labels": LABELS, "templates": ["a {c}"]}
-              for s in pairs[:64]]
-    images = preprocess_images([s.image for s in pairs[:64]], [s.key for s in pairs[:64]], bundle.preprocess_val)
+    bodies = [
+        {"image": base64.b64encode(s.image).decode(), "labels": LABELS, "templates": ["a {c}"]}
+        for s in pairs[:64]
+    ]
+    images = preprocess_images(
+        [s.image for s in pairs[:64]], [s.key for s in pairs[:64]], bundle.preprocess_val
+    )
 
-    print(f"model {args.model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
-          f"gallery {len(pairs)} pairs, {args.seconds:.0f} s per measurement")
+    print(
+        f"model {args.model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+        f"gallery {len(pairs)} pairs, {args.seconds:.0f} s per measurement"
+    )
     limit = bare_model(args.model, images)
     print(f"bare model, batch 32: {limit:.0f} images/s")
     rows = []
@@ -177,19 +206,35 @@ def main(argv: list[str] | None = None) -> int:
         for c in (1, 8, 32):
             r = asyncio.run(load(srv.url, bodies, concurrency=c, seconds=args.seconds))
             rows.append(("batched", r))
-            print(f"batched  c={c:<3} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms"
-                  f"  errors {r['errors']}")
+            print(
+                f"batched  c={c:<3} {r['rps']:7.1f} req/s  p50 "
+                f"{r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms"
+                f"  errors {r['errors']}"
+            )
         steady, during, published, swapped = asyncio.run(
-            swap_run(srv, work / "ckpt", bundle.model, bodies, seconds=args.seconds, every=args.swap_every,
-                     model_name=args.model))
-        print(f"swaps    c=32  steady p99 {steady['p99_ms']:.1f} ms, during {swapped} swaps p99 "
-              f"{during['p99_ms']:.1f} ms ({during['rps']:.1f} req/s, errors {during['errors']})")
+            swap_run(
+                srv,
+                work / "ckpt",
+                bundle.model,
+                bodies,
+                seconds=args.seconds,
+                every=args.swap_every,
+                model_name=args.model,
+            )
+        )
+        print(
+            f"swaps    c=32  steady p99 {steady['p99_ms']:.1f} ms, during {swapped} swaps p99 "
+            f"{during['p99_ms']:.1f} ms ({during['rps']:.1f} req/s, errors {during['errors']})"
+        )
     with Server(work / "ckpt", work / "data", CTP_MAX_BATCH_SIZE="1", CTP_MAX_WAIT_MS="0") as srv:
         for c in (8, 32):
             r = asyncio.run(load(srv.url, bodies, concurrency=c, seconds=args.seconds))
             rows.append(("one forward per request", r))
-            print(f"naive    c={c:<3} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms"
-                  f"  errors {r['errors']}")
+            print(
+                f"naive    c={c:<3} {r['rps']:7.1f} req/s  p50 "
+                f"{r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms"
+                f"  errors {r['errors']}"
+            )
 
     limit = max(limit, bare_model(args.model, images))  # again after the servers: best of both
     print(f"bare model, batch 32, best of before and after: {limit:.0f} images/s")
@@ -204,14 +249,26 @@ def _report(out: Path, args, limit: float, rows, steady: dict, during: dict, swa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"# Serving benchmark ({args.model}, {os.cpu_count()} CPUs, {args.seconds:.0f} s per row)", "",
-             f"Bare model, batched forward (batch 32, no HTTP): **{limit:.0f} images/s**", "",
-             "| server | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
-              for name, r in rows]
-    lines += ["", f"Swaps at concurrency 32: steady p99 {steady['p99_ms']:.1f} ms ({steady['rps']:.1f} req/s); "
-              f"with {swapped} swaps in {args.seconds:.0f} s (gallery re-embedded each time) p99 "
-              f"{during['p99_ms']:.1f} ms ({during['rps']:.1f} req/s), {during['errors']} errors.", ""]
+    lines = [
+        f"# Serving benchmark ({args.model}, {os.cpu_count()} CPUs, {args.seconds:.0f} s per row)",
+        "",
+        f"Bare model, batched forward (batch 32, no HTTP): **{limit:.0f} images/s**",
+        "",
+        "| server | concurrency | req/s | p50 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {r['concurrency']} | {r['rps']:.1f} | "
+        f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
+        for name, r in rows
+    ]
+    lines += [
+        "",
+        f"Swaps at concurrency 32: steady p99 {steady['p99_ms']:.1f} ms ({steady['rps']:.1f} req/s); "
+        f"with {swapped} swaps in {args.seconds:.0f} s (gallery re-embedded each time) p99 "
+        f"{during['p99_ms']:.1f} ms ({during['rps']:.1f} req/s), {during['errors']} errors.",
+        "",
+    ]
     (out / "serve.md").write_text("\n".join(lines))
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))

@@ -43,11 +43,20 @@ def measure_once(bundle, *, images, samples, replay, rimg, strategy_name, batch_
     take = n_new * steps
     model = copy.deepcopy(bundle.model)
     t0 = time.perf_counter()
-    res = train_on_chunk(model, images=images[:take], texts=[s.text for s in samples[:take]],
-                         tokenizer=bundle.tokenizer, strategy=strategy,
-                         teacher=teacher if strategy.distill else None,
-                         replay=replay if strategy.replay else (), replay_images=rimg if strategy.replay else None,
-                         epochs=1, batch_size=batch_size, device=device, progress=False)
+    res = train_on_chunk(
+        model,
+        images=images[:take],
+        texts=[s.text for s in samples[:take]],
+        tokenizer=bundle.tokenizer,
+        strategy=strategy,
+        teacher=teacher if strategy.distill else None,
+        replay=replay if strategy.replay else (),
+        replay_images=rimg if strategy.replay else None,
+        epochs=1,
+        batch_size=batch_size,
+        device=device,
+        progress=False,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
     return res.seconds / res.steps, time.perf_counter() - t0, res
@@ -75,8 +84,9 @@ def main(argv=None) -> int:
     rimg = preprocess_images([it.image for it in replay], [it.key for it in replay], bundle.preprocess_val)
     gen.fit([s.text for s in samples] + [it.text for it in replay], rimg, bundle=bundle)
     t0 = time.perf_counter()
-    made, stats = make_pseudo_texts(gen, replay, rimg, bundle=bundle, margin=-1.0, rng=random.Random(0),
-                                    device=device)
+    made, stats = make_pseudo_texts(
+        gen, replay, rimg, bundle=bundle, margin=-1.0, rng=random.Random(0), device=device
+    )
     pseudo_s = time.perf_counter() - t0
     for it in replay:
         it.pseudo_texts = made[it.key]
@@ -85,20 +95,39 @@ def main(argv=None) -> int:
     runs: dict[str, list] = {"finetune": [], "incclip": []}
     for _ in range(args.rounds):  # alternate round by round so machine noise hits both alike
         for name in runs:
-            runs[name].append(measure_once(bundle, images=images, samples=samples, replay=replay, rimg=rimg,
-                                           strategy_name=name, batch_size=args.batch_size, steps=args.steps,
-                                           device=device, teacher=teacher))
+            runs[name].append(
+                measure_once(
+                    bundle,
+                    images=images,
+                    samples=samples,
+                    replay=replay,
+                    rimg=rimg,
+                    strategy_name=name,
+                    batch_size=args.batch_size,
+                    steps=args.steps,
+                    device=device,
+                    teacher=teacher,
+                )
+            )
     ft_step, ft_total = (statistics.median(r[i] for r in runs["finetune"]) for i in (0, 1))
     ic_step, ic_total = (statistics.median(r[i] for r in runs["incclip"]) for i in (0, 1))
     ic_res = runs["incclip"][-1][2]
-    print(f"model {args.model}, batch {args.batch_size}, device {device}, {args.steps} steps x {args.rounds} rounds")
+    print(
+        f"model {args.model}, batch {args.batch_size}, device "
+        f"{device}, {args.steps} steps x {args.rounds} rounds"
+    )
     print(f"finetune: {1000 * ft_step:.1f} ms/step ({args.batch_size / ft_step:.0f} pairs/s)")
-    print(f"incclip : {1000 * ic_step:.1f} ms/step ({args.batch_size / ic_step:.0f} pairs/s), "
-          f"{ic_res.negatives_per_step:.0f} pseudo-text negatives/step, KD on cached teacher embeddings")
+    print(
+        f"incclip : {1000 * ic_step:.1f} ms/step ({args.batch_size / ic_step:.0f} pairs/s), "
+        f"{ic_res.negatives_per_step:.0f} pseudo-text negatives/step, KD on cached teacher embeddings"
+    )
     print(f"step ratio incclip/finetune: {ic_step / ft_step:.2f} (target <= 1.30)")
-    print(f"per chunk of {args.steps} steps incl. preparation: finetune {ft_total:.2f} s, incclip {ic_total:.2f} s "
-          f"+ pseudo texts for {len(replay)} memory images {pseudo_s:.2f} s "
-          f"-> ratio {(ic_total + pseudo_s) / ft_total:.2f}")
+    print(
+        f"per chunk of {args.steps} steps incl. preparation: "
+        f"finetune {ft_total:.2f} s, incclip {ic_total:.2f} s "
+        f"+ pseudo texts for {len(replay)} memory images {pseudo_s:.2f} s "
+        f"-> ratio {(ic_total + pseudo_s) / ft_total:.2f}"
+    )
     if device.type == "cuda" and not args.skip_vit:
         vit_b32(args.batch_size)
     return 0

@@ -299,8 +299,12 @@ class CaptionerGenerator:
         steps_per_epoch = math.ceil((len(texts) + n_replay) / self.batch_size)
         total = steps_per_epoch * self.epochs
         # A fresh optimiser per fit: the parameter set changes when the vocabulary grows.
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay,
-                                fused=self.device.type in ("cpu", "cuda"))
+        opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),
+        )
         warmup = max(1, total // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,

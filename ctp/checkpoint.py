@@ -29,8 +29,15 @@ from ctp.atomic import atomic_directory, fsync_file
 from ctp.models import CheckpointError, ClipBundle, create_model, unwrap
 
 __all__ = [
-    "CONFIG_NAME", "META_NAME", "WEIGHTS_NAME", "CheckpointError", "load_checkpoint", "load_meta",
-    "open_clip_config", "save_checkpoint", "state_dict_for_save",
+    "CONFIG_NAME",
+    "META_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "load_checkpoint",
+    "load_meta",
+    "open_clip_config",
+    "save_checkpoint",
+    "state_dict_for_save",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,7 +105,9 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint metadata {meta_path}: {e}") from e
 
 
-def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[ClipBundle, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[ClipBundle, dict[str, Any]]:
     """Build the model named in ``meta.json`` with the checkpoint's weights: ``(ClipBundle, meta)``.
 
     Strict: every key, every shape (``CheckpointError`` otherwise). A stored
@@ -113,7 +122,9 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     bundle = create_model(name, pretrained=path / WEIGHTS_NAME, device=device)
     stored = _stored_model_cfg(path)
     if stored is not None and stored != json.loads(json.dumps(bundle.config)):
-        logger.warning("checkpoint %s: %s differs from the %r config ctp built it with", path, CONFIG_NAME, name)
+        logger.warning(
+            "checkpoint %s: %s differs from the %r config ctp built it with", path, CONFIG_NAME, name
+        )
     return bundle, meta
 
 

@@ -45,10 +45,19 @@ def summary_table(runs: dict[str, list[dict]]) -> str:
             if not es:
                 continue
             score = headline_score(es[0])
-            rows.append(f"| {label} | {len(es)} | " + " | ".join(_cell([e[k] for e in es]) for k in (
-                "avg_accuracy", "forgetting", "bwt")) + f" | {_cell([e['final'][score] for e in es])} |")
-        lines += [f"### {name}", "", f"| strategy | runs | avg accuracy | forgetting | BWT | final {score} |",
-                  "|---|---|---|---|---|---|", *rows, ""]
+            rows.append(
+                f"| {label} | {len(es)} | "
+                + " | ".join(_cell([e[k] for e in es]) for k in ("avg_accuracy", "forgetting", "bwt"))
+                + f" | {_cell([e['final'][score] for e in es])} |"
+            )
+        lines += [
+            f"### {name}",
+            "",
+            f"| strategy | runs | avg accuracy | forgetting | BWT | final {score} |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
     return "\n".join(lines)
 
 

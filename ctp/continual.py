@@ -89,8 +89,13 @@ def kd_weight_for_chunk(strategy: Strategy, *, memory_items: int, seen: int) -> 
 
 def memory_items_from(samples: Sequence[Sample], *, chunk: int, chunk_id: str) -> list[MemoryItem]:
     return [
-        MemoryItem(key=str(s.meta.get("id") or f"{chunk_id}/{s.key}"), image=s.image, text=s.text,
-                   label=s.label, chunk=chunk)
+        MemoryItem(
+            key=str(s.meta.get("id") or f"{chunk_id}/{s.key}"),
+            image=s.image,
+            text=s.text,
+            label=s.label,
+            chunk=chunk,
+        )
         for s in samples
     ]
 
@@ -140,7 +145,9 @@ class ContinualLearner:
 
         teacher = None
         has_prior = index > 0 or self.pretrained
-        if has_prior and (strategy.distill or strategy.merge_alpha is not None or strategy.feature_kd_weight > 0):
+        if has_prior and (
+            strategy.distill or strategy.merge_alpha is not None or strategy.feature_kd_weight > 0
+        ):
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
         pseudo_stats, pseudo_seconds = {}, 0.0
@@ -154,15 +161,22 @@ class ContinualLearner:
                 t0 = time.perf_counter()
                 self.generator.fit(texts, images, bundle=self.bundle)
                 stale = [
-                    i for i, it in enumerate(replay)
+                    i
+                    for i, it in enumerate(replay)
                     if it.pseudo_version < 0 or index - it.pseudo_version >= cfg.refresh_every
                 ]
                 if stale:
                     # The model is still the one before this chunk: it is the teacher that guards.
                     made, stats = make_pseudo_texts(
-                        self.generator, [replay[i] for i in stale], replay_images[stale],
-                        bundle=self.bundle, num_keep=cfg.pseudo_keep, num_candidates=cfg.pseudo_candidates,
-                        margin=cfg.pseudo_margin, rng=rng, device=self.device,
+                        self.generator,
+                        [replay[i] for i in stale],
+                        replay_images[stale],
+                        bundle=self.bundle,
+                        num_keep=cfg.pseudo_keep,
+                        num_candidates=cfg.pseudo_candidates,
+                        margin=cfg.pseudo_margin,
+                        rng=rng,
+                        device=self.device,
                     )
                     self.memory.set_pseudo_texts(made, version=index)
                     for i in stale:
@@ -175,15 +189,29 @@ class ContinualLearner:
 
         mem = self.memory if strategy.replay else None
         kd_weight, share = kd_weight_for_chunk(
-            strategy, memory_items=len(mem) if mem is not None else 0, seen=mem.seen() if mem is not None else 0
+            strategy,
+            memory_items=len(mem) if mem is not None else 0,
+            seen=mem.seen() if mem is not None else 0,
         )
         result = train_on_chunk(
             model,
-            images=images, texts=texts, tokenizer=self.bundle.tokenizer, strategy=strategy,
-            teacher=teacher, replay=replay, replay_images=replay_images, kd_weight=kd_weight,
-            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            warmup_steps=cfg.warmup_steps, device=self.device, seed=cfg.seed * 1000 + index,
-            progress=cfg.progress, desc=f"{strategy.name} chunk {index}",
+            images=images,
+            texts=texts,
+            tokenizer=self.bundle.tokenizer,
+            strategy=strategy,
+            teacher=teacher,
+            replay=replay,
+            replay_images=replay_images,
+            kd_weight=kd_weight,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,
+            device=self.device,
+            seed=cfg.seed * 1000 + index,
+            progress=cfg.progress,
+            desc=f"{strategy.name} chunk {index}",
         )
         if strategy.merge_alpha is not None and teacher is not None:
             merge_weights(model, teacher, alpha=strategy.merge_alpha)
@@ -192,15 +220,23 @@ class ContinualLearner:
         if self.memory is not None and (strategy.replay or strategy.pseudo_texts):
             # A chunk trained again after a crash may have reached memory already: offer each pair once.
             present = set(self.memory.keys())
-            new_items = [it for it in memory_items_from(chunk_samples, chunk=index, chunk_id=chunk_id)
-                         if it.key not in present]
+            new_items = [
+                it
+                for it in memory_items_from(chunk_samples, chunk=index, chunk_id=chunk_id)
+                if it.key not in present
+            ]
             admitted = len(self.memory.add(new_items, rng=rng).admitted)
         self.chunks_done += 1
         return ChunkReport(
-            index=index, train=result, pseudo=pseudo_stats, pseudo_seconds=pseudo_seconds,
+            index=index,
+            train=result,
+            pseudo=pseudo_stats,
+            pseudo_seconds=pseudo_seconds,
             memory_items=len(self.memory) if self.memory is not None else 0,
             memory_bytes=self.memory.nbytes() if self.memory is not None else 0,
-            admitted=admitted, kd_weight=kd_weight if teacher is not None else 0.0, memory_share=share,
+            admitted=admitted,
+            kd_weight=kd_weight if teacher is not None else 0.0,
+            memory_share=share,
         )
 
 

@@ -73,10 +73,18 @@ def _tar_header(name: str, size: int) -> bytes:
     raw = name.encode("utf-8", "surrogateescape")
     if len(raw) > 100 or not raw.isascii():
         info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, _TAR_MODE, 0, 0, "", ""
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+            size,
+            0,
+            _TAR_MODE,
+            0,
+            0,
+            "",
+            "",
+        )
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     h = bytearray(_BLOCK)
-    h[0:len(raw)] = raw
+    h[0 : len(raw)] = raw
     h[100:108] = b"%07o\0" % _TAR_MODE
     h[108:116] = h[116:124] = b"0000000\0"  # uid, gid
     h[124:136] = b"%011o\0" % size

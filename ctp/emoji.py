@@ -148,32 +148,61 @@ PRESETS: dict[str, EmojiConfig] = {
     # The CPU benchmark's real-image stream: the 10 largest subcategories (<= 50 emoji each), two
     # new classes a chunk over 5 chunks, apple + google + twitter art (about 1,300 pairs, ~130 a
     # class: enough for the tiny model to learn from scratch on a CPU), eval on facebook art.
-    "emoji-ci-10": EmojiConfig(max_per_subcategory=50, top_subcategories=10, chunk_by="subcategory",
-                               categories_per_chunk=2),
+    "emoji-ci-10": EmojiConfig(
+        max_per_subcategory=50, top_subcategories=10, chunk_by="subcategory", categories_per_chunk=2
+    ),
     # the same stream after a base model pretrained on the next 6 largest subcategories
     "emoji-ci-10-warm": EmojiConfig(
-        max_per_subcategory=50, top_subcategories=16, chunk_by="subcategory", categories_per_chunk=2,
-        holdout_categories=("food-prepared", "geometric", "person-fantasy", "time", "person-gesture", "person"),
+        max_per_subcategory=50,
+        top_subcategories=16,
+        chunk_by="subcategory",
+        categories_per_chunk=2,
+        holdout_categories=(
+            "food-prepared",
+            "geometric",
+            "person-fantasy",
+            "time",
+            "person-gesture",
+            "person",
+        ),
     ),
     # The continual benchmark's longer real-image stream: the 16 largest subcategories (<= 30 emoji each),
     # two new classes a chunk over 8 chunks, apple + google art (about 950 pairs), eval on facebook
     # art. A 98-way stream of a few pairs per class leaves a model trained from scratch on a CPU
     # near chance; 16 classes of 60 pairs each is learnable in minutes and keeps the stream long.
     "emoji-ci-16": EmojiConfig(
-        train_vendors=("apple", "google"), max_per_subcategory=30, top_subcategories=16,
-        chunk_by="subcategory", categories_per_chunk=2,
+        train_vendors=("apple", "google"),
+        max_per_subcategory=30,
+        top_subcategories=16,
+        chunk_by="subcategory",
+        categories_per_chunk=2,
     ),
     "emoji-ii-16": EmojiConfig(
-        split="instance-incremental", train_vendors=("apple", "google"), max_per_subcategory=30,
-        top_subcategories=16, chunk_by="subcategory", categories_per_chunk=2,
+        split="instance-incremental",
+        train_vendors=("apple", "google"),
+        max_per_subcategory=30,
+        top_subcategories=16,
+        chunk_by="subcategory",
+        categories_per_chunk=2,
     ),
     # warm start: the next 8 largest subcategories are held back as the base set (pretraining a
     # base model on them), the 16 of emoji-ci-16 are the stream
     "emoji-ci-16-warm": EmojiConfig(
-        train_vendors=("apple", "google"), max_per_subcategory=30, top_subcategories=24,
-        chunk_by="subcategory", categories_per_chunk=2,
-        holdout_categories=("place-building", "sport", "face-concerned", "heart", "tool", "household",
-                            "av-symbol", "game"),
+        train_vendors=("apple", "google"),
+        max_per_subcategory=30,
+        top_subcategories=24,
+        chunk_by="subcategory",
+        categories_per_chunk=2,
+        holdout_categories=(
+            "place-building",
+            "sport",
+            "face-concerned",
+            "heart",
+            "tool",
+            "household",
+            "av-symbol",
+            "game",
+        ),
     ),
     # as emoji-ci-small, with two categories held out as a base set for a warm-start model
     "emoji-ci-small-base": EmojiConfig(
@@ -263,7 +292,7 @@ class Emoji:
 
 
 def subcategory_words(subcategory: str) -> str:
-    """"animal-mammal" -> "animal mammal", "arts & crafts" -> "arts and crafts", "alphanum" -> ..."""
+    """ "animal-mammal" -> "animal mammal", "arts & crafts" -> "arts and crafts", "alphanum" -> ..."""
     if subcategory in _CLASSNAME_OVERRIDES:
         return _CLASSNAME_OVERRIDES[subcategory]
     words = subcategory.replace("&", " and ").replace("-", " ").replace("_", " ")
@@ -290,7 +319,9 @@ def _char(unified: str) -> str:
     return "".join(chr(int(cp, 16)) for cp in unified.split("-"))
 
 
-def parse_catalog(entries: list[dict], emojilib: dict[str, list[str]], vendors: tuple[str, ...]) -> list[Emoji]:
+def parse_catalog(
+    entries: list[dict], emojilib: dict[str, list[str]], vendors: tuple[str, ...]
+) -> list[Emoji]:
     """Base emoji of ``emoji.json`` ``entries`` that have art for every one of ``vendors``.
 
     Skin-tone variations (``skin_variations``) are not read and the "Component" category is
@@ -363,7 +394,7 @@ def read_vendor_images(tgz: Path, vendor: str, images: set[str], image_size: int
             for member in tar:
                 if not member.isfile() or not member.name.startswith(prefix):
                     continue
-                base = member.name[len(prefix):]
+                base = member.name[len(prefix) :]
                 if base in images and base not in out:
                     f = tar.extractfile(member)
                     assert f is not None
@@ -429,7 +460,9 @@ def select_emoji(catalog: list[Emoji], config: EmojiConfig) -> list[Emoji]:
         if len(idx) <= config.max_per_subcategory:
             keep.update(idx)
         else:
-            keep.update(idx[int(j)] for j in rng.choice(len(idx), size=config.max_per_subcategory, replace=False))
+            keep.update(
+                idx[int(j)] for j in rng.choice(len(idx), size=config.max_per_subcategory, replace=False)
+            )
     return [em for i, em in enumerate(catalog) if i in keep]
 
 

@@ -158,8 +158,9 @@ def _embed_set_images(
     batch_size: int,
 ) -> Tensor:
     keys = dataset.keys or None
-    return embed_images(model, dataset.images, preprocess=preprocess, device=device, batch_size=batch_size,
-                        keys=keys)
+    return embed_images(
+        model, dataset.images, preprocess=preprocess, device=device, batch_size=batch_size, keys=keys
+    )
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ from ctp.tracking import EvalTracker
 
 logger = logging.getLogger(__name__)
 
+
 def _named_dir(value: str) -> tuple[str, Path]:
     name, sep, path = value.partition("=")
     if not sep or not name or not path:
@@ -50,12 +51,21 @@ def _named_dir(value: str) -> tuple[str, Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctp experiment", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--chunks", nargs="+", type=Path, metavar="DIR", help="chunk directories, in training order")
+    src.add_argument(
+        "--chunks", nargs="+", type=Path, metavar="DIR", help="chunk directories, in training order"
+    )
     src.add_argument("--synthetic", metavar="NAME", help="a synthetic stream preset (ctp.synthetic.PRESETS)")
-    src.add_argument("--stream", metavar="NAME",
-                     help="a synthetic or emoji stream preset (ctp.synthetic.PRESETS, ctp.emoji.PRESETS)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="where the --synthetic/--stream stream is generated (cached); default ~/.cache/ctp/synthetic")
+    src.add_argument(
+        "--stream",
+        metavar="NAME",
+        help="a synthetic or emoji stream preset (ctp.synthetic.PRESETS, ctp.emoji.PRESETS)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the --synthetic/--stream stream is generated (cached); default ~/.cache/ctp/synthetic",
+    )
     p.add_argument("--eval-classification", nargs="*", type=_named_dir, default=[], metavar="NAME=DIR")
     p.add_argument("--eval-retrieval", nargs="*", type=_named_dir, default=[], metavar="NAME=DIR")
     p.add_argument("--strategy", required=True, choices=sorted(STRATEGIES))
@@ -68,8 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-policy", choices=POLICIES, default="class_balanced")
     p.add_argument("--generator", choices=GENERATORS, default="edit", help="pseudo-text generator")
     p.add_argument("--kd-weight", type=float, default=None, help="override the strategy's KD weight")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a Strategy or TrainConfig field, e.g. --set kd_temperature=4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a Strategy or TrainConfig field, e.g. --set kd_temperature=4 (repeatable)",
+    )
     p.add_argument("--no-checkpoint", action="store_true", help="do not write the final checkpoint (sweeps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -167,16 +183,30 @@ def run(args: argparse.Namespace) -> dict:
     strategy = get_strategy(args.strategy, kd_weight=args.kd_weight)
     strategy = replace(strategy, **strategy_over)
     bundle = create_model(args.model, pretrained=args.pretrained, device=args.device, seed=args.seed)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                         seed=args.seed, progress=not args.no_progress and rank == 0)
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress and rank == 0,
+    )
     config = replace(config, **train_over)
     memory = create_memory(max_items=args.memory_size, policy=args.memory_policy)
     generator = create_generator(args.generator) if strategy.pseudo_texts else None
-    learner = ContinualLearner(bundle=bundle, strategy=strategy, memory=memory, generator=generator, config=config,
-                               pretrained=bool(args.pretrained))
+    learner = ContinualLearner(
+        bundle=bundle,
+        strategy=strategy,
+        memory=memory,
+        generator=generator,
+        config=config,
+        pretrained=bool(args.pretrained),
+    )
 
-    tracker = EvalTracker({name: load_classification_set(d) for name, d in eval_cls.items()},
-                          {name: load_retrieval_set(d) for name, d in eval_ret.items()})
+    tracker = EvalTracker(
+        {name: load_classification_set(d) for name, d in eval_cls.items()},
+        {name: load_retrieval_set(d) for name, d in eval_ret.items()},
+    )
     chunk_reports = []
     t_start = time.perf_counter()
     for i, chunk_dir in enumerate(chunk_dirs):
@@ -203,8 +233,10 @@ def run(args: argparse.Namespace) -> dict:
         # wall time of the chunk updates with their preparation and pseudo-text generation
         "compute": {
             "pairs": sum(c["train"]["pairs"] for c in chunk_reports),
-            "train_seconds": sum(c["train"]["seconds"] + c["train"]["prepare_seconds"] + c["pseudo_seconds"]
-                                 for c in chunk_reports),
+            "train_seconds": sum(
+                c["train"]["seconds"] + c["train"]["prepare_seconds"] + c["pseudo_seconds"]
+                for c in chunk_reports
+            ),
         },
         "eval": evals,
         "chunk_reports": chunk_reports,
@@ -215,10 +247,18 @@ def run(args: argparse.Namespace) -> dict:
     if args.no_checkpoint:
         write_report(out, metrics)
         return metrics
-    save_checkpoint(out / "checkpoint", bundle.model, {
-        "model": args.model, "config": bundle.config, "version": len(chunk_dirs), "chunks": len(chunk_dirs),
-        "strategy": strategy.name, "metrics": {n: e["final"] for n, e in evals.items()},
-    })
+    save_checkpoint(
+        out / "checkpoint",
+        bundle.model,
+        {
+            "model": args.model,
+            "config": bundle.config,
+            "version": len(chunk_dirs),
+            "chunks": len(chunk_dirs),
+            "strategy": strategy.name,
+            "metrics": {n: e["final"] for n, e in evals.items()},
+        },
+    )
     write_report(out, metrics)
     return metrics
 
@@ -226,10 +266,14 @@ def run(args: argparse.Namespace) -> dict:
 def write_report(out: Path, metrics: dict) -> None:
     from ctp.plots import plot_accuracy_curves, plot_task_matrix
 
-    lines = [f"# ctp experiment: {metrics['strategy']}", "",
-             f"{metrics['chunks']} chunks, model `{metrics['model']}`, seed {metrics['seed']}, "
-             f"memory {metrics['memory_size']} ({metrics['memory_policy']}), "
-             f"{metrics['seconds']:.0f} s in all.", ""]
+    lines = [
+        f"# ctp experiment: {metrics['strategy']}",
+        "",
+        f"{metrics['chunks']} chunks, model `{metrics['model']}`, seed {metrics['seed']}, "
+        f"memory {metrics['memory_size']} ({metrics['memory_policy']}), "
+        f"{metrics['seconds']:.0f} s in all.",
+        "",
+    ]
     for name, e in metrics["eval"].items():
         lines += [f"## {name} ({e['kind']})", ""]
         keys = list(e["final"])
@@ -237,25 +281,44 @@ def write_report(out: Path, metrics: dict) -> None:
         lines.append("|---|" + "---|" * len(keys))
         for i, m in enumerate(e["after_chunk"]):
             lines.append(f"| {i} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
-        lines += ["", f"average accuracy {_fmt(e['avg_accuracy'])}, forgetting {_fmt(e['forgetting'])}, "
-                      f"BWT {_fmt(e['bwt'])} (docs/design.md definitions).", ""]
+        lines += [
+            "",
+            f"average accuracy {_fmt(e['avg_accuracy'])}, forgetting {_fmt(e['forgetting'])}, "
+            f"BWT {_fmt(e['bwt'])} (docs/design.md definitions).",
+            "",
+        ]
         if "task_matrix" in e:
-            lines += ["Task matrix R[i][j] (row: after chunk i; column: classes first seen in chunk j):", "",
-                      "```", format_task_matrix(e["task_matrix"]), "```", "",
-                      f"![task matrix](task_matrix_{name}.png)", ""]
-            plot_task_matrix(e["task_matrix"], out / f"task_matrix_{name}.png", title=f"{metrics['strategy']}: {name}")
+            lines += [
+                "Task matrix R[i][j] (row: after chunk i; column: classes first seen in chunk j):",
+                "",
+                "```",
+                format_task_matrix(e["task_matrix"]),
+                "```",
+                "",
+                f"![task matrix](task_matrix_{name}.png)",
+                "",
+            ]
+            plot_task_matrix(
+                e["task_matrix"], out / f"task_matrix_{name}.png", title=f"{metrics['strategy']}: {name}"
+            )
     if metrics["eval"]:
         plot_accuracy_curves({metrics["strategy"]: metrics}, out / "accuracy.png")
         lines += ["![accuracy after each chunk](accuracy.png)", ""]
     else:
         lines += ["No eval sets were given (--eval-classification / --eval-retrieval).", ""]
-    lines += ["## Chunks", "", "| chunk | steps | pairs/s | loss | kd | pseudo kept | pseudo s | memory |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Chunks",
+        "",
+        "| chunk | steps | pairs/s | loss | kd | pseudo kept | pseudo s | memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in metrics["chunk_reports"]:
         t = c["train"]
-        lines.append(f"| {c['index']} | {t['steps']} | {t['pairs_per_second']:.0f} | {t['loss']:.3f} | "
-                     f"{t['loss_kd']:.3f} | {c['pseudo'].get('kept', 0)} | {c['pseudo_seconds']:.1f} | "
-                     f"{c['memory_items']} |")
+        lines.append(
+            f"| {c['index']} | {t['steps']} | {t['pairs_per_second']:.0f} | {t['loss']:.3f} | "
+            f"{t['loss_kd']:.3f} | {c['pseudo'].get('kept', 0)} | {c['pseudo_seconds']:.1f} | "
+            f"{c['memory_items']} |"
+        )
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -267,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     metrics = run(args)
     for name, e in metrics["eval"].items():
-        print(f"{name}: final {json.dumps({k: round(v, 4) for k, v in e['final'].items()})} "
-              f"avg_accuracy={_fmt(e['avg_accuracy'])} forgetting={_fmt(e['forgetting'])} bwt={_fmt(e['bwt'])}")
+        print(
+            f"{name}: final {json.dumps({k: round(v, 4) for k, v in e['final'].items()})} "
+            f"avg_accuracy={_fmt(e['avg_accuracy'])} forgetting={_fmt(e['forgetting'])} bwt={_fmt(e['bwt'])}"
+        )
     print(f"wrote {args.out / 'metrics.json'}")
     return 0

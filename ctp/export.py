@@ -63,7 +63,8 @@ def model_card(meta: dict[str, Any], config: dict[str, Any]) -> str:
         f"A CLIP model (open_clip architecture `{name}`, embedding dim {cfg.get('embed_dim', '?')}, "
         f"image size {cfg.get('vision_cfg', {}).get('image_size', '?')}) trained continually by ctp"
         + (f" with strategy `{meta['strategy']}`" if meta.get("strategy") else "")
-        + (f" on {meta['chunks']} chunk(s)" if meta.get("chunks") is not None else "") + ".",
+        + (f" on {meta['chunks']} chunk(s)" if meta.get("chunks") is not None else "")
+        + ".",
         "",
         "TODO: training data, intended use, limitations, license.",
         "",
@@ -81,16 +82,27 @@ def model_card(meta: dict[str, Any], config: dict[str, Any]) -> str:
     rows = []  # meta["metrics"]: {eval set: {metric: value}}
     for set_name, values in sorted((meta.get("metrics") or {}).items()):
         items = values.items() if isinstance(values, dict) else [("", values)]
-        rows += [(set_name, k, v) for k, v in sorted(items) if isinstance(v, int | float) and not isinstance(v, bool)]
+        rows += [
+            (set_name, k, v)
+            for k, v in sorted(items)
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
     if rows:
-        lines += ["", "## Metrics recorded by ctp", "", "| eval set | metric | value |", "| --- | --- | --- |"]
+        lines += [
+            "",
+            "## Metrics recorded by ctp",
+            "",
+            "| eval set | metric | value |",
+            "| --- | --- | --- |",
+        ]
         lines += [f"| {s} | {k} | {v:.4g} |" for s, k, v in rows]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ctp export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ctp export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="ctp checkpoint directory (model.safetensors + meta.json)")
     p.add_argument("--out", required=True, help="output directory (Hub layout)")
     args = p.parse_args(argv)

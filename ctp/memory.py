@@ -226,8 +226,12 @@ class InProcessMemory:
                 image=it.image,
                 text=it.text,
                 label=it.label,
-                meta={"key": it.key, "chunk": it.chunk, "pseudo_texts": it.pseudo_texts,
-                      "pseudo_version": it.pseudo_version},
+                meta={
+                    "key": it.key,
+                    "chunk": it.chunk,
+                    "pseudo_texts": it.pseudo_texts,
+                    "pseudo_version": it.pseudo_version,
+                },
             )
             for i, it in enumerate(self.get(self.keys()))
         ]
@@ -252,13 +256,20 @@ class InProcessMemory:
         for s in read_chunk(path):
             meta = dict(s.meta)
             item = MemoryItem(
-                key=meta["key"], image=s.image, text=s.text, label=s.label, chunk=meta["chunk"],
-                pseudo_texts=list(meta.get("pseudo_texts", [])), pseudo_version=meta.get("pseudo_version", -1),
+                key=meta["key"],
+                image=s.image,
+                text=s.text,
+                label=s.label,
+                chunk=meta["chunk"],
+                pseudo_texts=list(meta.get("pseudo_texts", [])),
+                pseudo_version=meta.get("pseudo_version", -1),
             )
             mem._items[item.key] = item
             mem._slots.append(Slot(item.key, item.label, item.nbytes))
         return mem
 
 
-def create_memory(*, max_items: int, max_bytes: int | None = None, policy: Policy = "reservoir") -> InProcessMemory:
+def create_memory(
+    *, max_items: int, max_bytes: int | None = None, policy: Policy = "reservoir"
+) -> InProcessMemory:
     return InProcessMemory(max_items=max_items, max_bytes=max_bytes, policy=policy)

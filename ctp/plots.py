@@ -24,8 +24,11 @@ def plot_accuracy_curves(runs: dict[str, dict | list[dict]], path: Path) -> Path
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for label, ms in groups.items():
-            curves = [[a[headline_score(m["eval"][name])] for a in m["eval"][name]["after_chunk"]]
-                      for m in ms if name in m["eval"]]
+            curves = [
+                [a[headline_score(m["eval"][name])] for a in m["eval"][name]["after_chunk"]]
+                for m in ms
+                if name in m["eval"]
+            ]
             if not curves:
                 continue
             arr = np.array(curves)
@@ -54,8 +57,15 @@ def plot_task_matrix(R: list[list[float | None]], path: Path, *, title: str = ""
     for i in range(arr.shape[0]):
         for j in range(arr.shape[1]):
             if not np.isnan(arr[i, j]):
-                ax.text(j, i, f"{arr[i, j]:.2f}", ha="center", va="center",
-                        color="white" if arr[i, j] < 0.5 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{arr[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if arr[i, j] < 0.5 else "black",
+                    fontsize=8,
+                )
     ax.set_xlabel("classes first seen in chunk j")
     ax.set_ylabel("after chunk i")
     ax.set_title(title, fontsize=9)

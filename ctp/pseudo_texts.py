@@ -134,8 +134,10 @@ class TokenEditGenerator:
 
     def vocab(self) -> torch.Tensor:
         stop = self.function_words()
-        return torch.tensor([t for t, _ in self.token_counts.most_common() if t not in stop][: self.max_vocab],
-                            dtype=torch.long)
+        return torch.tensor(
+            [t for t, _ in self.token_counts.most_common() if t not in stop][: self.max_vocab],
+            dtype=torch.long,
+        )
 
     def propose(self, items, images, *, bundle, num, rng):
         model = bundle.model
@@ -292,16 +294,26 @@ def make_pseudo_texts(
             )
         # A candidate that tokenizes like the true caption is the true caption to the model.
         candidates = [
-            [c for c in sorted(set(p)) if not torch.equal(bundle.tokenizer([c])[0], bundle.tokenizer([it.text])[0])]
+            [
+                c
+                for c in sorted(set(p))
+                if not torch.equal(bundle.tokenizer([c])[0], bundle.tokenizer([it.text])[0])
+            ]
             for it, p in zip(items, proposals, strict=True)
         ]
-        sims = score_texts(bundle, img_f, [[it.text] + c for it, c in zip(items, candidates, strict=True)], device)
+        sims = score_texts(
+            bundle, img_f, [[it.text] + c for it, c in zip(items, candidates, strict=True)], device
+        )
         kept_sims, true_sims = [], []
         for it, cands, s in zip(items, candidates, sims, strict=True):
             true_sim, cand_sims = float(s[0]), s[1:]
             true_sims.append(true_sim)
             stats.proposed += len(cands)
-            ok = [(float(cs), c) for cs, c in zip(cand_sims, cands, strict=True) if float(cs) < true_sim - margin]
+            ok = [
+                (float(cs), c)
+                for cs, c in zip(cand_sims, cands, strict=True)
+                if float(cs) < true_sim - margin
+            ]
             stats.dropped_false_negative += len(cands) - len(ok)
             ok.sort(reverse=True)  # hardest (most similar) first
             chosen = ok[:num_keep]
@@ -314,6 +326,10 @@ def make_pseudo_texts(
         model.train(was_training)
     logger.info(
         "pseudo texts (%s): %d items, %d proposed, %d dropped by the guard, %d kept",
-        generator.name, stats.items, stats.proposed, stats.dropped_false_negative, stats.kept,
+        generator.name,
+        stats.items,
+        stats.proposed,
+        stats.dropped_false_negative,
+        stats.kept,
     )
     return result, stats

@@ -50,7 +50,9 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("er_kd", replay=True, distill=True, kd_scope="replay"),
         Strategy("er_pt", replay=True, pseudo_texts=True),
         Strategy("incclip_bkd", replay=True, distill=True, pseudo_texts=True, kd_scope="batch"),
-        Strategy("incclip_wise", replay=True, distill=True, pseudo_texts=True, kd_scope="replay", merge_alpha=0.8),
+        Strategy(
+            "incclip_wise", replay=True, distill=True, pseudo_texts=True, kd_scope="replay", merge_alpha=0.8
+        ),
     )
 }
 CORE_STRATEGIES = ("finetune", "er", "lwf", "incclip", "joint")

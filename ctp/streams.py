@@ -1,8 +1,8 @@
 """Named streams (synthetic and emoji presets) and the ``ctp data`` command.
 
-    ctp data emoji --out DIR [--preset NAME] [--split ...] [--train-vendors V ...]
-        [--eval-vendor V] [--categories-per-chunk N] [--max-per-subcategory N]
-        [--holdout-categories CAT ...] [--image-size N] [--seed N] [--cache-dir DIR]
+ctp data emoji --out DIR [--preset NAME] [--split ...] [--train-vendors V ...]
+    [--eval-vendor V] [--categories-per-chunk N] [--max-per-subcategory N]
+    [--holdout-categories CAT ...] [--image-size N] [--seed N] [--cache-dir DIR]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def stream_names() -> list[str]:
 
 
 def stream_kind(name: str) -> str:
-    """"emoji" or "synthetic": the family of the named stream (also its eval sets' name)."""
+    """ "emoji" or "synthetic": the family of the named stream (also its eval sets' name)."""
     from ctp.emoji import PRESETS as EMOJI
     from ctp.synthetic import PRESETS as SYNTHETIC
 
@@ -56,19 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the emoji stream: chunks of training-vendor art, eval sets of the held-out "
         "vendor's art. Options override the preset.",
     )
-    e.add_argument("--out", type=Path, required=True, help="stream directory (reused when the config matches)")
+    e.add_argument(
+        "--out", type=Path, required=True, help="stream directory (reused when the config matches)"
+    )
     e.add_argument("--preset", default="emoji-ci-small", choices=sorted(PRESETS))
     e.add_argument("--split", choices=("class-incremental", "instance-incremental"))
     e.add_argument("--train-vendors", nargs="+", choices=VENDORS)
     e.add_argument("--eval-vendor", choices=VENDORS)
     e.add_argument("--categories-per-chunk", type=int)
     e.add_argument("--max-per-subcategory", type=int, help="seeded subsample per subcategory; 0 = all")
-    e.add_argument("--holdout-categories", nargs="*", metavar="CATEGORY",
-                   help='top-level categories kept out of the stream, e.g. "Food & Drink"')
+    e.add_argument(
+        "--holdout-categories",
+        nargs="*",
+        metavar="CATEGORY",
+        help='top-level categories kept out of the stream, e.g. "Food & Drink"',
+    )
     e.add_argument("--image-size", type=int)
     e.add_argument("--seed", type=int)
-    e.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"npm tarball cache (default {default_cache_dir()})")
+    e.add_argument(
+        "--cache-dir", type=Path, default=None, help=f"npm tarball cache (default {default_cache_dir()})"
+    )
     return p
 
 
@@ -78,8 +85,16 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("split", "train_vendors", "eval_vendor", "categories_per_chunk", "max_per_subcategory",
-                  "holdout_categories", "image_size", "seed")
+        for k in (
+            "split",
+            "train_vendors",
+            "eval_vendor",
+            "categories_per_chunk",
+            "max_per_subcategory",
+            "holdout_categories",
+            "image_size",
+            "seed",
+        )
         if getattr(args, k) is not None
     }
     try:

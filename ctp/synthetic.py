@@ -218,7 +218,9 @@ PRESETS: dict[str, SyntheticConfig] = {
     "class-incremental-small": SyntheticConfig(num_classes=8, train_per_class=200, eval_per_class=50),
     # 16 classes over 8 chunks, 60 pairs a class (960 pairs): long enough that a fixed memory
     # falls to a small share of the stream, small enough for many seeds on a 2-core CPU
-    "class-incremental-long": SyntheticConfig(num_classes=16, num_chunks=8, train_per_class=60, eval_per_class=20),
+    "class-incremental-long": SyntheticConfig(
+        num_classes=16, num_chunks=8, train_per_class=60, eval_per_class=20
+    ),
     "instance-incremental-long": SyntheticConfig(
         num_classes=16, num_chunks=8, train_per_class=60, eval_per_class=20, split="instance-incremental"
     ),

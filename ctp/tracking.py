@@ -50,19 +50,29 @@ class EvalTracker:
         self.chunk_labels: list[set[str]] = [set(x) for x in state.get("chunk_labels", [])]
         old = state.get("results", {})
         self.results: dict[str, dict[str, Any]] = {}
-        for name, kind in [(n, "classification") for n in self.cls_sets] + [(n, "retrieval") for n in self.ret_sets]:
+        for name, kind in [(n, "classification") for n in self.cls_sets] + [
+            (n, "retrieval") for n in self.ret_sets
+        ]:
             prev = old.get(name)
             if prev and prev.get("kind") == kind and len(prev["rows"]) == len(self.chunk_labels):
-                self.results[name] = {"kind": kind, "after_chunk": list(prev["after_chunk"]),
-                                      "rows": [list(r) for r in prev["rows"]]}
+                self.results[name] = {
+                    "kind": kind,
+                    "after_chunk": list(prev["after_chunk"]),
+                    "rows": [list(r) for r in prev["rows"]],
+                }
             else:  # a set added later starts at the next chunk: earlier rows were not measured
-                self.results[name] = {"kind": kind, "after_chunk": [None] * len(self.chunk_labels),
-                                      "rows": [[None] * len(self.chunk_labels) for _ in self.chunk_labels]}
+                self.results[name] = {
+                    "kind": kind,
+                    "after_chunk": [None] * len(self.chunk_labels),
+                    "rows": [[None] * len(self.chunk_labels) for _ in self.chunk_labels],
+                }
 
     def __bool__(self) -> bool:
         return bool(self.cls_sets or self.ret_sets)
 
-    def after_chunk(self, bundle: ClipBundle, labels: Iterable[str | None], *, device: str) -> dict[str, dict]:
+    def after_chunk(
+        self, bundle: ClipBundle, labels: Iterable[str | None], *, device: str
+    ) -> dict[str, dict]:
         """Evaluate every set on ``bundle`` after a chunk whose pairs carried ``labels``."""
         self.chunk_labels.append({lab for lab in labels if lab})
         width = len(self.chunk_labels)
@@ -71,18 +81,22 @@ class EvalTracker:
                 row.extend([None] * (width - len(row)))
         labelled = any(self.chunk_labels)
         for name, ds in self.cls_sets.items():
-            res = evaluate_classification(bundle.model, ds, preprocess=bundle.preprocess_val,
-                                          tokenizer=bundle.tokenizer, device=device)
+            res = evaluate_classification(
+                bundle.model, ds, preprocess=bundle.preprocess_val, tokenizer=bundle.tokenizer, device=device
+            )
             r = self.results[name]
             r["after_chunk"].append(res.metrics)
             if labelled:
-                row = group_accuracy(res.correct, ds.targets, class_groups(ds.classnames, self.chunk_labels), width)
+                row = group_accuracy(
+                    res.correct, ds.targets, class_groups(ds.classnames, self.chunk_labels), width
+                )
             else:
                 row = [res.metrics["acc1"]] + [None] * (width - 1)
             r["rows"].append(row)
         for name, ds in self.ret_sets.items():
-            m = evaluate_retrieval(bundle.model, ds, preprocess=bundle.preprocess_val,
-                                   tokenizer=bundle.tokenizer, device=device)
+            m = evaluate_retrieval(
+                bundle.model, ds, preprocess=bundle.preprocess_val, tokenizer=bundle.tokenizer, device=device
+            )
             m[RETRIEVAL_SCORE] = (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
             self.results[name]["after_chunk"].append(m)
             self.results[name]["rows"].append([m[RETRIEVAL_SCORE]] + [None] * (width - 1))
@@ -98,12 +112,18 @@ class EvalTracker:
             if r["kind"] == "classification" and labelled:
                 matrix = r["rows"]
             elif r["kind"] == "classification":
-                matrix = [[m["acc1"] if m else None] + [None] * (len(row) - 1)
-                          for m, row in zip(r["after_chunk"], r["rows"], strict=True)]
+                matrix = [
+                    [m["acc1"] if m else None] + [None] * (len(row) - 1)
+                    for m, row in zip(r["after_chunk"], r["rows"], strict=True)
+                ]
             else:
                 matrix = r["rows"]
-            entry = {"kind": r["kind"], "after_chunk": r["after_chunk"], "final": r["after_chunk"][-1],
-                     **continual_summary(matrix)}
+            entry = {
+                "kind": r["kind"],
+                "after_chunk": r["after_chunk"],
+                "final": r["after_chunk"][-1],
+                **continual_summary(matrix),
+            }
             if r["kind"] == "classification":
                 entry["task_matrix"] = matrix
             else:

@@ -120,7 +120,8 @@ def train_on_chunk(
         rep_tokens = tokenizer([it.text for it in replay])  # [M, L]
         # pseudo texts of each replay item, tokenized once: pseudo_tokens[i] is [K_i, L]
         pseudo_tokens = [
-            tokenizer(it.pseudo_texts) if (strategy.pseudo_texts and it.pseudo_texts) else None for it in replay
+            tokenizer(it.pseudo_texts) if (strategy.pseudo_texts and it.pseudo_texts) else None
+            for it in replay
         ]
     if use_kd or use_fkd:
         # Teacher embeddings once per chunk; the loop only indexes them. [N, D] and [M, D]
@@ -133,7 +134,9 @@ def train_on_chunk(
         t_scale = unwrap(teacher).logit_scale.exp().detach().float()
     ddp_model = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     net = unwrap(model)
 
     per_rank = len(texts) // world
@@ -144,7 +147,11 @@ def train_on_chunk(
     # fused: one kernel for all parameters; the per-tensor loop costs more than the model's own
     # step on the tiny CPU presets (the 49,408-token embedding is most of their parameters)
     optimizer = torch.optim.AdamW(
-        param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type in ("cpu", "cuda")
+        param_groups(net, weight_decay),
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        fused=device.type in ("cpu", "cuda"),
     )
     order_gen = torch.Generator().manual_seed(seed)  # same permutation on every rank
     rep_rng = random.Random(seed * 7919 + rank)  # own replay draws per rank
@@ -178,7 +185,9 @@ def train_on_chunk(
             with autocast_for(device):
                 img_f, txt_f, scale = ddp_model(batch_img.to(device), all_tok.to(device))[:3]
                 loss_clip = contrastive_loss(
-                    img_f, txt_f[:b], scale,
+                    img_f,
+                    txt_f[:b],
+                    scale,
                     negative_text_features=txt_f[b:] if neg_tok else None,
                     negative_owner=torch.tensor(neg_owner, device=device) if neg_tok else None,
                 )
@@ -195,15 +204,17 @@ def train_on_chunk(
                         t_img = torch.cat([t_img_new[idx], t_img_rep[ridx]]) if use_replay else t_img_new[idx]
                         t_txt = torch.cat([t_txt_new[idx], t_txt_rep[ridx]]) if use_replay else t_txt_new[idx]
                     loss_kd = distillation_loss(
-                        scale * img_f[kd] @ txt_f[kd].T, t_scale * t_img @ t_txt.T,
-                        temperature=strategy.kd_temperature, gate=strategy.kd_gate,
+                        scale * img_f[kd] @ txt_f[kd].T,
+                        t_scale * t_img @ t_txt.T,
+                        temperature=strategy.kd_temperature,
+                        gate=strategy.kd_gate,
                     )
                     loss = loss + kd_weight * loss_kd
                 if use_fkd:  # replayed rows stay where the teacher put them in the joint space
                     rep = slice(len(idx), b)
-                    loss_fkd = feature_distillation_loss(img_f[rep], t_img_rep[ridx]) + feature_distillation_loss(
-                        txt_f[rep], t_txt_rep[ridx]
-                    )
+                    loss_fkd = feature_distillation_loss(
+                        img_f[rep], t_img_rep[ridx]
+                    ) + feature_distillation_loss(txt_f[rep], t_txt_rep[ridx])
                     loss = loss + strategy.feature_kd_weight * loss_fkd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -38,14 +38,32 @@ def test_sweeps_pair_seeds_and_keep_memory_free_strategies_once():
 
 def _fake(strategy, seed, avg, *, memory=16, share=0.01):
     R = [[avg]]
-    return {"strategy": strategy, "chunks": 1, "model": "m", "seed": seed, "memory_size": memory,
-            "compute": {"pairs": 100 * (1 + (strategy == "joint")), "train_seconds": 1.0},
-            "cell": {"stream_pairs": 1600, "common": ["--epochs", "1"], "share": share},
-            "eval": {"synthetic": {"kind": "classification", "avg_accuracy": avg, "forgetting": 0.1,
-                                   "task_matrix": R, "final": {"acc1": avg}, "after_chunk": [{"acc1": avg}]},
-                     "synthetic_retrieval": {"kind": "retrieval", "final": {"mean_recall@1": avg / 2},
-                                             "avg_accuracy": avg / 2, "forgetting": 0.0,
-                                             "after_chunk": [{"mean_recall@1": avg / 2}]}}}
+    return {
+        "strategy": strategy,
+        "chunks": 1,
+        "model": "m",
+        "seed": seed,
+        "memory_size": memory,
+        "compute": {"pairs": 100 * (1 + (strategy == "joint")), "train_seconds": 1.0},
+        "cell": {"stream_pairs": 1600, "common": ["--epochs", "1"], "share": share},
+        "eval": {
+            "synthetic": {
+                "kind": "classification",
+                "avg_accuracy": avg,
+                "forgetting": 0.1,
+                "task_matrix": R,
+                "final": {"acc1": avg},
+                "after_chunk": [{"acc1": avg}],
+            },
+            "synthetic_retrieval": {
+                "kind": "retrieval",
+                "final": {"mean_recall@1": avg / 2},
+                "avg_accuracy": avg / 2,
+                "forgetting": 0.0,
+                "after_chunk": [{"mean_recall@1": avg / 2}],
+            },
+        },
+    }
 
 
 def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
@@ -53,8 +71,12 @@ def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
     root = tmp_path / "s" / "stream"
     er = {0: 0.30, 1: 0.50, 2: 0.40}
     for seed, a in er.items():
-        for label, mem, value in (("er", "mem1", a), ("incclip", "mem1", a + 0.05 + 0.01 * seed),
-                                  ("finetune", "nomem", 0.1), ("joint", "nomem", 0.9)):
+        for label, mem, value in (
+            ("er", "mem1", a),
+            ("incclip", "mem1", a + 0.05 + 0.01 * seed),
+            ("finetune", "nomem", 0.1),
+            ("joint", "nomem", 0.9),
+        ):
             f = root / label / mem / f"seed{seed}.json"
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps(_fake(label, seed, value)))

@@ -204,7 +204,9 @@ def _compose_cli() -> list[str] | None:
 def test_docker_compose_config_validates():
     cli = _compose_cli()
     # like Kafka and Redis for the service tests: `make test` installs it (.ci/install-servers --test-tools)
-    assert cli is not None, "docker-compose is not installed; run `bash .ci/install-servers --test-tools` (make test does)"
+    assert cli is not None, (
+        "docker-compose is not installed; run `bash .ci/install-servers --test-tools` (make test does)"
+    )
     env = {**os.environ, "KAFKA_HOST_ADDRESS": "gpu-host.example", "DEMO_RATE": "7"}
     env.pop("CTP_API_KEY", None)
     out = subprocess.run(

@@ -21,15 +21,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert (tmp_path / "gpu_check.log").is_file()
     fig = json.loads((tmp_path / "gpu_figures.json").read_text())
     assert fig["mode"] == "dry-run"
-    assert {name: s["rc"] for name, s in fig["steps"].items() if name in ("env", "step")} == {"env": 0, "step": 0}
+    assert {name: s["rc"] for name, s in fig["steps"].items() if name in ("env", "step")} == {
+        "env": 0,
+        "step": 0,
+    }
     assert fig["env"]["torch"] and "device" in fig["env"]
     step = fig["step"]
     assert step["model"] == "ctp-vit-micro-32" and step["batch_size"] == 8

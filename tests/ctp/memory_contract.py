@@ -16,7 +16,13 @@ from ctp.memory import MemoryItem, ReplayMemory
 
 def items(n: int, *, label_of=lambda i: f"c{i % 4}", chunk: int = 0, prefix: str = "k", size: int = 10):
     return [
-        MemoryItem(key=f"{prefix}{i}", image=bytes([i % 256]) * size, text=f"text {i}", label=label_of(i), chunk=chunk)
+        MemoryItem(
+            key=f"{prefix}{i}",
+            image=bytes([i % 256]) * size,
+            text=f"text {i}",
+            label=label_of(i),
+            chunk=chunk,
+        )
         for i in range(n)
     ]
 
@@ -31,7 +37,9 @@ class MemoryContract:
     def test_fills_up_to_capacity_then_stays_bounded(self):
         mem = self.make_memory(max_items=10)
         res = mem.add(items(6), rng=random.Random(0))
-        assert len(mem) == 6 and sorted(res.admitted) == sorted(f"k{i}" for i in range(6)) and res.evicted == []
+        assert (
+            len(mem) == 6 and sorted(res.admitted) == sorted(f"k{i}" for i in range(6)) and res.evicted == []
+        )
         mem.add(items(50, prefix="x"), rng=random.Random(1))
         assert len(mem) == 10
         assert len(set(mem.keys())) == 10

@@ -53,8 +53,12 @@ REQUIREMENTS = [
     ("narwhals", "narwhals==2.29.0"),
 ]
 PYCOCOEVALCAP_STUB = {  # module -> class names captioning.py imports at start-up
-    "tokenizer/ptbtokenizer": "PTBTokenizer", "bleu/bleu": "Bleu", "meteor/meteor": "Meteor",
-    "rouge/rouge": "Rouge", "cider/cider": "Cider", "spice/spice": "Spice",
+    "tokenizer/ptbtokenizer": "PTBTokenizer",
+    "bleu/bleu": "Bleu",
+    "meteor/meteor": "Meteor",
+    "rouge/rouge": "Rouge",
+    "cider/cider": "Cider",
+    "spice/spice": "Spice",
 }
 
 
@@ -80,8 +84,12 @@ def clip_benchmark_venv() -> Path:
             return venv
         shutil.rmtree(venv, ignore_errors=True)  # a half-built one
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-        out = subprocess.run([str(_venv_python(venv)), "-c", "import site; print(site.getsitepackages()[0])"],
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [str(_venv_python(venv)), "-c", "import site; print(site.getsitepackages()[0])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         own = Path(out.stdout.strip())
         (own / "ctp-parent-env.pth").write_text("".join(f"{p}\n" for p in parents))
         if find_spec("pycocoevalcap") is None:
@@ -89,21 +97,52 @@ def clip_benchmark_venv() -> Path:
                 path = own / "pycocoevalcap" / f"{module}.py"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 (path.parent / "__init__.py").touch()
-                path.write_text(f"class {cls}:\n    def __init__(self, *a, **k):\n"
-                                f"        raise NotImplementedError('pycocoevalcap stub (ctp tests)')\n")
+                path.write_text(
+                    f"class {cls}:\n    def __init__(self, *a, **k):\n"
+                    f"        raise NotImplementedError('pycocoevalcap stub (ctp tests)')\n"
+                )
             (own / "pycocoevalcap" / "__init__.py").touch()
         if missing:
             # pip from the parent env (visible through the .pth), installing into this venv
-            subprocess.run([str(_venv_python(venv)), "-m", "pip", "install", "--no-deps",
-                            "--disable-pip-version-check", "--no-input", *missing], check=True)
+            subprocess.run(
+                [
+                    str(_venv_python(venv)),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "--no-input",
+                    *missing,
+                ],
+                check=True,
+            )
         (venv / ".ready").touch()
     return venv
 
 
 def run_clip_benchmark(venv: Path, *, dataset: Path, task: str, checkpoint: Path, out: Path) -> dict:
-    cmd = [str(venv / "bin" / "clip_benchmark"), "eval", "--dataset", f"wds/{dataset.name}",
-           "--dataset_root", str(dataset), "--task", task, "--model", f"local-dir:{checkpoint}",
-           "--pretrained", "", "--no_amp", "--recall_k", "1", "5", "10", "--output", str(out)]
+    cmd = [
+        str(venv / "bin" / "clip_benchmark"),
+        "eval",
+        "--dataset",
+        f"wds/{dataset.name}",
+        "--dataset_root",
+        str(dataset),
+        "--task",
+        task,
+        "--model",
+        f"local-dir:{checkpoint}",
+        "--pretrained",
+        "",
+        "--no_amp",
+        "--recall_k",
+        "1",
+        "5",
+        "10",
+        "--output",
+        str(out),
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -116,16 +155,26 @@ def run_clip_benchmark(venv: Path, *, dataset: Path, task: str, checkpoint: Path
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clip-benchmark")
     # 8 classes x 5 images = 40 classification images; the retrieval set takes up to 40 of them
-    stream = make_stream(tmp / "stream", SyntheticConfig(num_classes=8, num_chunks=1, train_per_class=40,
-                                                         eval_per_class=5))
+    stream = make_stream(
+        tmp / "stream", SyntheticConfig(num_classes=8, num_chunks=1, train_per_class=40, eval_per_class=5)
+    )
     # some epochs on the 320 training pairs (~10 s): predictions spread over the classes instead of
     # a random model's one or two, so agreeing is not trivial
     bundle = create_model(MODEL, seed=0)
     pairs = read_chunk(stream.chunks[0])
     images = torch.stack([bundle.preprocess_val(decode_image(p.image)) for p in pairs])
-    train_on_chunk(bundle.model, images=images, texts=[p.text for p in pairs], tokenizer=bundle.tokenizer,
-                   strategy=get_strategy("finetune"), epochs=15, batch_size=32, lr=3e-3, warmup_steps=5,
-                   progress=False)
+    train_on_chunk(
+        bundle.model,
+        images=images,
+        texts=[p.text for p in pairs],
+        tokenizer=bundle.tokenizer,
+        strategy=get_strategy("finetune"),
+        epochs=15,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=5,
+        progress=False,
+    )
     ckpt = save_checkpoint(tmp / "checkpoint", bundle.model, {"model": MODEL})
     return tmp, stream, ckpt
 
@@ -141,8 +190,13 @@ def test_clip_benchmark_matches_ctp_evaluate(setup, capsys):
     result = evaluate_classification(bundle.model, cls, **kw)
     assert len(set(result.predictions)) >= 4  # not a collapsed model
     ours = result.metrics
-    theirs = run_clip_benchmark(venv, dataset=stream.classification, task="zeroshot_classification",
-                                checkpoint=ckpt, out=tmp / "cls.json")
+    theirs = run_clip_benchmark(
+        venv,
+        dataset=stream.classification,
+        task="zeroshot_classification",
+        checkpoint=ckpt,
+        out=tmp / "cls.json",
+    )
     with capsys.disabled():
         print(f"\nclassification: CLIP_benchmark {theirs}\n                ctp            {ours}")
     assert set(theirs) == set(ours)
@@ -151,11 +205,11 @@ def test_clip_benchmark_matches_ctp_evaluate(setup, capsys):
 
     ret = load_retrieval_set(stream.retrieval)
     ours = evaluate_retrieval(bundle.model, ret, ks=(1, 5, 10), **kw)
-    theirs = run_clip_benchmark(venv, dataset=stream.retrieval, task="zeroshot_retrieval",
-                                checkpoint=ckpt, out=tmp / "ret.json")
+    theirs = run_clip_benchmark(
+        venv, dataset=stream.retrieval, task="zeroshot_retrieval", checkpoint=ckpt, out=tmp / "ret.json"
+    )
     with capsys.disabled():
         print(f"retrieval: CLIP_benchmark {theirs}\n           ctp            {ours}")
     assert set(theirs) == set(ours)
     for k in ours:
         assert theirs[k] == pytest.approx(ours[k], abs=1e-6), k  # ctp averages in float32
-

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -13,7 +12,9 @@ def _learner(strategy, memory_size=40, **cfg):
     bundle = create_model("ctp-vit-micro-32", seed=0)
     strat = get_strategy(strategy)
     return ContinualLearner(
-        bundle=bundle, strategy=strat, memory=InProcessMemory(max_items=memory_size, policy="class_balanced"),
+        bundle=bundle,
+        strategy=strat,
+        memory=InProcessMemory(max_items=memory_size, policy="class_balanced"),
         generator=TokenEditGenerator() if strat.pseudo_texts else None,
         config=TrainConfig(epochs=1, batch_size=32, progress=False, pseudo_margin=-1.0, **cfg),
     )
@@ -76,8 +77,13 @@ def test_merge_weights_interpolates():
 
 def test_memory_strategy_requires_memory():
     with pytest.raises(ValueError, match="memory"):
-        ContinualLearner(bundle=create_model("ctp-vit-micro-32"), strategy=get_strategy("er"), memory=None,
-                         generator=None, config=TrainConfig())
+        ContinualLearner(
+            bundle=create_model("ctp-vit-micro-32"),
+            strategy=get_strategy("er"),
+            memory=None,
+            generator=None,
+            config=TrainConfig(),
+        )
 
 
 def test_kd_weight_rules():

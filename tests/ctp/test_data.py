@@ -203,8 +203,13 @@ def test_retrieval_set_round_trip(tmp_path):
 def test_eval_sets_are_what_clip_benchmark_reads_with_its_defaults(tmp_path):
     # dataset_type.txt says which loader; >= 4 shards so its 4 default workers each get one
     images = [_img(i) for i in range(41)]
-    cls = write_classification_set(tmp_path / "cls", classnames=["a", "b"], templates=["a {c}"],
-                                   images=images, targets=[i % 2 for i in range(41)])
+    cls = write_classification_set(
+        tmp_path / "cls",
+        classnames=["a", "b"],
+        templates=["a {c}"],
+        images=images,
+        targets=[i % 2 for i in range(41)],
+    )
     ret = write_retrieval_set(tmp_path / "ret", images=images[:5], captions=[[f"c {i}"] for i in range(5)])
     assert (cls / "dataset_type.txt").read_text() == "classification\n"
     assert (ret / "dataset_type.txt").read_text() == "retrieval\n"
@@ -231,12 +236,27 @@ def test_tar_headers_match_tarfile_and_long_or_unicode_names_fall_back_to_pax(tm
 
     for name, size in [("p0-o1.jpg", 12345), ("a.txt", 0), ("x" * 96 + ".jpg", 7)]:
         info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+            size,
+            0,
+            0o644,
+            0,
+            0,
+            "",
+            "",
+        )
         assert _tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
     long_key, uni_key = "k" * 120, "café"
-    write_shards([Sample(key=long_key, image=b"\x89PNG-not-decoded", text="t", ext="png"),
-                  Sample(key=uni_key, image=b"\x89PNG-x", text="u", ext="png")], tmp_path, shard_size=10)
+    write_shards(
+        [
+            Sample(key=long_key, image=b"\x89PNG-not-decoded", text="t", ext="png"),
+            Sample(key=uni_key, image=b"\x89PNG-x", text="u", ext="png"),
+        ],
+        tmp_path,
+        shard_size=10,
+    )
     with tarfile.open(next(tmp_path.glob("*.tar"))) as tar:
-        assert sorted(tar.getnames()) == sorted([f"{long_key}.png", f"{long_key}.txt", f"{uni_key}.png",
-                                                 f"{uni_key}.txt"])
+        assert sorted(tar.getnames()) == sorted(
+            [f"{long_key}.png", f"{long_key}.txt", f"{uni_key}.png", f"{uni_key}.txt"]
+        )
         assert tar.extractfile(f"{uni_key}.txt").read() == b"u"

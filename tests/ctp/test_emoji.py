@@ -13,13 +13,23 @@ from ctp import emoji as E
 from ctp.data import load_classification_set, load_retrieval_set, read_chunk
 from ctp.images import decode_image
 
-VENDOR_COLOURS = {"apple": (200, 30, 30), "google": (30, 160, 40), "twitter": (40, 60, 220), "facebook": (240, 200, 0)}
+VENDOR_COLOURS = {
+    "apple": (200, 30, 30),
+    "google": (30, 160, 40),
+    "twitter": (40, 60, 220),
+    "facebook": (240, 200, 0),
+}
 
 # category -> subcategory -> emoji names; codes are made up (private use area).
 CATALOG = {
-    "Smileys & Emotion": {"face-smiling": ["grinning face", "smiling face", "winking face"],
-                          "face-hand": ["thinking face", "shushing face"]},
-    "Animals & Nature": {"animal-mammal": ["dog face", "cat face", "cow face"], "plant-flower": ["rose", "tulip"]},
+    "Smileys & Emotion": {
+        "face-smiling": ["grinning face", "smiling face", "winking face"],
+        "face-hand": ["thinking face", "shushing face"],
+    },
+    "Animals & Nature": {
+        "animal-mammal": ["dog face", "cat face", "cow face"],
+        "plant-flower": ["rose", "tulip"],
+    },
     "Food & Drink": {"food-fruit": ["cherries", "grapes"], "arts & crafts": ["artist palette", "yarn"]},
     "Objects": {"tool": ["hammer", "wrench"], "mail": ["envelope", "inbox tray"]},
 }
@@ -45,16 +55,43 @@ def _entries():
         for sub, names in subs.items():
             for name in names:
                 code = f"{0xE000 + order:x}"
-                entries.append({"name": name.upper(), "unified": code.upper(), "image": f"{code}.png",
-                                "short_names": [name.replace(" ", "_")], "category": cat, "subcategory": sub,
-                                "sort_order": order, **{f"has_img_{v}": True for v in E.VENDORS}})
+                entries.append(
+                    {
+                        "name": name.upper(),
+                        "unified": code.upper(),
+                        "image": f"{code}.png",
+                        "short_names": [name.replace(" ", "_")],
+                        "category": cat,
+                        "subcategory": sub,
+                        "sort_order": order,
+                        **{f"has_img_{v}": True for v in E.VENDORS},
+                    }
+                )
                 order += 1
     # a skin-tone variant (own image) that must never be used, a Component and a missing-art emoji
     entries[0]["skin_variations"] = {"1F3FB": {"unified": "E000-1F3FB", "image": "e000-1f3fb.png"}}
-    entries.append({"name": "LIGHT SKIN TONE", "unified": "1F3FB", "image": "1f3fb.png", "category": "Component",
-                    "subcategory": "skin-tone", "sort_order": 999, **{f"has_img_{v}": True for v in E.VENDORS}})
-    entries.append({"name": "NO FACEBOOK ART", "unified": "E0FF", "image": "e0ff.png", "category": "Objects",
-                    "subcategory": "tool", "sort_order": 998, **{f"has_img_{v}": v != "facebook" for v in E.VENDORS}})
+    entries.append(
+        {
+            "name": "LIGHT SKIN TONE",
+            "unified": "1F3FB",
+            "image": "1f3fb.png",
+            "category": "Component",
+            "subcategory": "skin-tone",
+            "sort_order": 999,
+            **{f"has_img_{v}": True for v in E.VENDORS},
+        }
+    )
+    entries.append(
+        {
+            "name": "NO FACEBOOK ART",
+            "unified": "E0FF",
+            "image": "e0ff.png",
+            "category": "Objects",
+            "subcategory": "tool",
+            "sort_order": 998,
+            **{f"has_img_{v}": v != "facebook" for v in E.VENDORS},
+        }
+    )
     return entries
 
 
@@ -71,7 +108,10 @@ def cache(tmp_path_factory):
                 if image == "e0ff.png" and vendor == "facebook":
                     continue
                 _add(tar, f"package/img/{vendor}/64/{image}", _png(rgb, alpha=100 + i))
-    lib = {E._char(e["unified"]): [e["name"].lower().replace(" ", "_"), "smile", ":D", "happy\u00a0thing"] for e in entries}
+    lib = {
+        E._char(e["unified"]): [e["name"].lower().replace(" ", "_"), "smile", ":D", "happy\u00a0thing"]
+        for e in entries
+    }
     with tarfile.open(root / f"emojilib-{E.EMOJILIB_VERSION}.tgz", "w:gz") as tar:
         _add(tar, "package/dist/emoji-en-US.json", json.dumps(lib, ensure_ascii=False).encode())
     return root
@@ -114,8 +154,10 @@ def test_npm_pack_into_the_cache(tmp_path, monkeypatch):
     bin_dir.mkdir()
     npm = bin_dir / "npm"
     # fake npm: "npm pack PKG@VER --silent --pack-destination DIR"; only good@1.0.0 exists
-    npm.write_text('#!/bin/sh\n[ "$2" = good@1.0.0 ] || { echo "404 Not Found - $2" >&2; exit 1; }\n'
-                   'echo tgz > "$5/good-1.0.0.tgz"\n')
+    npm.write_text(
+        '#!/bin/sh\n[ "$2" = good@1.0.0 ] || { echo "404 Not Found - $2" >&2; exit 1; }\n'
+        'echo tgz > "$5/good-1.0.0.tgz"\n'
+    )
     npm.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     cache = tmp_path / "cache"
@@ -195,7 +237,9 @@ def test_eval_sets_use_the_held_out_vendor(tmp_path, cache):
 
 
 def test_max_per_subcategory_and_vendors(tmp_path, cache):
-    config = E.EmojiConfig(train_vendors=("twitter",), eval_vendor="apple", max_per_subcategory=1, image_size=32)
+    config = E.EmojiConfig(
+        train_vendors=("twitter",), eval_vendor="apple", max_per_subcategory=1, image_size=32
+    )
     paths = _build(tmp_path / "small", config, cache)
     samples = [s for d in paths.chunks for s in read_chunk(d)]
     assert len(samples) == len(ALL_CLASSES)  # one emoji per subcategory, one vendor
@@ -278,8 +322,25 @@ def test_cli_builds(tmp_path, cache, capsys):
     from service.cli import main
 
     out = tmp_path / "cli"
-    assert main(["data", "emoji", "--out", str(out), "--cache-dir", str(cache), "--train-vendors", "google",
-                 "--max-per-subcategory", "1", "--image-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "emoji",
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(cache),
+                "--train-vendors",
+                "google",
+                "--max-per-subcategory",
+                "1",
+                "--image-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["chunks"] == len(CATALOG) and printed["pairs"] == len(ALL_CLASSES)
 
@@ -291,9 +352,29 @@ def test_experiment_on_emoji_stream(tmp_path, cache, monkeypatch):
     (tmp_path / "ctp" / "npm").symlink_to(cache)
     monkeypatch.setenv("CTP_CACHE", str(tmp_path / "ctp"))
     out = tmp_path / "exp"
-    assert main(["experiment", "--stream", "emoji-ci-small", "--data-dir", str(tmp_path / "data"),
-                 "--strategy", "finetune", "--model", "ctp-vit-micro-32", "--epochs", "1", "--batch-size", "16",
-                 "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "--stream",
+                "emoji-ci-small",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--strategy",
+                "finetune",
+                "--model",
+                "ctp-vit-micro-32",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["chunks"] == len(CATALOG)
     assert set(m["eval"]) == {"emoji", "emoji_retrieval"}
@@ -303,13 +384,19 @@ def test_top_subcategories_chunked_by_subcategory(tmp_path, cache):
     config = replace(CI, top_subcategories=3, chunk_by="subcategory", categories_per_chunk=1)
     paths = _build(tmp_path / "top", config, cache)
     # the three largest: face-smiling and animal-mammal (3 emoji each), then the first of the 2s
-    assert sorted(c for cats in paths.category_order for c in cats) == ["animal-mammal", "face-hand", "face-smiling"]
+    assert sorted(c for cats in paths.category_order for c in cats) == [
+        "animal-mammal",
+        "face-hand",
+        "face-smiling",
+    ]
     assert len(paths.chunks) == 3
     for d, classes in zip(paths.chunks, paths.class_order, strict=True):
         assert len(classes) == 1 and {s.label for s in read_chunk(d)} == set(classes)
     assert len(load_classification_set(paths.classification).classnames) == 3
     held = replace(config, holdout_categories=("face-hand",))
     hp = _build(tmp_path / "top-held", held, cache)
-    assert len(hp.chunks) == 2 and set(load_classification_set(hp.base_classification).classnames) == {"face hand"}
+    assert len(hp.chunks) == 2 and set(load_classification_set(hp.base_classification).classnames) == {
+        "face hand"
+    }
     with pytest.raises(ValueError, match="chunk_by"):
         replace(CI, chunk_by="vendor")

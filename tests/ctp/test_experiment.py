@@ -14,11 +14,32 @@ def runs(tmp_path_factory, tiny_stream):
     outs = {}
     for strategy in ("finetune", "incclip"):
         out = root / strategy
-        argv = ["experiment", "--chunks", *map(str, tiny_stream.chunks),
-                "--eval-classification", f"shapes={tiny_stream.classification}",
-                "--eval-retrieval", f"shapes_ret={tiny_stream.retrieval}",
-                "--strategy", strategy, "--model", "ctp-vit-micro-32", "--epochs", "2", "--batch-size", "32",
-                "--memory-size", "40", "--seed", "0", "--device", "cpu", "--no-progress", "--out", str(out)]
+        argv = [
+            "experiment",
+            "--chunks",
+            *map(str, tiny_stream.chunks),
+            "--eval-classification",
+            f"shapes={tiny_stream.classification}",
+            "--eval-retrieval",
+            f"shapes_ret={tiny_stream.retrieval}",
+            "--strategy",
+            strategy,
+            "--model",
+            "ctp-vit-micro-32",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--memory-size",
+            "40",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
         assert main(argv) == 0
         outs[strategy] = out
     return outs
@@ -46,8 +67,14 @@ def test_metrics_json_contract(runs):
 
 def test_outputs_written(runs):
     out = runs["incclip"]
-    for name in ("metrics.json", "report.md", "accuracy.png", "task_matrix_shapes.png",
-                 "checkpoint/model.safetensors", "checkpoint/meta.json"):
+    for name in (
+        "metrics.json",
+        "report.md",
+        "accuracy.png",
+        "task_matrix_shapes.png",
+        "checkpoint/model.safetensors",
+        "checkpoint/meta.json",
+    ):
         assert (out / name).is_file(), name
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Task matrix" in (out / "report.md").read_text()
@@ -63,16 +90,54 @@ def test_compare(runs, tmp_path, capsys):
 
 def test_synthetic_source(tmp_path):
     out = tmp_path / "syn"
-    assert main(["experiment", "--synthetic", "tiny", "--data-dir", str(tmp_path / "data"), "--strategy", "er",
-                 "--model", "ctp-vit-micro-32", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "--synthetic",
+                "tiny",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--strategy",
+                "er",
+                "--model",
+                "ctp-vit-micro-32",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["eval"]) == {"synthetic", "synthetic_retrieval"}
 
 
 def test_experiment_stream_synthetic(tmp_path):
     out = tmp_path / "syn"
-    assert main(["experiment", "--stream", "tiny", "--data-dir", str(tmp_path / "data"), "--strategy", "er",
-                 "--model", "ctp-vit-micro-32", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "--stream",
+                "tiny",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--strategy",
+                "er",
+                "--model",
+                "ctp-vit-micro-32",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["eval"]) == {"synthetic", "synthetic_retrieval"}
 
@@ -80,9 +145,29 @@ def test_experiment_stream_synthetic(tmp_path):
 @pytest.mark.parametrize("generator", ["captioner", "random"])
 def test_other_pseudo_text_generators(tmp_path, tiny_stream, generator):
     out = tmp_path / generator
-    assert main(["experiment", "--chunks", *map(str, tiny_stream.chunks), "--strategy", "incclip",
-                 "--generator", generator, "--model", "ctp-vit-micro-32", "--epochs", "1", "--memory-size", "20",
-                 "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "--chunks",
+                *map(str, tiny_stream.chunks),
+                "--strategy",
+                "incclip",
+                "--generator",
+                generator,
+                "--model",
+                "ctp-vit-micro-32",
+                "--epochs",
+                "1",
+                "--memory-size",
+                "20",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["generator"] == generator
     assert m["chunk_reports"][1]["pseudo"]["proposed"] > 0
@@ -92,7 +177,9 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "--strategy", "incclip", "--out", str(tmp_path)])  # no data source
     with pytest.raises(SystemExit, match="not found"):
-        main(["experiment", "--chunks", str(tmp_path / "missing"), "--strategy", "er", "--out", str(tmp_path)])
+        main(
+            ["experiment", "--chunks", str(tmp_path / "missing"), "--strategy", "er", "--out", str(tmp_path)]
+        )
     assert main(["nope"]) == 2
 
 
@@ -104,11 +191,36 @@ def test_experiment_under_torchrun(tmp_path, tiny_stream):
     import sys
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "service.cli", "experiment", "--chunks", *map(str, tiny_stream.chunks),
-           "--eval-classification", f"shapes={tiny_stream.classification}", "--strategy", "incclip",
-           "--model", "ctp-vit-micro-32", "--epochs", "1", "--batch-size", "16", "--memory-size", "20",
-           "--device", "cpu", "--no-progress", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "service.cli",
+        "experiment",
+        "--chunks",
+        *map(str, tiny_stream.chunks),
+        "--eval-classification",
+        f"shapes={tiny_stream.classification}",
+        "--strategy",
+        "incclip",
+        "--model",
+        "ctp-vit-micro-32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--memory-size",
+        "20",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -34,7 +34,9 @@ def test_extra_negatives_only_widen_image_rows():
     base = contrastive_loss(img, txt, scale)
     with_neg = contrastive_loss(img, txt, scale, negative_text_features=neg)
     logits = scale * img @ torch.cat([txt, neg]).T
-    expected = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy((scale * img @ txt.T).T, torch.arange(4))) / 2
+    expected = (
+        F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy((scale * img @ txt.T).T, torch.arange(4))
+    ) / 2
     assert_close(with_neg, expected)
     assert with_neg > base  # more negatives can only raise the loss
 
@@ -49,7 +51,9 @@ def test_negative_owner_masks_other_rows():
     got = contrastive_loss(img, txt, scale, negative_text_features=neg, negative_owner=owner)
     rows = []
     for i in range(3):
-        cols = [scale * img[i] @ txt.T] + [scale * (img[i] @ neg[p]).reshape(1) for p in range(2) if owner[p] == i]
+        cols = [scale * img[i] @ txt.T] + [
+            scale * (img[i] @ neg[p]).reshape(1) for p in range(2) if owner[p] == i
+        ]
         rows.append(F.cross_entropy(torch.cat(cols)[None], torch.tensor([i])))
     i2t = torch.stack(rows).mean()
     t2i = F.cross_entropy((scale * img @ txt.T).T, torch.arange(3))
@@ -106,7 +110,9 @@ def test_kd_confidence_gate_weighs_rows_by_teacher_true_match_probability():
     w_i2t, w_t2i = t.softmax(1).diagonal(), t.T.softmax(1).diagonal()
     expected = ((kl_rows(s, t) * w_i2t).mean() + (kl_rows(s.T, t.T) * w_t2i).mean()) / 2
     assert_close(distillation_loss(s, t, temperature=1.0, gate="confidence"), expected)
-    assert distillation_loss(s, t, temperature=1.0, gate="confidence") < distillation_loss(s, t, temperature=1.0)
+    assert distillation_loss(s, t, temperature=1.0, gate="confidence") < distillation_loss(
+        s, t, temperature=1.0
+    )
     with pytest.raises(ValueError, match="gate"):
         distillation_loss(s, t, gate="sometimes")
 

@@ -27,8 +27,15 @@ class TestInProcessMemory(MemoryContract):
 def test_plan_admission_is_pure():
     slots = [Slot("a", "x", 1)]
     counters = Counters(1, {"x": 1})
-    new, c2 = plan_admission(policy="reservoir", slots=slots, incoming=[Slot("b", "y", 1)], counters=counters,
-                             max_items=1, max_bytes=None, rng=random.Random(0))
+    new, c2 = plan_admission(
+        policy="reservoir",
+        slots=slots,
+        incoming=[Slot("b", "y", 1)],
+        counters=counters,
+        max_items=1,
+        max_bytes=None,
+        rng=random.Random(0),
+    )
     assert slots == [Slot("a", "x", 1)] and counters.seen == 1  # inputs untouched
     assert c2.seen == 2 and c2.seen_per_label == {"x": 1, "y": 1}
     assert len(new) == 1

@@ -30,14 +30,20 @@ def test_unknown_model_is_a_clear_error():
 def test_checkpoint_round_trip_and_open_clip_loads_it(tmp_path):
     bundle = create_model("ctp-vit-micro-32", seed=0)
     path = save_checkpoint(tmp_path / "v1", bundle.model, {"model": "ctp-vit-micro-32", "version": 1})
-    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "open_clip_config.json"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "meta.json",
+        "model.safetensors",
+        "open_clip_config.json",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["v1"]  # no temp dirs left behind
     assert load_meta(path)["version"] == 1
     back, meta = load_checkpoint(path)
     for k, v in bundle.model.state_dict().items():
         assert_close(back.model.state_dict()[k], v, msg=k)
     # plain open_clip, pretrained=<file>
-    oc, _, _ = open_clip.create_model_and_transforms("ctp-vit-micro-32", pretrained=str(path / "model.safetensors"))
+    oc, _, _ = open_clip.create_model_and_transforms(
+        "ctp-vit-micro-32", pretrained=str(path / "model.safetensors")
+    )
     assert_close(oc.state_dict()["text_projection"], bundle.model.state_dict()["text_projection"])
     # and ctp loads a checkpoint directory or file as pretrained
     again = create_model("ctp-vit-micro-32", pretrained=str(path))
@@ -52,7 +58,9 @@ def test_checkpoint_replace_is_whole(tmp_path):
     save_checkpoint(tmp_path / "latest", b.model, {"model": "ctp-vit-micro-32", "version": 2})
     back, meta = load_checkpoint(tmp_path / "latest")
     assert meta["version"] == 2
-    assert_close(back.model.state_dict()["positional_embedding"], b.model.state_dict()["positional_embedding"])
+    assert_close(
+        back.model.state_dict()["positional_embedding"], b.model.state_dict()["positional_embedding"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
 
 
@@ -63,7 +71,9 @@ def test_corrupt_or_mismatched_weights_are_refused(tmp_path):
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot read weights"):
         load_checkpoint(path)
-    other = save_checkpoint(tmp_path / "o", create_model("ctp-vit-tiny-32", seed=0).model, {"model": "ctp-vit-tiny-32"})
+    other = save_checkpoint(
+        tmp_path / "o", create_model("ctp-vit-tiny-32", seed=0).model, {"model": "ctp-vit-tiny-32"}
+    )
     meta = json.loads((other / "meta.json").read_text())
     meta["model"] = "ctp-vit-micro-32"
     (other / "meta.json").write_text(json.dumps(meta))
@@ -75,7 +85,9 @@ def test_corrupt_or_mismatched_weights_are_refused(tmp_path):
 
 
 def test_unreadable_config_and_pickles_are_refused(tmp_path):
-    path = save_checkpoint(tmp_path / "c", create_model("ctp-vit-micro-32", seed=0).model, {"model": "ctp-vit-micro-32"})
+    path = save_checkpoint(
+        tmp_path / "c", create_model("ctp-vit-micro-32", seed=0).model, {"model": "ctp-vit-micro-32"}
+    )
     (path / "open_clip_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="open_clip_config.json"):
         load_checkpoint(path)

@@ -59,8 +59,12 @@ def _ctp_embeddings(bundle):
     tokens = bundle.tokenizer(TEXTS)
     model = bundle.model.eval()
     with torch.no_grad():
-        return {"pixels": pixels, "tokens": tokens,
-                "image": model.encode_image(pixels), "text": model.encode_text(tokens)}
+        return {
+            "pixels": pixels,
+            "tokens": tokens,
+            "image": model.encode_image(pixels),
+            "text": model.encode_text(tokens),
+        }
 
 
 def _assert_identical(ours, theirs):
@@ -78,9 +82,17 @@ def models(tmp_path_factory):
     # 0: a checkpoint, read as local-dir:
     ckpt = save_checkpoint(tmp / "v000001", bundles[0].model, {"model": MODEL, "version": 1})
     # 1: exported, read as local-dir: and, from a Hub cache holding the exported files, as hf-hub:
-    exported = save_checkpoint(tmp / "ckpt", bundles[1].model, {
-        "model": MODEL, "version": 7, "strategy": "incclip", "chunks": 3,
-        "metrics": {"shapes": {"acc1": 0.25, "avg_accuracy": 0.5}}})
+    exported = save_checkpoint(
+        tmp / "ckpt",
+        bundles[1].model,
+        {
+            "model": MODEL,
+            "version": 7,
+            "strategy": "incclip",
+            "chunks": 3,
+            "metrics": {"shapes": {"acc1": 0.25, "avg_accuracy": 0.5}},
+        },
+    )
     assert cli_main(["export", str(exported), "--out", str(tmp / "export")]) == 0  # the `ctp export` command
     repo = tmp / "hub" / "models--ctp--tiny"
     snapshot = repo / "snapshots" / ("0" * 40)  # what a download leaves behind
@@ -94,17 +106,27 @@ def models(tmp_path_factory):
     (old / "open_clip_config.json").unlink()  # as written before format_version 2
     assert export_main([str(old), "--out", str(tmp / "old-export")]) == 0
 
-    names = {"ckpt": f"local-dir:{ckpt}", "export": f"local-dir:{tmp / 'export'}", "hub": "hf-hub:ctp/tiny",
-             "old-export": f"local-dir:{tmp / 'old-export'}"}
+    names = {
+        "ckpt": f"local-dir:{ckpt}",
+        "export": f"local-dir:{tmp / 'export'}",
+        "hub": "hf-hub:ctp/tiny",
+        "old-export": f"local-dir:{tmp / 'old-export'}",
+    }
     out = tmp / "plain.safetensors"
     # -I: isolated (no PYTHONPATH, no cwd on sys.path); the child also asserts ctp never got imported
-    subprocess.run([sys.executable, "-I", "-c", PLAIN_OPEN_CLIP, str(out), *names.values()], check=True,
-                   input=json.dumps(TEXTS), text=True, timeout=600,
-                   env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(tmp / "hub"),
-                        "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [sys.executable, "-I", "-c", PLAIN_OPEN_CLIP, str(out), *names.values()],
+        check=True,
+        input=json.dumps(TEXTS),
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(tmp / "hub"), "HF_HUB_OFFLINE": "1"},
+    )
     flat = load_file(str(out))
-    plain = {key: {f: flat[f"{n}.{f}"] for f in ("pixels", "tokens", "image", "text")}
-             for n, key in enumerate(names)}
+    plain = {
+        key: {f: flat[f"{n}.{f}"] for f in ("pixels", "tokens", "image", "text")}
+        for n, key in enumerate(names)
+    }
     return {"tmp": tmp, "bundles": bundles, "ckpt": ckpt, "old": old, "plain": plain}
 
 
@@ -127,8 +149,11 @@ def test_checkpoint_is_an_open_clip_local_dir(models):
 
 def test_export_is_the_hub_layout_plain_open_clip_reads(models):
     out = models["tmp"] / "export"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "open_clip_config.json",
-                                                     "open_clip_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())
     card = (out / "README.md").read_text()
     assert "library_name: open_clip" in card and "hf-hub:" in card and "| shapes | acc1 | 0.25 |" in card

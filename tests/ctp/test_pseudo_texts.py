@@ -64,12 +64,15 @@ def test_guard_drops_false_negatives_and_keeps_the_hardest(tiny_chunks):
         def propose(self, items, images, *, bundle, num, rng):
             return [[it.text, it.text.upper(), "a totally different thing", "zzz"] for it in items]
 
-    made, stats = make_pseudo_texts(Echo(), items, images, bundle=bundle, num_keep=2, margin=0.0,
-                                    rng=random.Random(0))
+    made, stats = make_pseudo_texts(
+        Echo(), items, images, bundle=bundle, num_keep=2, margin=0.0, rng=random.Random(0)
+    )
     with torch.no_grad():
         img_f = bundle.model.encode_image(images, normalize=True)
         for i, it in enumerate(items):
-            true_sim = float(bundle.model.encode_text(bundle.tokenizer([it.text]), normalize=True)[0] @ img_f[i])
+            true_sim = float(
+                bundle.model.encode_text(bundle.tokenizer([it.text]), normalize=True)[0] @ img_f[i]
+            )
             assert it.text not in made[it.key]
             kept = made[it.key]
             assert len(kept) <= 2
@@ -99,7 +102,9 @@ def test_function_words_are_not_edited(tiny_chunks):
     assert a_id in stop  # "a" starts most captions
     shape_id = bundle.tokenizer([tiny_chunks[0][0].label])[0][1].item()
     assert shape_id not in stop and shape_id in gen.vocab().tolist()
-    for it, cands in zip(items, gen.propose(items, images, bundle=bundle, num=16, rng=random.Random(0)), strict=True):
+    for it, cands in zip(
+        items, gen.propose(items, images, bundle=bundle, num=16, rng=random.Random(0)), strict=True
+    ):
         orig = bundle.tokenizer([it.text])[0]
         for c in cands:
             edited = bundle.tokenizer([c])[0]

@@ -22,8 +22,16 @@ def _inputs(chunk, bundle):
 def _train(chunk, strategy="finetune", seed=0, **kw):
     bundle = create_model("ctp-vit-micro-32", seed=0)
     images, texts = _inputs(chunk, bundle)
-    res = train_on_chunk(bundle.model, images=images, texts=texts, tokenizer=bundle.tokenizer,
-                         strategy=get_strategy(strategy), seed=seed, progress=False, **kw)
+    res = train_on_chunk(
+        bundle.model,
+        images=images,
+        texts=texts,
+        tokenizer=bundle.tokenizer,
+        strategy=get_strategy(strategy),
+        seed=seed,
+        progress=False,
+        **kw,
+    )
     return bundle, res
 
 
@@ -52,17 +60,36 @@ def test_replay_kd_and_pseudo_negatives_enter_the_step(tiny_chunks):
     for it in replay:
         it.pseudo_texts = ["a purple nothing", "a green thing"]
     rimg = preprocess_images([it.image for it in replay], [it.key for it in replay], bundle.preprocess_val)
-    res = train_on_chunk(bundle.model, images=images, texts=texts, tokenizer=bundle.tokenizer,
-                         strategy=get_strategy("incclip"), teacher=teacher, replay=replay, replay_images=rimg,
-                         epochs=1, batch_size=32, progress=False)
+    res = train_on_chunk(
+        bundle.model,
+        images=images,
+        texts=texts,
+        tokenizer=bundle.tokenizer,
+        strategy=get_strategy("incclip"),
+        teacher=teacher,
+        replay=replay,
+        replay_images=rimg,
+        epochs=1,
+        batch_size=32,
+        progress=False,
+    )
     # half of each batch replayed, one pseudo text per replayed image
     assert res.negatives_per_step == 16
     assert res.steps == 5  # 80 new pairs / 16 new per step
     # teacher == student at the start, so KD starts near zero and grows as the student moves
     assert 0 <= res.loss_kd < res.loss_clip
-    er = train_on_chunk(create_model("ctp-vit-micro-32", seed=0).model, images=images, texts=texts,
-                        tokenizer=bundle.tokenizer, strategy=get_strategy("er"), replay=replay,
-                        replay_images=rimg, epochs=1, batch_size=32, progress=False)
+    er = train_on_chunk(
+        create_model("ctp-vit-micro-32", seed=0).model,
+        images=images,
+        texts=texts,
+        tokenizer=bundle.tokenizer,
+        strategy=get_strategy("er"),
+        replay=replay,
+        replay_images=rimg,
+        epochs=1,
+        batch_size=32,
+        progress=False,
+    )
     assert er.negatives_per_step == 0 and er.loss_kd == 0
 
 
@@ -71,8 +98,15 @@ def test_replay_needs_images(tiny_chunks):
     images, texts = _inputs(tiny_chunks[0], bundle)
     replay = memory_items_from(tiny_chunks[0][:4], chunk=0, chunk_id="c0")
     with pytest.raises(ValueError, match="replay_images"):
-        train_on_chunk(bundle.model, images=images, texts=texts, tokenizer=bundle.tokenizer,
-                       strategy=get_strategy("er"), replay=replay, progress=False)
+        train_on_chunk(
+            bundle.model,
+            images=images,
+            texts=texts,
+            tokenizer=bundle.tokenizer,
+            strategy=get_strategy("er"),
+            replay=replay,
+            progress=False,
+        )
 
 
 def _free_port() -> int:
@@ -87,8 +121,16 @@ def _ddp_worker(rank, world, port, images, texts, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         bundle = create_model("ctp-vit-micro-32", seed=0)
-        res = train_on_chunk(bundle.model, images=images, texts=texts, tokenizer=bundle.tokenizer,
-                             strategy=get_strategy("finetune"), epochs=1, batch_size=16, progress=False)
+        res = train_on_chunk(
+            bundle.model,
+            images=images,
+            texts=texts,
+            tokenizer=bundle.tokenizer,
+            strategy=get_strategy("finetune"),
+            epochs=1,
+            batch_size=16,
+            progress=False,
+        )
         out[rank] = ({k: v.clone() for k, v in bundle.model.state_dict().items()}, res.steps, res.pairs)
     finally:
         dist.destroy_process_group()
