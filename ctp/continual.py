@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ctp.data import Sample
+from ctp.data import Sample, pair_id
 from ctp.memory import MemoryItem, ReplayMemory
 from ctp.models import ClipBundle
 from ctp.pseudo_texts import PseudoTextGenerator, make_pseudo_texts
@@ -90,7 +90,7 @@ def kd_weight_for_chunk(strategy: Strategy, *, memory_items: int, seen: int) -> 
 def memory_items_from(samples: Sequence[Sample], *, chunk: int, chunk_id: str) -> list[MemoryItem]:
     return [
         MemoryItem(
-            key=str(s.meta.get("id") or f"{chunk_id}/{s.key}"),
+            key=pair_id(s.meta, chunk_id, s.key),
             image=s.image,
             text=s.text,
             label=s.label,
