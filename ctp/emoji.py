@@ -39,7 +39,7 @@ from PIL import Image
 
 from ctp.data import Sample, write_classification_set, write_retrieval_set, write_shards
 from ctp.images import encode_image
-from ctp.synthetic import StreamPaths
+from ctp.synthetic import StreamPaths, cached_stream
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,11 @@ class EmojiStreamPaths(StreamPaths):
     category_order: list[list[str]] = field(default_factory=list)  # categories of each chunk
     base_chunks: list[Path] = field(default_factory=list)  # pairs of holdout_categories (empty: none)
     base_classification: Path | None = None  # their classes, eval-vendor art
+
+    def dirs(self) -> list[Path]:
+        base = [self.base_classification] if self.base_classification else []
+        return [*super().dirs(), *self.base_chunks, *base]
+
     counts: dict = field(default_factory=dict)  # as in stream.json
 
 
@@ -558,11 +563,6 @@ def _stream_paths(out: Path, record: dict) -> EmojiStreamPaths:
     )
 
 
-def _all_dirs(paths: EmojiStreamPaths) -> list[Path]:
-    dirs = [*paths.chunks, paths.classification, paths.retrieval, *paths.base_chunks]
-    return dirs + ([paths.base_classification] if paths.base_classification else [])
-
-
 def load_sources(
     config: EmojiConfig, cache_dir: str | Path | None = None, *, fetch: Callable[..., Path] = npm_tarball
 ) -> tuple[list[Emoji], dict[str, Path]]:
@@ -598,20 +598,9 @@ def make_emoji_stream(
     out = Path(out_dir)
     manifest = out / "stream.json"
     wanted = json.loads(json.dumps({"format": _FORMAT_VERSION, "config": asdict(config)}))
-    if manifest.is_file():
-        try:
-            record = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            record = {}
-        if {k: record.get(k) for k in wanted} == wanted:
-            try:
-                paths = _stream_paths(out, record)
-            except (KeyError, TypeError):
-                paths = None
-            if paths is not None and all(p.is_dir() for p in _all_dirs(paths)):
-                logger.info("reusing emoji stream in %s", out)
-                return paths
-        manifest.unlink()
+    cached = cached_stream(out, wanted, _stream_paths, "emoji")
+    if cached is not None:
+        return cached
 
     catalog, tarballs = load_sources(config, cache_dir, fetch=fetch)
     chosen = select_emoji(catalog, config)

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -234,6 +235,34 @@ class StreamPaths:
     classification: Path  # classification eval set (all classes)
     retrieval: Path  # retrieval eval set
     class_order: list[list[str]]  # classes first seen in each chunk (empty lists possible)
+
+    def dirs(self) -> list[Path]:
+        """Every directory the stream consists of (all must exist for a cached stream to count)."""
+        return [*self.chunks, self.classification, self.retrieval]
+
+
+def cached_stream(
+    out: Path, wanted: dict, load: Callable[[Path, dict], StreamPaths], kind: str
+) -> StreamPaths | None:
+    """The stream under ``out`` if its ``stream.json`` records ``wanted`` and every directory is
+    there; else None, with a stale manifest removed (the caller regenerates the stream)."""
+    manifest = out / "stream.json"
+    if not manifest.is_file():
+        return None
+    try:
+        record = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        record = {}
+    if {k: record.get(k) for k in wanted} == wanted:
+        try:
+            paths = load(out, record)
+        except (KeyError, TypeError):
+            paths = None
+        if paths is not None and all(p.is_dir() for p in paths.dirs()):
+            logger.info("reusing %s stream in %s", kind, out)
+            return paths
+    manifest.unlink()
+    return None
 
 
 def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -472,17 +501,9 @@ def make_stream(out_dir: str | Path, config: SyntheticConfig | str = "tiny") -> 
     out = Path(out_dir)
     manifest = out / "stream.json"
     wanted = {"format": _FORMAT_VERSION, "config": asdict(config)}
-    if manifest.is_file():
-        try:
-            record = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            record = {}
-        if {k: record.get(k) for k in wanted} == wanted:
-            paths = _stream_paths(out, record)
-            if all(p.is_dir() for p in [*paths.chunks, paths.classification, paths.retrieval]):
-                logger.info("reusing synthetic stream in %s", out)
-                return paths
-        manifest.unlink()
+    cached = cached_stream(out, wanted, _stream_paths, "synthetic")
+    if cached is not None:
+        return cached
 
     logger.info("generating synthetic stream in %s: %s", out, config)
     for sub in ("chunks", "eval"):
