@@ -47,8 +47,10 @@ experiment: $(STAMP)
 	$(BIN)/ctp experiment --synthetic class-incremental-small --strategy finetune --out runs/demo-finetune
 	$(BIN)/ctp compare runs/demo-finetune runs/demo-incclip --plot runs/demo-compare.png
 
+# resumable: cells already in benchmarks/results/test are skipped; the report is rebuilt from them
 bench-continual: $(STAMP)
-	$(BIN)/python benchmarks/continual.py --out runs/bench
+	$(BIN)/python benchmarks/continual.py run --sweep test
+	$(BIN)/python benchmarks/continual.py report --sweep test
 
 bench-step: $(STAMP)
 	$(BIN)/python benchmarks/step_cost.py
