@@ -146,7 +146,6 @@ class IngestWorker:
             acks="all",
             linger_ms=5,
             max_request_size=dlq_max_bytes,
-            buffer_memory=max(32 * 1024 * 1024, 2 * dlq_max_bytes),
         )
 
     # -- lifecycle
