@@ -140,12 +140,15 @@ class IngestWorker:
             heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
         )
         self.consumer.subscribe([topic], listener=_Rebalance(self))
-        # the DLQ carries messages as large as the broker takes (kafka-python's default is 1 MB)
+        # The DLQ carries messages as large as the broker takes (kafka-python's default is 1 MB).
+        # Not idempotent: kafka-python's idempotent producer takes a broker's size refusal as fatal
+        # and fails every later send; a dead letter sent twice (a retry) is harmless.
         self.producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
             linger_ms=5,
             max_request_size=dlq_max_bytes,
+            enable_idempotence=False,
         )
 
     # -- lifecycle
