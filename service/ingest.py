@@ -65,7 +65,7 @@ class _DeadLetter:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
-    future: object | None  # the send's future; None: the send was refused at once (size)
+    future: object | None  # the send's future; None: no send under way (refused at once, or failed)
     send_error: str = ""
 
 
