@@ -11,7 +11,11 @@ partition is sought to them, so messages after a crash are read again but can ne
 second chunk, whatever the chunk boundaries are the second time.
 
 Bad messages go to the dead-letter topic with the original bytes and headers ``ctp-error``
-(code), ``ctp-reason``, ``ctp-source`` (topic/partition/offset); they never stop the worker.
+(code), ``ctp-reason``, ``ctp-source`` (topic/partition/offset); they never stop the worker. A
+dead letter too large for the DLQ (``dlq_max_bytes``, or refused by the broker for its size) is
+sent truncated to ``TRUNCATED_BYTES`` with ``ctp-truncated`` (why), ``ctp-original-bytes``; one
+whose sends all fail is recorded in the bounded Redis stream ``dlq_fallback_key(topic)``. Every
+dead letter of a chunk's offset range is confirmed (sent or recorded) before the range is.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 
 import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as Errors
 
 from ctp.data import Sample
 from service.chunks import ChunkQueue, ChunkStore, IngestProgress, chunk_id_for, ids_key, offsets_key
@@ -42,6 +47,28 @@ class _Job:
     ids: set[str]
 
 
+TRUNCATED_BYTES = 64 * 1024  # what a dead letter too large for the DLQ keeps of its value
+FALLBACK_MAXLEN = 10_000  # dead letters kept in the Redis fallback stream (oldest dropped)
+_SIZE_ERRORS = (Errors.MessageSizeTooLargeError, Errors.RecordListTooLargeError)
+
+
+def dlq_fallback_key(topic: str) -> str:
+    """Redis stream of the dead letters of ``topic`` that no DLQ send took (bounded, ~FALLBACK_MAXLEN)."""
+    return f"ctp:ingest:{topic}:dlq-fallback"
+
+
+@dataclass
+class _DeadLetter:
+    rec_topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    future: object | None  # the send's future; None: no send under way (refused at once, or failed)
+    send_error: str = ""
+
+
 @dataclass
 class PartitionBuffer:
     first_offset: int | None = None
@@ -49,6 +76,7 @@ class PartitionBuffer:
     started: float = 0.0  # monotonic time of the first message
     pairs: list[tuple[int, ValidPair]] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
+    dead: list[_DeadLetter] = field(default_factory=list)  # sent, confirmed when the range is recorded
 
     def note(self, offset: int) -> None:
         if self.first_offset is None:
@@ -75,6 +103,8 @@ class IngestWorker:
         max_poll_interval_ms: int = 300_000,
         session_timeout_ms: int = 10_000,
         poll_timeout_ms: int = 500,
+        dlq_max_bytes: int = 10_485_760,
+        dlq_timeout_s: float = 30.0,
     ):
         self.topic, self.dlq_topic, self.group = topic, dlq_topic, group
         self.r = redis_client
@@ -83,6 +113,8 @@ class IngestWorker:
             logger.info("removed %d chunk dirs a crash left half-written", removed)
         self.chunk_size, self.chunk_max_wait_s, self.limits = chunk_size, chunk_max_wait_s, limits
         self.poll_timeout_ms = poll_timeout_ms
+        self.dlq_max_bytes, self.dlq_timeout_s = dlq_max_bytes, dlq_timeout_s
+        self._fallback_key = dlq_fallback_key(topic)
         self.stats: Counter[str] = Counter()
         self.buffers: dict[int, PartitionBuffer] = {}
         # cut chunks are written and recorded by one writer thread, in order, while consuming
@@ -108,7 +140,16 @@ class IngestWorker:
             heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
         )
         self.consumer.subscribe([topic], listener=_Rebalance(self))
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        # The DLQ carries messages as large as the broker takes (kafka-python's default is 1 MB).
+        # Not idempotent: kafka-python's idempotent producer takes a broker's size refusal as fatal
+        # and fails every later send; a dead letter sent twice (a retry) is harmless.
+        self.producer = KafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=5,
+            max_request_size=dlq_max_bytes,
+            enable_idempotence=False,
+        )
 
     # -- lifecycle
     def stop(self, *_args) -> None:
@@ -162,7 +203,7 @@ class IngestWorker:
     def _handle_batch(self, partition: int, records) -> None:
         """Validate a poll's records, look their ids up in Redis at once, then buffer them in order."""
         checked = [(rec, self._validate(partition, rec)) for rec in records]
-        ids = [pair.id for _, pair in checked if pair is not None]
+        ids = [pair.id for _, pair in checked if isinstance(pair, ValidPair)]
         # An id seen before is in Redis (recorded with a chunk: one SMISMEMBER for the batch), in
         # a chunk being written, in an open buffer, or recorded during this batch.
         self._batch_recorded = set()
@@ -174,7 +215,8 @@ class IngestWorker:
         for rec, pair in checked:
             buf = self.buffers.setdefault(partition, PartitionBuffer())
             buf.note(rec.offset)
-            if pair is None:
+            if isinstance(pair, InvalidMessage):
+                self._dead_letter(buf, rec, pair)
                 continue
             # Ids in any of this worker's open buffers, or recorded with an earlier chunk. (Another
             # worker's open buffer is not visible: producers should key messages by id, so resent
@@ -193,19 +235,24 @@ class IngestWorker:
             if len(buf.pairs) >= self.chunk_size:
                 self._cut(partition)
 
-    def _validate(self, partition: int, rec) -> ValidPair | None:
+    def _validate(self, partition: int, rec) -> ValidPair | InvalidMessage:
         self.stats["messages"] += 1
         default_id = f"{self.topic}-{partition}-{rec.offset}"
         try:
             return validate_message(rec.value, default_id=default_id, limits=self.limits)
         except InvalidMessage as e:
-            self._dead_letter(rec, e)
+            return e
+        except RecursionError:  # a nesting validate_message did not foresee: hostile, not a bug
+            return InvalidMessage("too_deep", "message nested too deeply to validate")
+        except MemoryError:
+            return InvalidMessage("too_large", "message too large to validate in memory")
         except Exception as e:  # a bug must not stop ingest: dead-letter it with the error
             logger.exception("unexpected error validating %s", default_id)
-            self._dead_letter(rec, InvalidMessage("internal", f"{type(e).__name__}: {e}"))
-        return None
+            return InvalidMessage("internal", f"{type(e).__name__}: {e}")
 
-    def _dead_letter(self, rec, err: InvalidMessage) -> None:
+    def _dead_letter(self, buf: PartitionBuffer, rec, err: InvalidMessage) -> None:
+        """Send a dead letter (whole, or truncated when too large for the DLQ); it is confirmed with
+        its buffer's range (``_confirm_dead_letters``)."""
         self.stats["dead_letters"] += 1
         self.stats[f"dlq:{err.code}"] += 1
         headers = [
@@ -213,10 +260,86 @@ class IngestWorker:
             ("ctp-reason", err.reason.encode()[:1000]),
             ("ctp-source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode()),
         ]
-        self.producer.send(
-            self.dlq_topic, value=rec.value if rec.value is not None else b"", key=rec.key, headers=headers
-        )
+        value = rec.value if rec.value is not None else b""
+        dead = _DeadLetter(rec.topic, rec.partition, rec.offset, rec.key, value, headers, None)
+        # headers, key and record framing fit in the margin
+        if len(value) + len(rec.key or b"") + 2048 > self.dlq_max_bytes:
+            dead.send_error = f"{len(value)} bytes, over the DLQ limit of {self.dlq_max_bytes}"
+            self._send_truncated(dead)
+        else:
+            try:
+                dead.future = self.producer.send(self.dlq_topic, value=value, key=rec.key, headers=headers)
+            except _SIZE_ERRORS as e:
+                dead.send_error = f"{type(e).__name__}: {e}"
+                self._send_truncated(dead)
+            except Exception as e:  # e.g. the buffer stayed full: the Redis fallback takes it
+                dead.send_error = f"{type(e).__name__}: {e}"
+        buf.dead.append(dead)
         logger.info("dead letter %s/%d/%d: %s", rec.topic, rec.partition, rec.offset, err)
+
+    def _send_truncated(self, dead: _DeadLetter) -> None:
+        """Send ``TRUNCATED_BYTES`` of the value with why and the original size in the headers."""
+        keep = min(TRUNCATED_BYTES, max(0, self.dlq_max_bytes // 2))
+        headers = dead.headers
+        if len(dead.value) > keep:
+            self.stats["dlq_truncated"] += 1
+            headers = [
+                *headers,
+                ("ctp-truncated", dead.send_error.encode()[:1000]),
+                ("ctp-original-bytes", str(len(dead.value)).encode()),
+            ]
+        try:
+            dead.future = self.producer.send(
+                self.dlq_topic, value=dead.value[:keep], key=(dead.key or b"")[:1024] or None, headers=headers
+            )
+        except Exception as e:  # refused at once: the Redis fallback takes it when confirmed
+            dead.future = None
+            dead.send_error += f"; truncated send: {type(e).__name__}: {e}"
+
+    def _confirm_dead_letters(self, dead_letters: list[_DeadLetter]) -> None:
+        """Writer thread, before a range is recorded: each dead letter in the DLQ (a size failure is
+        sent again truncated), or else in the Redis fallback stream. Raises only if Redis fails too:
+        then the range is not recorded and is read again."""
+        for dead in dead_letters:
+            sent = False
+            while dead.future is not None:
+                try:
+                    dead.future.get(timeout=self.dlq_timeout_s)
+                    sent = True
+                    break
+                except _SIZE_ERRORS as e:  # the broker or topic takes less than dlq_max_bytes
+                    already_truncated = bool(dead.send_error)
+                    dead.send_error += f"{'; ' if already_truncated else ''}{type(e).__name__}: {e}"
+                    if already_truncated:
+                        break
+                    self._send_truncated(dead)
+                except Exception as e:  # broker gone, timeout: the fallback keeps it
+                    dead.send_error += f"{'; ' if dead.send_error else ''}{type(e).__name__}: {e}"
+                    break
+            if not sent:
+                self._record_fallback(dead)
+
+    def _record_fallback(self, dead: _DeadLetter) -> None:
+        self.stats["dlq_fallback"] += 1
+        fields = {k: v for k, v in dead.headers if k in ("ctp-error", "ctp-reason", "ctp-source")}
+        fields |= {
+            "topic": dead.rec_topic.encode(),
+            "partition": str(dead.partition).encode(),
+            "offset": str(dead.offset).encode(),
+            "original-bytes": str(len(dead.value)).encode(),
+            "send-error": dead.send_error.encode()[:1000],
+            "head": dead.value[:1024],
+        }
+        self.r.xadd(self._fallback_key, fields, maxlen=FALLBACK_MAXLEN, approximate=True)
+        logger.warning(
+            "dead letter %s/%d/%d not sent to %s (%s); recorded in Redis %s",
+            dead.rec_topic,
+            dead.partition,
+            dead.offset,
+            self.dlq_topic,
+            dead.send_error,
+            self._fallback_key,
+        )
 
     # -- chunks
     def _cut_due(self, *, force: bool) -> None:
@@ -238,7 +361,7 @@ class IngestWorker:
 
     def _write_and_record(self, partition: int, buf: PartitionBuffer) -> tuple[str, int]:
         """Writer thread: shards durably on disk, then the one Redis record (queue, offset, ids)."""
-        self.producer.flush()  # dead letters of this range are stored before it is recorded
+        self._confirm_dead_letters(buf.dead)  # dead letters of this range are stored before it is recorded
         chunk_id, path, n = "", "", len(buf.pairs)
         if buf.pairs:
             chunk_id = chunk_id_for({partition: (buf.first_offset, buf.last_offset)})
@@ -340,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         session_timeout_ms=s.kafka_session_timeout_ms,
         max_poll_interval_ms=s.kafka_max_poll_interval_ms,
         limits=s.message_limits(),
+        dlq_max_bytes=s.dlq_max_message_bytes,
     )
     worker.install_signal_handlers()
     stats = worker.run(burst=args.burst)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import unicodedata
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class Limits:
     max_label_chars: int = 200
     max_id_chars: int = 200
     max_meta_bytes: int = 16_000
+    max_json_depth: int = 32  # arrays/objects nested deeper: ``too_deep``
+    max_int_digits: int = 100  # longer integer literals: ``number_too_large``
 
 
 @dataclass
@@ -97,6 +100,28 @@ def image_ext(raw: bytes) -> str:
 DEFAULT_LIMITS = Limits()
 
 
+def _parse_int(s: str, *, max_digits: int) -> int:
+    # refused before int() so Python's own int-string limit (a ValueError) is never reached
+    if len(s.lstrip("-")) > max_digits:
+        raise InvalidMessage(
+            "number_too_large", f"integer of {len(s.lstrip('-'))} digits, limit {max_digits}"
+        )
+    return int(s)
+
+
+def json_depth(obj: object, *, limit: int) -> int:
+    """Nesting depth of parsed JSON (a scalar: 0), counted without recursion; stops at ``limit + 1``."""
+    depth, level = 0, [(obj, 1)]
+    while level:
+        node, d = level.pop()
+        if isinstance(node, dict | list):
+            depth = max(depth, d)
+            if depth > limit:
+                return depth
+            level.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
 def validate_message(value: bytes | None, *, default_id: str, limits: Limits = DEFAULT_LIMITS) -> ValidPair:
     if value is None:
         raise InvalidMessage("empty", "message has no value (tombstone)")
@@ -107,10 +132,16 @@ def validate_message(value: bytes | None, *, default_id: str, limits: Limits = D
     except UnicodeDecodeError as e:
         raise InvalidMessage("not_utf8", f"value is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        obj = json.loads(decoded)
+        obj = json.loads(decoded, parse_int=functools.partial(_parse_int, max_digits=limits.max_int_digits))
     except json.JSONDecodeError as e:
         raise InvalidMessage(
             "not_json", f"value is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
+    except RecursionError:  # deeper than the interpreter's recursion limit (~1000)
+        raise InvalidMessage("too_deep", f"JSON nested deeper than {limits.max_json_depth} levels") from None
+    if (depth := json_depth(obj, limit=limits.max_json_depth)) > limits.max_json_depth:
+        raise InvalidMessage(
+            "too_deep", f"JSON nested {depth}+ levels deep, limit {limits.max_json_depth}"
         ) from None
     if not isinstance(obj, dict):
         raise InvalidMessage("not_object", f"value is a JSON {type(obj).__name__}, expected an object")

@@ -44,6 +44,15 @@ class Settings(BaseSettings):
         ),
         json_schema_extra={"read_by": "ingest"},
     )
+    dlq_max_message_bytes: int = Field(
+        10_485_760,
+        gt=4096,
+        description=(
+            "largest dead letter sent whole (the DLQ producer's `max_request_size`; match the broker's "
+            "`message.max.bytes`); larger ones are sent truncated to 64 KiB"
+        ),
+        json_schema_extra={"read_by": "ingest"},
+    )
     consumer_group: str = Field(
         "ctp-ingest",
         description="Kafka consumer group of the ingest workers (more members split the partitions)",

@@ -149,3 +149,119 @@ def test_produce_command_feeds_ingest(kafka, redis_server, tmp_path, monkeypatch
         queue.ack(task)
     assert len(ids) == len(set(ids)) == 160  # the tiny stream: 2 chunks of 80 pairs
     assert len(_dlq(kafka, topic, 2)) == 2
+
+
+def _hostile() -> dict[str, tuple[bytes, str]]:
+    """name -> (value, code): what a producer can send that must not stop ingest."""
+    import os
+
+    return {
+        "1.1 MB text": (encode_message(text="a" * 1_100_000, image=_png(1)), "text_too_long"),
+        "2 MB meta": (
+            encode_message(text="t", image=_png(2), meta={"pad": "x" * 2_000_000}),
+            "meta_too_large",
+        ),
+        "deep nesting": (b"[" * 200_000 + b"]" * 200_000, "too_deep"),
+        "huge integer": (
+            b'{"text": "a", "image": "", "meta": {"n": ' + b"9" * 50_000 + b"}}",
+            "number_too_large",
+        ),
+        "random bytes": (os.urandom(4096), "not_utf8"),
+        "truncated json": (encode_message(text="cut short", image=_png(3))[:40], "not_json"),
+    }
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "setting",  # CTP_DLQ_MAX_MESSAGE_BYTES lowered to 1 MB: the producer refuses the big ones at once
+        "topic",  # the setting at 10 MB, the DLQ topic takes 1 MB: the broker refuses the big ones
+        "fallback",  # the DLQ topic takes 20 kB: even the truncated sends fail, Redis keeps them
+    ],
+)
+def test_poison_messages_never_stop_ingest(kafka, redis_server, tmp_path, mode):
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    ensure_topics(kafka.bootstrap, {topic: 1})
+    dlq_config = {"topic": "1048576", "fallback": "20000"}.get(mode)
+    if dlq_config:
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+        admin.create_topics(
+            {
+                f"{topic}.dlq": {
+                    "num_partitions": 1,
+                    "replication_factor": 1,
+                    "configs": {"max.message.bytes": dlq_config},
+                }
+            },
+            wait_for_metadata=True,
+        )
+        admin.close()
+    else:
+        ensure_topics(kafka.bootstrap, {f"{topic}.dlq": 1})
+    hostile = _hostile()
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", max_request_size=5_000_000)
+    bad_offsets: dict[int, tuple[str, int]] = {}  # offset -> (code, size)
+    offset, n_valid = 0, 0
+    for value, code in hostile.values():
+        for _ in range(2):  # a valid pair on either side
+            producer.send(
+                topic, encode_message(id=f"v{n_valid}", text=f"pair {n_valid}", image=_png(n_valid))
+            )
+            n_valid, offset = n_valid + 1, offset + 1
+        producer.send(topic, value)
+        bad_offsets[offset] = (code, len(value))
+        offset += 1
+    producer.send(topic, encode_message(id=f"v{n_valid}", text="last", image=_png(99)))
+    n_valid += 1
+    producer.flush()
+
+    kw = {"dlq_max_bytes": 1_000_000} if mode == "setting" else {}
+    w = _worker(kafka, redis_server, tmp_path, topic, "g-poison", chunk_size=5, chunk_max_wait_s=2, **kw)
+    stats = w.run(burst=True, idle_s=4)
+    assert stats["valid"] == n_valid and stats["dead_letters"] == len(hostile)
+    assert stats["dlq:internal"] == 0
+
+    queue = ChunkQueue(redis_server.client())
+    ids = []
+    while (task := queue.take("t", block_ms=50)) is not None:
+        ids += [s.meta["id"] for s in read_chunk(task.path)]
+        queue.ack(task)
+    assert sorted(ids) == sorted(f"v{i}" for i in range(n_valid))  # each valid pair in one chunk
+
+    # every bad message once, in the DLQ or (only where the DLQ cannot take it) in Redis
+    seen: dict[int, dict] = {}
+    for rec in _dlq(kafka, topic, len(hostile)):
+        h = dict(rec.headers)
+        off = int(h["ctp-source"].decode().rsplit("/", 1)[1])
+        assert h["ctp-source"].decode() == f"{topic}/0/{off}" and off not in seen
+        seen[off] = {"code": h["ctp-error"].decode(), "truncated": "ctp-truncated" in h, "where": "dlq"}
+        if "ctp-truncated" in h:
+            assert int(h["ctp-original-bytes"]) == bad_offsets[off][1] and len(rec.value) <= 64 * 1024
+        else:
+            assert len(rec.value) == bad_offsets[off][1]
+    from service.ingest import dlq_fallback_key
+
+    for _, fields in redis_server.client().xrange(dlq_fallback_key(topic)):
+        off = int(fields[b"offset"])
+        assert off not in seen and fields[b"ctp-source"].decode() == f"{topic}/0/{off}"
+        assert int(fields[b"original-bytes"]) == bad_offsets[off][1] and fields[b"send-error"]
+        seen[off] = {"code": fields[b"ctp-error"].decode(), "truncated": False, "where": "redis"}
+    assert {off: s["code"] for off, s in seen.items()} == {off: c for off, (c, _) in bad_offsets.items()}
+    big = {off for off, (_, size) in bad_offsets.items() if size > 1_000_000}
+    if mode in ("setting", "topic"):
+        assert {off for off, s in seen.items() if s["truncated"]} == big
+        assert all(s["where"] == "dlq" for s in seen.values())
+    else:
+        assert {off for off, s in seen.items() if s["where"] == "redis"} == {
+            off for off, (_, size) in bad_offsets.items() if size > 20_000
+        }
+
+    # ingest's committed offset is past every message, the bad ones included
+    c = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id="g-poison", enable_auto_commit=False)
+    from kafka import TopicPartition
+
+    assert c.committed(TopicPartition(topic, 0)) == offset + 1
+    c.close()
+    assert w.stored_offset(0) == offset + 1

@@ -85,6 +85,13 @@ BAD = {
     "oversized image": (None, "image_too_large"),
     "huge meta": (msg(meta={"k": "v" * 20_000}), "meta_too_large"),
     "empty id": (msg(id=""), "empty_id"),
+    "deep nesting": (b"[" * 100_000 + b"]" * 100_000, "too_deep"),
+    "nesting in meta": (msg(meta={"a": json.loads("[" * 40 + "]" * 40)}), "too_deep"),
+    "huge integer": (msg(meta={"n": int("9" * 4000)}), "number_too_large"),
+    "integer over python's limit": (
+        b'{"text": "a", "image": "", "n": ' + b"7" * 5000 + b"}",
+        "number_too_large",
+    ),
 }
 
 
@@ -111,3 +118,18 @@ def test_bad_input_gets_a_code_and_a_reason(kind):
 
 def test_at_least_fifteen_kinds_of_bad_input():
     assert len(BAD) >= 15
+
+
+def test_nesting_and_integers_within_the_limits_pass():
+    pair = validate_message(
+        msg(meta={"a": json.loads("[" * 30 + "1" + "]" * 30), "n": int("9" * 100)}), default_id="d"
+    )
+    assert pair.meta["n"] == int("9" * 100)
+
+
+@pytest.mark.parametrize("kind", ["deep nesting", "huge integer", "integer over python's limit"])
+def test_hostile_json_gets_its_own_code(kind):
+    value, code = BAD[kind]
+    with pytest.raises(InvalidMessage) as info:
+        validate_message(value, default_id="t-0-0")
+    assert info.value.code == code and info.value.__cause__ is None
