@@ -234,8 +234,48 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         ]
     path = out_dir / f"{sweep}.md"
     path.write_text("\n".join(lines) + "\n")
+    _update_results_md(sweep, headline_table(sweep, streams), out_dir.parent / "results.md")
     print(f"wrote {path}")
     return path
+
+
+def headline_table(sweep: str, streams: list[str], strategies=("finetune", "lwf", "er", "incclip")) -> str:
+    """One row per stream and memory size: each strategy's average accuracy (mean ± 95 %, n),
+    incclip − er paired, and retrieval mean recall@1 of er and incclip (the table results.md shows)."""
+    runs = load(sweep)
+    head = " | ".join(strategies)
+    lines = [
+        f"| stream | memory | {head} | incclip − er (paired) | retrieval R@1, er / incclip |",
+        "|---|---|" + "---|" * len(strategies) + "---|---|",
+    ]
+    for stream in streams:
+        for mem in mems(runs, stream):
+            cells = []
+            for st in strategies:
+                rs = cell_runs(runs, stream, st, mem)
+                cells.append(f"{fmt(*mean_ci([score(m, 'avg') for m in rs.values()]))} (n={len(rs)})")
+            a, e = cell_runs(runs, stream, "incclip", mem), cell_runs(runs, stream, "er", mem)
+            m, h, n = paired(a, e) if a and e else (math.nan, math.nan, 0)
+            ret = " / ".join(
+                fmt(mean_ci([score(x, "retrieval") for x in r.values()])[0], math.nan) for r in (e, a)
+            )
+            lines.append(
+                f"| {stream} | {_mem_title(runs, stream, mem)[7:]} | "
+                + " | ".join(cells)
+                + f" | {fmt(m, h)} (n={n}) | {ret} |"
+            )
+    return "\n".join(lines)
+
+
+def _update_results_md(sweep: str, table: str, results_md: Path) -> None:
+    """Replace the block between ``<!-- headline:SWEEP:start/end -->`` in docs/results.md, if any."""
+    start, end = f"<!-- headline:{sweep}:start -->", f"<!-- headline:{sweep}:end -->"
+    if not results_md.is_file():
+        return
+    text = results_md.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        results_md.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
 
 
 def _order(label: str) -> tuple:
