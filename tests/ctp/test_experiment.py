@@ -88,56 +88,13 @@ def test_compare(runs, tmp_path, capsys):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_synthetic_source(tmp_path):
+@pytest.mark.parametrize("flag", ["--synthetic", "--stream"])
+def test_synthetic_source(tmp_path, flag):
+    """--synthetic NAME and --stream NAME build the same synthetic stream with its eval sets."""
     out = tmp_path / "syn"
-    assert (
-        main(
-            [
-                "experiment",
-                "--synthetic",
-                "tiny",
-                "--data-dir",
-                str(tmp_path / "data"),
-                "--strategy",
-                "er",
-                "--model",
-                "ctp-vit-micro-32",
-                "--epochs",
-                "1",
-                "--no-progress",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    m = json.loads((out / "metrics.json").read_text())
-    assert set(m["eval"]) == {"synthetic", "synthetic_retrieval"}
-
-
-def test_experiment_stream_synthetic(tmp_path):
-    out = tmp_path / "syn"
-    assert (
-        main(
-            [
-                "experiment",
-                "--stream",
-                "tiny",
-                "--data-dir",
-                str(tmp_path / "data"),
-                "--strategy",
-                "er",
-                "--model",
-                "ctp-vit-micro-32",
-                "--epochs",
-                "1",
-                "--no-progress",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    args = [flag, "tiny", "--data-dir", str(tmp_path / "data"), "--strategy", "er"]
+    args += ["--model", "ctp-vit-micro-32", "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert main(["experiment", *args]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["eval"]) == {"synthetic", "synthetic_retrieval"}
 
