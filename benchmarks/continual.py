@@ -258,7 +258,8 @@ def ensure_base(cell: Cell, sweep: str, args) -> None:
     if (out / "checkpoint" / "meta.json").is_file():
         return
     paths = make_named_stream(cell.stream, args.data_dir / f"{cell.stream}-seed{cell.seed}", seed=cell.seed)
-    common = [a if a != COMMON[COMMON.index("--epochs") + 1] else BASE_EPOCHS for a in COMMON]
+    common = list(COMMON)
+    common[common.index("--epochs") + 1] = BASE_EPOCHS  # the base trains longer; the rest as the stream
     cmd = [
         sys.executable,
         "-m",

@@ -382,7 +382,7 @@ def plot_curves(runs, stream, ms, path: Path) -> None:
 
 
 def plot_paired(runs, stream, ms, path: Path) -> None:
-    others = [o for o in (*BASELINES, "er_kd", "er_pt", "joint")]
+    others = (*BASELINES, "er_kd", "er_pt", "joint")
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / len(ms)
     for k, mem in enumerate(ms):
