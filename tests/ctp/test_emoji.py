@@ -306,7 +306,9 @@ def test_captions(cache):
     rng = np.random.default_rng(0)
     caps = {E.make_caption(em, rng) for _ in range(200)}
     assert len(caps) >= 5 and all("grinning face" in c for c in caps)
-    assert "an emoji of a grinning face" in caps and "a face smiling emoji: grinning face" in caps
+    # every phrasing names the group: zero-shot classification asks for it by name
+    assert all("face smiling" in c for c in caps)
+    assert "grinning face, a face smiling emoji" in caps and "a face smiling emoji: grinning face" in caps
 
 
 def test_cli_help(capsys):
