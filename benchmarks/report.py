@@ -207,6 +207,7 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
                 cells.append(f"{fmt(m, h)}{tag}, n={n}")
             lines.append(f"| incclip − {other} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _ablation_lines(runs, stream, ms)
         compute = _compute_lines(runs, stream, ms)
         lines += compute
         base_sets = sorted(
@@ -232,14 +233,106 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
             f"![accuracy against compute]({sweep}-{stream}-compute.png)",
             "",
         ]
+    accept = acceptance_table(runs, streams)
+    lines[4:4] = ["## Acceptance targets", "", accept, ""]
     path = out_dir / f"{sweep}.md"
     path.write_text("\n".join(lines) + "\n")
     _update_results_md(sweep, headline_table(sweep, streams), out_dir.parent / "results.md")
+    _update_results_md(sweep, accept, out_dir.parent / "results.md", block="acceptance")
     print(f"wrote {path}")
     return path
 
 
-def headline_table(sweep: str, streams: list[str], strategies=("finetune", "lwf", "er", "incclip")) -> str:
+def _ablation_lines(runs, stream, ms) -> list[str]:
+    """Each knob variant (``incclip[kd2]``...) and incclip's own parts (er_kd, er_pt) against
+    incclip's defaults, paired over the seeds both have."""
+    others = sorted({k[1] for k in runs if k[0] == stream and "[" in k[1]}, key=_order)
+    others = [o for o in ("er_kd", "er_pt") if any(k[:2] == (stream, o) for k in runs)] + others
+    if not others or not any(k[:2] == (stream, "incclip") for k in runs):
+        return []
+    lines = [
+        "**knobs and parts against incclip's defaults: other − incclip, average accuracy (paired)**",
+        "",
+        "| variant | " + " | ".join(_mem_title(runs, stream, m) for m in ms) + " |",
+        "|---|" + "---|" * len(ms),
+    ]
+    for o in others:
+        cells = []
+        for mem in ms:
+            a, b = runs.get((stream, o, mem), {}), runs.get((stream, "incclip", mem), {})
+            if not a or not b:
+                cells.append("–")
+                continue
+            m, h, n = paired(a, b)
+            cells.append(f"{fmt(m, h)}, n={n}")
+        lines.append(f"| {o} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _verdict(ok: bool | None) -> str:
+    return "–" if ok is None else ("met" if ok else "**not met**")
+
+
+def acceptance_table(runs, streams) -> str:
+    """The benchmark's targets, each computed from the result files: what was measured, the
+    target, and whether it is met (mean ± 95 % interval of paired per-seed differences)."""
+    lines = ["| stream | memory | target | measured | verdict |", "|---|---|---|---|---|"]
+
+    def mean_of(label, mem, what="avg"):
+        rs = cell_runs(runs, stream, label, mem)
+        return mean_ci([score(m, what) for m in rs.values()])[0] if rs else math.nan
+
+    for stream in streams:
+        inc = {m: cell_runs(runs, stream, "incclip", m) for m in mems(runs, stream)}
+        for mem, a in inc.items():
+            if not a:
+                continue
+            title = _mem_title(runs, stream, mem)[7:]
+            share = float(mem[3:])
+            if share <= 3:
+                base = best_baseline(runs, stream, mem)
+                if base:
+                    m, h, n = paired(a, cell_runs(runs, stream, base, mem))
+                    ok = None if math.isnan(h) else (m >= 0.046 and m - h > 0)
+                    lines.append(
+                        f"| {stream} | {title} | incclip − best baseline ({base}) ≥ +4.6, interval > 0 "
+                        f"| {fmt(m, h)} (n={n}) | {_verdict(ok)} |"
+                    )
+            er = cell_runs(runs, stream, "er", mem)
+            if er:
+                m, h, n = paired(a, er)
+                lines.append(
+                    f"| {stream} | {title} | incclip ≥ er − 1 | {fmt(m, h)} (n={n}) "
+                    f"| {_verdict(m >= -0.01)} |"
+                )
+            f_inc, f_ft = mean_of("incclip", mem, "forgetting"), mean_of("finetune", mem, "forgetting")
+            if not math.isnan(f_ft):
+                lines.append(
+                    f"| {stream} | {title} | forgetting ≤ 0.6 × finetune's ({100 * 0.6 * f_ft:.1f}) "
+                    f"| {100 * f_inc:.1f} | {_verdict(f_inc <= 0.6 * f_ft)} |"
+                )
+            joint = cell_runs(runs, stream, "joint", mem)
+            if joint and abs(share - 12) < 1e-9:
+                m, h, n = paired(joint, a)
+                lines.append(
+                    f"| {stream} | {title} | joint − incclip ≤ 5 | {fmt(m, h)} (n={n}) "
+                    f"| {_verdict(m <= 0.05)} |"
+                )
+            if joint:
+                acc = mean_of("incclip", mem) / mean_of("joint", mem)
+                cost = mean_of("incclip", mem, "pairs") / mean_of("joint", mem, "pairs")
+                lines.append(
+                    f"| {stream} | {title} | ≥ 90 % of joint's accuracy at ≤ 1/3 of its pairs "
+                    f"| {100 * acc:.0f} % at {100 * cost:.0f} % | {_verdict(acc >= 0.9 and cost <= 1 / 3)} |"
+                )
+    return "\n".join(lines)
+
+
+def headline_table(
+    sweep: str,
+    streams: list[str],
+    strategies=("finetune", "lwf", "er", "er_kd", "er_pt", "incclip", "joint"),
+) -> str:
     """One row per stream and memory size: each strategy's average accuracy (mean ± 95 %, n),
     incclip − er paired, and retrieval mean recall@1 of er and incclip (the table results.md shows)."""
     runs = load(sweep)
@@ -267,9 +360,9 @@ def headline_table(sweep: str, streams: list[str], strategies=("finetune", "lwf"
     return "\n".join(lines)
 
 
-def _update_results_md(sweep: str, table: str, results_md: Path) -> None:
-    """Replace the block between ``<!-- headline:SWEEP:start/end -->`` in docs/results.md, if any."""
-    start, end = f"<!-- headline:{sweep}:start -->", f"<!-- headline:{sweep}:end -->"
+def _update_results_md(sweep: str, table: str, results_md: Path, block: str = "headline") -> None:
+    """Replace the block between ``<!-- BLOCK:SWEEP:start/end -->`` in docs/results.md, if any."""
+    start, end = f"<!-- {block}:{sweep}:start -->", f"<!-- {block}:{sweep}:end -->"
     if not results_md.is_file():
         return
     text = results_md.read_text()

@@ -89,3 +89,22 @@ def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
     assert "| incclip − best baseline | 6.0 ± 2.5 (er), n=3 |" in text
     for kind in ("curves", "paired", "compute"):
         assert (tmp_path / "docs" / f"s-stream-{kind}.png").stat().st_size > 1000
+    # the acceptance table judges each target from the same files
+    accept = report.acceptance_table(runs, ["stream"])
+    target = "incclip − best baseline (er) ≥ +4.6, interval > 0"
+    assert f"| stream | 1 % (16 pairs) | {target} | 6.0 ± 2.5 (n=3) | met |" in accept
+    assert "| incclip ≥ er − 1 | 6.0 ± 2.5 (n=3) | met |" in accept
+    # forgetting 0.1 for both: 0.1 > 0.6 x 0.1
+    assert "| forgetting ≤ 0.6 × finetune's (6.0) | 10.0 | **not met** |" in accept
+    assert "## Acceptance targets" in text
+
+
+def test_is_done_reruns_results_of_another_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(continual, "RESULTS", tmp_path)
+    cell = continual.Cell("s", 0, "er", 0.01)
+    assert not continual.is_done(cell, "t")
+    cell.path("t").parent.mkdir(parents=True)
+    cell.path("t").write_text(json.dumps({"cell": {"common": ["--epochs", "99"]}}))
+    assert not continual.is_done(cell, "t")
+    cell.path("t").write_text(json.dumps({"cell": {"common": continual.COMMON}}))
+    assert continual.is_done(cell, "t")
