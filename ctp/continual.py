@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ctp.config import TrainConfig
 from ctp.data import Sample, pair_id
 from ctp.memory import MemoryItem, ReplayMemory
 from ctp.models import ClipBundle
@@ -31,23 +32,6 @@ from ctp.strategies import Strategy
 from ctp.train import ChunkResult, preprocess_images, train_on_chunk
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20  # epochs over each chunk (tiny models from scratch need many)
-    batch_size: int = 64  # pairs per step (new + replayed)
-    lr: float = 2e-3  # peak learning rate (cosine schedule per chunk)
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
-    replay_pool: int = 4096  # memory items snapshotted (and decoded) per chunk for replay
-    pseudo_keep: int = 2  # pseudo texts cached per memory image
-    pseudo_candidates: int = 16  # candidates proposed per image before the guard
-    pseudo_margin: float = 0.05  # guard: keep s(img, cand) < s(img, true) - margin
-    refresh_every: int = 1  # regenerate cached pseudo texts after this many chunks
-    device: str = "cpu"
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass

@@ -1,7 +1,16 @@
-"""The ``ctp`` command: one entry point, a subcommand per role. Each takes argv (testable)."""
+"""The ``ctp`` command: one entry point, a subcommand per role. Each takes argv (testable).
+
+Fast by rule: this module and every command module import only the standard library (and light
+ctp modules) before the command's arguments are parsed, so ``ctp --help`` and every
+``ctp COMMAND --help`` answer in well under half a second; torch, Kafka, Redis and pydantic are
+imported after parsing, where they are used (``benchmarks/cli_help.py`` measures it). The two
+roles whose modules need Kafka or torch at import (``ingest``, ``train``) declare their arguments
+here, and are parsed before their module is imported.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import sys
@@ -25,6 +34,27 @@ COMMANDS = {
 }
 
 
+def ingest_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctp ingest", description="Kafka pairs -> validated chunks -> chunk queue (CTP_ settings)"
+    )
+    p.add_argument("--burst", action="store_true", help="stop once the topic is drained")
+    return p
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctp train", description="chunk queue -> continual training -> checkpoints (CTP_ settings)"
+    )
+    p.add_argument("--burst", action="store_true", help="stop once the chunk queue is empty")
+    p.add_argument("--generator", default="edit", help="pseudo-text generator: edit, captioner or random")
+    return p
+
+
+# commands whose module is heavy at import: parsed here first (--help, a bad argument: no wait)
+PARSERS = {"ingest": ingest_parser, "train": train_parser}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -35,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if argv[0] in PARSERS:
+        PARSERS[argv[0]]().parse_args(argv[1:])
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 

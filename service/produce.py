@@ -15,13 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from service.messages import encode_message
-
 
 def pairs_from_shards(dirs: list[Path]) -> Iterator[tuple[str, bytes]]:
     from ctp.data import iter_chunk, pair_id
+    from service.messages import encode_message
 
     for d in dirs:
         for s in iter_chunk(d):
@@ -45,10 +42,6 @@ def pairs_from_jsonl(path: Path) -> Iterator[tuple[str | None, bytes]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kafka import KafkaProducer
-
-    from service.settings import load_settings
-
     p = argparse.ArgumentParser(prog="ctp produce", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", nargs="+", type=Path, metavar="DIR", help="WebDataset chunk directories")
@@ -62,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.0, help="pairs per second (0: as fast as possible)")
     p.add_argument("--limit", type=int, default=0, help="stop after N messages (0: all)")
     args = p.parse_args(argv)
+    from kafka import KafkaProducer
+    from tqdm.auto import tqdm
+
+    from service.settings import load_settings
+
     if args.bootstrap is None or args.topic is None:  # after parsing: --help works whatever the env holds
         settings = load_settings()
         args.bootstrap = args.bootstrap or settings.kafka_bootstrap

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ctp.models import DEFAULT_MODEL
+from ctp.presets import DEFAULT_MODEL
 from ctp.strategies import STRATEGIES
 from service.messages import Limits
 

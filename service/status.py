@@ -14,18 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
+# redis, kafka and the settings are imported where used: `ctp status --help` answers at once
+if TYPE_CHECKING:
+    import redis
 
-from service.chunks import DEAD_CHUNKS, ChunkQueue, offsets_key
-from service.redis_memory import RedisMemory
-from service.registry import Registry
-from service.settings import Settings, load_settings
+    from service.settings import Settings
 
 
 def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> dict[str, Any]:
     from kafka import KafkaConsumer, TopicPartition
+
+    from service.chunks import offsets_key
 
     consumer = KafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
@@ -53,6 +54,12 @@ def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> 
 
 
 def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
+    import redis
+
+    from service.chunks import DEAD_CHUNKS, ChunkQueue
+    from service.redis_memory import RedisMemory
+    from service.registry import Registry
+
     r = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     out: dict[str, Any] = {"time": time.time(), "errors": {}}
     try:
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     args = p.parse_args(argv)
+    from service.settings import load_settings
+
     s = collect_status(load_settings())
     print(json.dumps(s, indent=2) if args.json else format_status(s))
     return 1 if s["errors"] else 0

@@ -84,8 +84,6 @@ def _ports(data_dir: Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.settings import load_settings
-
     p = argparse.ArgumentParser(prog="ctp up", description=__doc__.splitlines()[0])
     p.add_argument(
         "--demo", action="store_true", help=f"also stream the synthetic {DEMO_STREAM} data through it"
@@ -102,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.exit_when_done and not args.demo:
         p.error("--exit-when-done needs --demo")
+    from service.settings import load_settings
 
     env = dict(os.environ)
     if args.demo:

@@ -1,0 +1,28 @@
+"""The plain settings of continual training, importable without torch (``--help``, settings).
+
+``TrainConfig`` is what ``ctp.continual.ContinualLearner`` trains a chunk with (it is re-exported
+there); ``GENERATORS`` names the pseudo-text generators of ``ctp.pseudo_texts``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GENERATORS = ("edit", "captioner", "random")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20  # epochs over each chunk (tiny models from scratch need many)
+    batch_size: int = 64  # pairs per step (new + replayed)
+    lr: float = 2e-3  # peak learning rate (cosine schedule per chunk)
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    replay_pool: int = 4096  # memory items snapshotted (and decoded) per chunk for replay
+    pseudo_keep: int = 2  # pseudo texts cached per memory image
+    pseudo_candidates: int = 16  # candidates proposed per image before the guard
+    pseudo_margin: float = 0.05  # guard: keep s(img, cand) < s(img, true) - margin
+    refresh_every: int = 1  # regenerate cached pseudo texts after this many chunks
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
