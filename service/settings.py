@@ -2,10 +2,17 @@
 
 ``load_settings()`` turns a validation error into ``SettingsError`` whose message names the
 environment variable, so a bad deployment fails at start with something an operator can fix.
+
+It also finds a running ``ctp up``: the stack records where its servers are in
+``DATA_DIR/up.json`` (``STACK_FILE``), and while that ``ctp up`` lives, ``CTP_KAFKA_BOOTSTRAP`` and
+``CTP_REDIS_URL`` default to what it recorded (a variable that is set still wins). So ``ctp
+status``, ``ctp produce`` or ``ctp wait`` in another terminal need no variables.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -359,10 +366,44 @@ def parse_named_dirs(value: str) -> dict[str, Path]:
     return out
 
 
-def load_settings(**overrides) -> Settings:
-    """Settings from the environment (and ``overrides``); errors name the CTP_ variable."""
+STACK_FILE = "up.json"
+# settings a running `ctp up` records in its data dir: field -> key in STACK_FILE
+STACK_FIELDS = {"kafka_bootstrap": "kafka_bootstrap", "redis_url": "redis_url"}
+
+
+def _alive(pid: int) -> bool:
     try:
-        return Settings(**overrides)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def stack_record(data_dir: str | Path) -> dict | None:
+    """What a running ``ctp up`` recorded in ``data_dir/up.json`` (its servers, its API); None when
+    there is no record or the ``ctp up`` that wrote it is gone."""
+    try:
+        record = json.loads((Path(data_dir) / STACK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = record.get("pid") if isinstance(record, dict) else None
+    return record if isinstance(pid, int) and pid > 0 and _alive(pid) else None
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment (and ``overrides``); errors name the CTP_ variable. Kafka and
+    Redis not set: those of the ``ctp up`` running on the data dir, if one is (``stack_record``)."""
+    try:
+        settings = Settings(**overrides)
+        record = stack_record(settings.data_dir)
+        found = {
+            f: record[k]
+            for f, k in STACK_FIELDS.items()
+            if record and f not in settings.model_fields_set and isinstance(record.get(k), str)
+        }
+        return Settings(**found, **overrides) if found else settings
     except ValidationError as e:
         problems = []
         for err in e.errors():

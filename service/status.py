@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> 
 
     consumer = KafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,  # no group: without this kafka-python warns on every call
         request_timeout_ms=timeout_ms + 1000,
         bootstrap_timeout_ms=timeout_ms,
         consumer_timeout_ms=timeout_ms,
@@ -109,6 +111,26 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def status_line(s: dict[str, Any]) -> str:
+    """The status on one line (``ctp up`` prints it when it changes)."""
+    parts = []
+    if "ingest" in s:
+        parts.append(f"{s['ingest']['produced']} produced, lag {s['ingest']['lag']}")
+    if "chunks" in s:
+        c = s["chunks"]
+        parts.append(f"chunks {c['enqueued']} ({c['pending']} pending, {c['dead']} set aside)")
+    if "memory" in s:
+        parts.append(f"memory {s['memory']['items']}/{s['memory']['capacity']}")
+    if s.get("versions"):
+        v = s["versions"][-1]
+        metrics = "; ".join(_headline(n, m) for n, m in (v["metrics"] or {}).items() if m)
+        parts.append(f"v{v['version']} after {v['chunks']} chunks{': ' + metrics if metrics else ''}")
+    elif "versions" in s:
+        parts.append("no model version yet")
+    parts += [f"{part} UNAVAILABLE" for part in s["errors"]]
+    return " | ".join(parts)
+
+
 def _headline(name: str, m: dict[str, Any]) -> str:
     key = "acc1" if "acc1" in m else "mean_recall@1"
     extra = f" forgetting={m['forgetting']:.3f}" if m.get("forgetting") else ""
@@ -121,8 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     args = p.parse_args(argv)
-    from service.settings import load_settings
+    from service.settings import load_settings, stack_record
 
-    s = collect_status(load_settings())
+    settings = load_settings()
+    s = collect_status(settings)
     print(json.dumps(s, indent=2) if args.json else format_status(s))
+    if s["errors"] and stack_record(settings.data_dir) is None:
+        print(
+            f"(no running `ctp up` recorded in {settings.data_dir.resolve()}/up.json: set CTP_DATA_DIR "
+            "to its data dir, or CTP_REDIS_URL / CTP_KAFKA_BOOTSTRAP)",
+            file=sys.stderr,
+        )
     return 1 if s["errors"] else 0

@@ -33,11 +33,16 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint-dir",
         help="serve checkpoints from this dir (no Redis); default CTP_SERVE_CHECKPOINT_DIR",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-level", help="uvicorn's log level (default: warning; info with ctp -v: every request)"
+    )
     args = p.parse_args(argv)
+
+    import logging
 
     import uvicorn
 
+    from service.cli import verbosity
     from service.serve.api.app import create_app
     from service.settings import load_settings
 
@@ -51,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     s = load_settings(**overrides)
+    logging.getLogger(__name__).info(
+        "serving on http://%s:%d (API docs at /docs, dashboard at /)", s.api_host, s.api_port
+    )
     uvicorn.run(
         create_app(s),
         host=s.api_host,
         port=s.api_port,
-        log_level=args.log_level,
+        log_level=args.log_level or ("info" if verbosity() else "warning"),
         timeout_graceful_shutdown=10,
     )
     return 0
