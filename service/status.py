@@ -24,7 +24,11 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 
-def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> dict[str, Any]:
+def topic_lag(
+    settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000, previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Lag per partition and in all, ``produced`` (the topic's end offsets) and ``dead_letters``
+    (``previous``: the last answer's, whose reasons are kept while their count has not moved)."""
     from kafka import KafkaConsumer, TopicPartition
 
     from service.chunks import offsets_key
@@ -50,9 +54,67 @@ def topic_lag(settings: Settings, r: redis.Redis, *, timeout_ms: int = 5000) -> 
             "partitions": per,
             "lag": sum(p["lag"] for p in per.values()),
             "produced": sum(p["end"] for p in per.values()),
+            "dead_letters": dead_letters(
+                settings, r, consumer, previous=(previous or {}).get("dead_letters"), timeout_ms=timeout_ms
+            ),
         }
     finally:
         consumer.close()
+
+
+def dead_letters(
+    settings: Settings,
+    r: redis.Redis,
+    consumer,
+    *,
+    last: int = 5,
+    previous: dict[str, Any] | None = None,
+    timeout_ms: int = 5000,
+) -> dict[str, Any]:
+    """What ingest refused: ``count`` (messages on the DLQ topic, its retention allowing),
+    ``fallback`` (dead letters kept in Redis because the DLQ took none) and ``last``: the newest
+    ``last`` reasons (``source`` topic/partition/offset, ``error`` code, ``reason``, ``time``), read
+    from the DLQ's headers; ``previous``'s when the count has not moved (no re-read)."""
+    from kafka import TopicPartition
+
+    from service.ingest import dlq_fallback_key
+
+    tps = [
+        TopicPartition(settings.dlq_topic, p)
+        for p in sorted(consumer.partitions_for_topic(settings.dlq_topic) or ())
+    ]
+    ends = consumer.end_offsets(tps) if tps else {}
+    begins = consumer.beginning_offsets(tps) if tps else {}
+    count = sum(ends[tp] - begins[tp] for tp in tps)
+    fallback = int(r.xlen(dlq_fallback_key(settings.topic)))
+    out = {"topic": settings.dlq_topic, "count": count, "fallback": fallback, "last": []}
+    if previous and previous.get("count") == count and previous.get("topic") == settings.dlq_topic:
+        return {**out, "last": previous.get("last", [])}
+    want = {tp: max(begins[tp], ends[tp] - last) for tp in tps if ends[tp] > begins[tp]}
+    if want:
+        consumer.assign(list(want))
+        for tp, offset in want.items():
+            consumer.seek(tp, offset)
+        found: list[dict[str, Any]] = []
+        expected = sum(ends[tp] - o for tp, o in want.items())
+        deadline = time.monotonic() + timeout_ms / 1000
+        while len(found) < expected and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                for rec in records:
+                    if rec.offset >= ends[tp]:
+                        continue
+                    h = {k: v.decode("utf-8", "replace") for k, v in rec.headers or []}
+                    found.append(
+                        {
+                            "source": h.get("ctp-source"),
+                            "error": h.get("ctp-error"),
+                            "reason": h.get("ctp-reason"),
+                            "time": rec.timestamp / 1000 if rec.timestamp and rec.timestamp > 0 else None,
+                        }
+                    )
+        found.sort(key=lambda d: d["time"] or 0, reverse=True)
+        out["last"] = found[:last]
+    return out
 
 
 def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
@@ -94,6 +156,9 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(
             f"topic {ing['topic']}: {ing['produced']} produced, lag {ing['lag']} ({parts or 'no partitions'})"
         )
+        if dl := ing.get("dead_letters"):
+            lines.append(f"dead letters: {_dead_letter_count(dl)} on {dl['topic']}")
+            lines += [f"  {d['source']}: {d['error']}: {d['reason']}" for d in dl["last"]]
     if "chunks" in s:
         c = s["chunks"]
         lines.append(f"chunks: {c['enqueued']} enqueued, {c['pending']} pending, {c['dead']} set aside")
@@ -116,6 +181,9 @@ def status_line(s: dict[str, Any]) -> str:
     parts = []
     if "ingest" in s:
         parts.append(f"{s['ingest']['produced']} produced, lag {s['ingest']['lag']}")
+        if (dl := s["ingest"].get("dead_letters")) and (dl["count"] or dl["fallback"]):
+            why = f" (last: {dl['last'][0]['error']})" if dl["last"] else ""
+            parts.append(f"{_dead_letter_count(dl)} dead letters{why}")
     if "chunks" in s:
         c = s["chunks"]
         parts.append(f"chunks {c['enqueued']} ({c['pending']} pending, {c['dead']} set aside)")
@@ -129,6 +197,10 @@ def status_line(s: dict[str, Any]) -> str:
         parts.append("no model version yet")
     parts += [f"{part} UNAVAILABLE" for part in s["errors"]]
     return " | ".join(parts)
+
+
+def _dead_letter_count(dl: dict[str, Any]) -> str:
+    return f"{dl['count']}" + (f" + {dl['fallback']} kept in Redis" if dl["fallback"] else "")
 
 
 def _headline(name: str, m: dict[str, Any]) -> str:

@@ -175,6 +175,13 @@ function render(s) {
     setText("ingest-rate", isNum(r) ? r.toFixed(r < 10 ? 2 : 0) : "…");
     setText("ingest-lag", count(s.ingest.lag));
     setText("ingest-detail", `${count(s.ingest.produced)} produced on ${s.ingest.topic}`);
+    const dl = s.ingest.dead_letters;
+    if (dl) {
+      setText("dlq-count", count(dl.count + dl.fallback));
+      setText("dlq-detail", `on ${dl.topic}` + (dl.fallback ? ` (${count(dl.fallback)} kept in Redis)` : ""));
+      $("dlq-last").replaceChildren(...dl.last.map((d) =>
+        el("li", { title: d.source ?? "" }, `${d.error ?? "?"}: ${d.reason ?? ""}`)));
+    }
     rates.push(r);
     if (rates.length > 60) rates.shift();
     renderSpark(rates);
