@@ -26,3 +26,14 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    # A chunk of fewer pairs than this trains for proportionally fewer epochs (at least 1), so a
+    # small partial chunk gets the steps per pair of a full one, not ``epochs`` passes over a
+    # handful of pairs; 0: every chunk trains for ``epochs`` (the offline experiments).
+    full_chunk_pairs: int = 0
+
+    def epochs_for(self, pairs: int) -> int:
+        """The epochs a chunk of ``pairs`` pairs trains for: ``epochs``, scaled down below
+        ``full_chunk_pairs`` (``epochs * pairs / full_chunk_pairs``, rounded, at least 1)."""
+        if self.full_chunk_pairs <= 0 or pairs >= self.full_chunk_pairs:
+            return self.epochs
+        return max(1, round(self.epochs * pairs / self.full_chunk_pairs))

@@ -45,6 +45,7 @@ class ChunkReport:
     admitted: int = 0
     kd_weight: float = 0.0  # the KD weight this chunk trained with (0: no KD)
     memory_share: float | None = None  # memory size / pairs seen before the chunk
+    epochs: int = 0  # the epochs this chunk trained for (TrainConfig.epochs_for its size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -187,7 +188,7 @@ class ContinualLearner:
             replay=replay,
             replay_images=replay_images,
             kd_weight=kd_weight,
-            epochs=cfg.epochs,
+            epochs=cfg.epochs_for(len(texts)),
             batch_size=cfg.batch_size,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
@@ -213,6 +214,7 @@ class ContinualLearner:
         self.chunks_done += 1
         return ChunkReport(
             index=index,
+            epochs=cfg.epochs_for(len(texts)),
             train=result,
             pseudo=pseudo_stats,
             pseudo_seconds=pseudo_seconds,

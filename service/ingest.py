@@ -461,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         dlq_max_bytes=s.dlq_max_message_bytes,
     )
     worker.install_signal_handlers()
+    from service import effective
+
+    effective.record(client, "ingest", s)  # the chunk size status and the dashboard show
     stats = worker.run(burst=args.burst)
     print(dict(stats))
     return 0

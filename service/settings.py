@@ -93,7 +93,12 @@ class Settings(BaseSettings):
         json_schema_extra={"read_by": "ingest, train, api"},
     )
     # chunking
-    chunk_size: int = Field(256, gt=0, description="pairs per chunk", json_schema_extra={"read_by": "ingest"})
+    chunk_size: int = Field(
+        256,
+        gt=0,
+        description="pairs per chunk (the trainer scales a smaller chunk's epochs by its size)",
+        json_schema_extra={"read_by": "ingest, train"},
+    )
     chunk_max_wait_s: float = Field(
         60.0,
         gt=0,
@@ -165,6 +170,15 @@ class Settings(BaseSettings):
     )
     epochs: int = Field(
         20, gt=0, description="epochs over each chunk", json_schema_extra={"read_by": "train"}
+    )
+    epochs_follow_chunk_size: bool = Field(
+        True,
+        description=(
+            "a chunk of fewer than `CTP_CHUNK_SIZE` pairs (a partial chunk) trains for `CTP_EPOCHS` x "
+            "pairs / `CTP_CHUNK_SIZE` epochs, at least 1: the steps per pair of a full chunk; false: "
+            "every chunk gets `CTP_EPOCHS`"
+        ),
+        json_schema_extra={"read_by": "train"},
     )
     batch_size: int = Field(
         64,

@@ -121,6 +121,7 @@ def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
     import redis
 
     from service.chunks import DEAD_CHUNKS, ChunkQueue
+    from service.effective import recorded
     from service.redis_memory import RedisMemory
     from service.registry import Registry
 
@@ -133,8 +134,21 @@ def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
             "enqueued": int(r.xlen(q.stream)),
             "dead": int(r.hlen(DEAD_CHUNKS)),
         }
-        mem = RedisMemory(client=r, max_items=settings.memory_size)
-        out["memory"] = {"items": len(mem), "bytes": mem.nbytes(), "capacity": settings.memory_size}
+        # the running roles' own settings, not this process's defaults (service.effective)
+        out["settings"] = recorded(r)
+        trainer = out["settings"].get("trainer", {})
+        capacity = trainer.get("memory_size", settings.memory_size)
+        mem = RedisMemory(client=r, max_items=capacity)
+        out["memory"] = {
+            "items": len(mem),
+            "bytes": mem.nbytes(),
+            "capacity": capacity,
+            "max_bytes": trainer.get("memory_max_bytes", settings.memory_max_bytes),
+            "policy": trainer.get("memory_policy", settings.memory_policy),
+            "capacity_from": "trainer"
+            if "memory_size" in trainer
+            else "these settings (no trainer recorded)",
+        }
         reg = Registry(r, root=settings.data_dir / "checkpoints", keep=settings.keep_checkpoints)
         out["versions"] = [v.summary() for v in reg.history()]
         out["latest"] = reg.latest_version()
@@ -163,7 +177,14 @@ def format_status(s: dict[str, Any]) -> str:
         c = s["chunks"]
         lines.append(f"chunks: {c['enqueued']} enqueued, {c['pending']} pending, {c['dead']} set aside")
     if "memory" in s:
-        lines.append(f"memory: {s['memory']['items']} pairs, {s['memory']['bytes'] / 1e6:.1f} MB")
+        m = s["memory"]
+        lines.append(
+            f"memory: {m['items']} of {m['capacity']} pairs ({m['policy']}), {m['bytes'] / 1e6:.1f} MB"
+        )
+    for role, rs in (s.get("settings") or {}).items():
+        keys = ("chunk_size", "chunk_max_wait_s") if role == "ingest" else TRAINER_SHOWN
+        shown = ", ".join(f"{k}={rs[k]}" for k in keys if k in rs)
+        lines.append(f"{role} (pid {rs.get('pid')} on {rs.get('host')}): {shown}")
     if "versions" in s:
         lines.append(f"model versions: latest {s['latest']}, {len(s['versions'])} kept")
         for v in s["versions"][-5:]:
@@ -174,6 +195,9 @@ def format_status(s: dict[str, Any]) -> str:
     for part, err in s["errors"].items():
         lines.append(f"{part}: UNAVAILABLE ({err})")
     return "\n".join(lines)
+
+
+TRAINER_SHOWN = ("model", "strategy", "epochs", "epochs_follow_chunk_size", "batch_size", "lr", "memory_size")
 
 
 def status_line(s: dict[str, Any]) -> str:

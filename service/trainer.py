@@ -377,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         strategy=s.strategy,
         generator=args.generator,
         config=TrainConfig(
-            epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, device=device, progress=rank == 0
+            epochs=s.epochs,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            device=device,
+            progress=rank == 0,
+            full_chunk_pairs=s.chunk_size if s.epochs_follow_chunk_size else 0,
         ),
         eval_classification=s.eval_classification_sets(),
         eval_retrieval=s.eval_retrieval_sets(),
@@ -386,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         lease_s=s.trainer_lease_s,
     )
     worker.install_signal_handlers()
+    if rank == 0:  # what status, the API and the dashboard show as the trainer's settings
+        from service import effective
+
+        effective.record(client, "trainer", s, consumer=worker.consumer, generator=args.generator)
     stats = worker.run(burst=args.burst)
     if rank == 0:
         print(stats)
