@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from service.settings import load_settings, stack_record
 
-    settings = load_settings()
-    record = stack_record(settings.data_dir) or {}
-    api = args.api or record.get("api_url", f"http://{settings.api_host}:{settings.api_port}")
-    registry = args.registry or ("api_url" in record and record["api_url"] is None and not args.api)
     deadline = time.monotonic() + args.timeout
     while True:
+        # looked up each time: a `ctp up` still starting writes its record once its servers are up
+        settings = load_settings()
+        record = stack_record(settings.data_dir) or {}
+        api = args.api or record.get("api_url") or f"http://{settings.api_host}:{settings.api_port}"
+        registry = args.registry or ("api_url" in record and record["api_url"] is None and not args.api)
         answered, version, seen = registry_version(settings) if registry else served_version(api.rstrip("/"))
         if answered and (args.version <= 0 or (version is not None and version >= args.version)):
             print(seen, flush=True)

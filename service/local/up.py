@@ -163,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_topics(env["CTP_KAFKA_BOOTSTRAP"], {settings.topic: args.partitions, settings.dlq_topic: 1})
         if args.demo:
+            import contextlib
+
             from ctp.synthetic import make_stream
 
-            stream = make_stream(data_dir / "demo-stream", DEMO_STREAM)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # no progress bars
+                stream = make_stream(data_dir / "demo-stream", DEMO_STREAM)
             env.setdefault("CTP_EVAL_CLASSIFICATION", f"synthetic={stream.classification}")
             env.setdefault("CTP_EVAL_RETRIEVAL", f"synthetic_retrieval={stream.retrieval}")
         logs = data_dir / "logs"
