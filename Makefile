@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+	@echo "ctp is installed in $(BIN): '. $(BIN)/activate' puts it on PATH (or call $(BIN)/ctp)"
 
 # Java, Maven and redis-server from apt when missing, and the Kafka jars from Maven Central
 servers: $(STAMP)

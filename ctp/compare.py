@@ -7,9 +7,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-from ctp.plots import headline_score, plot_accuracy_curves
+# numpy and matplotlib (ctp.plots) are imported where used: `ctp compare --help` stays fast
 
 
 def load_runs(dirs: list[Path]) -> dict[str, list[dict]]:
@@ -30,11 +28,15 @@ def _cell(values: list[float]) -> str:
         return "n/a"
     if len(vals) == 1:
         return f"{100 * vals[0]:.2f}"
+    import numpy as np
+
     return f"{100 * np.mean(vals):.2f} ± {100 * np.std(vals):.2f}"
 
 
 def summary_table(runs: dict[str, list[dict]]) -> str:
     """Markdown table in points (x100): final score, average accuracy, forgetting, BWT."""
+    from ctp.plots import headline_score
+
     names = sorted({n for ms in runs.values() for m in ms for n in m["eval"]})
     lines = []
     for name in names:
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("outs", nargs="+", type=Path, help="experiment output directories")
     p.add_argument("--plot", type=Path, default=Path("compare.png"), help="where to write the plot (PNG)")
     args = p.parse_args(argv)
+    from ctp.plots import plot_accuracy_curves
+
     runs = load_runs(args.outs)
     print(summary_table(runs))
     plot_accuracy_curves(runs, args.plot)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ctp.config import TrainConfig
 from ctp.data import Sample, pair_id
 from ctp.memory import MemoryItem, ReplayMemory
 from ctp.models import ClipBundle
@@ -31,23 +32,6 @@ from ctp.strategies import Strategy
 from ctp.train import ChunkResult, preprocess_images, train_on_chunk
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20  # epochs over each chunk (tiny models from scratch need many)
-    batch_size: int = 64  # pairs per step (new + replayed)
-    lr: float = 2e-3  # peak learning rate (cosine schedule per chunk)
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
-    replay_pool: int = 4096  # memory items snapshotted (and decoded) per chunk for replay
-    pseudo_keep: int = 2  # pseudo texts cached per memory image
-    pseudo_candidates: int = 16  # candidates proposed per image before the guard
-    pseudo_margin: float = 0.05  # guard: keep s(img, cand) < s(img, true) - margin
-    refresh_every: int = 1  # regenerate cached pseudo texts after this many chunks
-    device: str = "cpu"
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -61,6 +45,7 @@ class ChunkReport:
     admitted: int = 0
     kd_weight: float = 0.0  # the KD weight this chunk trained with (0: no KD)
     memory_share: float | None = None  # memory size / pairs seen before the chunk
+    epochs: int = 0  # the epochs this chunk trained for (TrainConfig.epochs_for its size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -203,7 +188,7 @@ class ContinualLearner:
             replay=replay,
             replay_images=replay_images,
             kd_weight=kd_weight,
-            epochs=cfg.epochs,
+            epochs=cfg.epochs_for(len(texts)),
             batch_size=cfg.batch_size,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
@@ -229,6 +214,7 @@ class ContinualLearner:
         self.chunks_done += 1
         return ChunkReport(
             index=index,
+            epochs=cfg.epochs_for(len(texts)),
             train=result,
             pseudo=pseudo_stats,
             pseudo_seconds=pseudo_seconds,

@@ -26,17 +26,12 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
-from ctp.checkpoint import save_checkpoint
-from ctp.continual import ContinualLearner, TrainConfig
+# light imports only: `ctp experiment --help` must not wait for torch (run() imports the rest)
+from ctp.config import GENERATORS, TrainConfig
 from ctp.data import load_classification_set, load_retrieval_set, read_chunk
 from ctp.memory import POLICIES, create_memory
-from ctp.metrics import format_task_matrix
-from ctp.models import DEFAULT_MODEL, create_model
-from ctp.pseudo_texts import GENERATORS, create_generator
+from ctp.presets import DEFAULT_MODEL
 from ctp.strategies import STRATEGIES, get_strategy
-from ctp.tracking import EvalTracker
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-checkpoint", action="store_true", help="do not write the final checkpoint (sweeps)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, required=True)
     return p
@@ -128,6 +123,7 @@ def default_data_dir() -> Path:
 
 def init_distributed(device: str) -> tuple[int, str]:
     """Under ``torchrun`` (WORLD_SIZE > 1): join the process group; returns (rank, device)."""
+    import torch
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -144,6 +140,16 @@ def init_distributed(device: str) -> tuple[int, str]:
 def run(args: argparse.Namespace) -> dict:
     # Every rank runs the same continual loop (same memory decisions, same evaluation); DDP
     # splits each chunk's batches between ranks, and only rank 0 writes files.
+    import torch
+
+    from ctp.checkpoint import save_checkpoint
+    from ctp.continual import ContinualLearner
+    from ctp.models import create_model
+    from ctp.pseudo_texts import create_generator
+    from ctp.tracking import EvalTracker
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     rank, args.device = init_distributed(args.device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -264,6 +270,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def write_report(out: Path, metrics: dict) -> None:
+    from ctp.metrics import format_task_matrix
     from ctp.plots import plot_accuracy_curves, plot_task_matrix
 
     lines = [

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ctp.atomic import atomic_file
-from ctp.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, open_clip_config
 
 HUB_WEIGHTS_NAME = "open_clip_model.safetensors"  # the name hf-hub: loading tries first
 CARD_NAME = "README.md"
@@ -25,6 +24,8 @@ CARD_NAME = "README.md"
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out/`` (created if needed) from the ctp checkpoint directory ``checkpoint``."""
+    from ctp.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, open_clip_config
+
     src, out = Path(checkpoint), Path(out)
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from the checkpoint directory")

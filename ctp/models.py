@@ -22,17 +22,17 @@ import open_clip
 import torch
 from safetensors import safe_open
 
+from ctp.presets import DEFAULT_MODEL, MODEL_CONFIG_DIR, list_presets
+
 logger = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-DEFAULT_MODEL = "ctp-rn-tiny-32"
 # Weights files looked for in a directory given as ``pretrained``, first match wins: open_clip's
 # Hub name (what ``ctp export`` writes), then ctp's checkpoint name.
 WEIGHTS_FILES = ("open_clip_model.safetensors", "model.safetensors")
 
 # Registering once makes the presets visible to open_clip itself, so a ctp checkpoint loads
 # with plain ``open_clip.create_model_and_transforms("ctp-vit-tiny-32", pretrained=path)``
-# after ``import ctp``.
+# after ``import ctp.models``.
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
@@ -50,10 +50,6 @@ class ClipBundle:
     tokenizer: Callable[[list[str]], torch.Tensor]  # texts -> LongTensor [N, context_length]
     name: str  # open_clip model name
     config: dict  # open_clip model config (embed_dim, vision_cfg, text_cfg)
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 
 
 def weights_file(pretrained: str | Path) -> Path:

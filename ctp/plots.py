@@ -32,13 +32,13 @@ def plot_accuracy_curves(runs: dict[str, dict | list[dict]], path: Path) -> Path
             if not curves:
                 continue
             arr = np.array(curves)
-            x = np.arange(arr.shape[1])
+            x = np.arange(1, arr.shape[1] + 1)  # chunks counted from 1, as the dashboard and versions do
             mean = arr.mean(0)
             ax.plot(x, mean, marker="o", label=label)
             if len(curves) > 1:
                 ax.fill_between(x, mean - arr.std(0), mean + arr.std(0), alpha=0.2)
         ax.set_title(name)
-        ax.set_xlabel("after chunk")
+        ax.set_xlabel("after chunk (1 = the first)")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("acc1" if "retrieval" not in name else "mean recall@1")
         ax.set_ylim(0, 1)
@@ -66,6 +66,9 @@ def plot_task_matrix(R: list[list[float | None]], path: Path, *, title: str = ""
                     color="white" if arr[i, j] < 0.5 else "black",
                     fontsize=8,
                 )
+    # chunks numbered from 1 on both axes, as in the accuracy curves and the dashboard
+    ax.set_xticks(range(arr.shape[1]), [str(j + 1) for j in range(arr.shape[1])])
+    ax.set_yticks(range(arr.shape[0]), [str(i + 1) for i in range(arr.shape[0])])
     ax.set_xlabel("classes first seen in chunk j")
     ax.set_ylabel("after chunk i")
     ax.set_title(title, fontsize=9)

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from ctp.config import GENERATORS  # noqa: F401  re-exported: the names, without torch
 from ctp.memory import MemoryItem
 
 logger = logging.getLogger(__name__)
@@ -244,9 +245,6 @@ def create_generator(name: str, **kwargs) -> PseudoTextGenerator:
 
         return CaptionerGenerator(**kwargs)
     raise ValueError(f"unknown pseudo-text generator {name!r}; choose edit, captioner or random")
-
-
-GENERATORS = ("edit", "captioner", "random")
 
 
 @torch.no_grad()

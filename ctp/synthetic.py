@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
 from ctp.data import Sample, write_classification_set, write_retrieval_set, write_shards
 from ctp.images import encode_image
@@ -383,6 +382,8 @@ def generate_pairs(
     rng.shuffle(order)
     seen: set[bytes] = set()
     samples: list[Sample] = []
+    from tqdm.auto import tqdm  # here, not at import: `ctp data --help` stays fast
+
     for i, shape in enumerate(tqdm(order, desc=progress or "synthetic pairs", disable=len(order) < 300)):
         attrs = _sample_attrs(shape, rng)
         while True:

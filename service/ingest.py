@@ -439,15 +439,10 @@ class _Rebalance(ConsumerRebalanceListener):
 
 def main(argv: list[str] | None = None) -> int:
     """``ctp ingest [--burst]``: run the ingest worker with the CTP_ settings."""
-    import argparse
-
+    from service.cli import ingest_parser
     from service.settings import load_settings
 
-    p = argparse.ArgumentParser(
-        prog="ctp ingest", description="Kafka pairs -> validated chunks -> chunk queue"
-    )
-    p.add_argument("--burst", action="store_true", help="stop once the topic is drained")
-    args = p.parse_args(argv)
+    args = ingest_parser().parse_args(argv)
     s = load_settings()
     client = redis.Redis.from_url(s.redis_url)
     worker = IngestWorker(
@@ -466,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         dlq_max_bytes=s.dlq_max_message_bytes,
     )
     worker.install_signal_handlers()
+    from service import effective
+
+    effective.record(client, "ingest", s)  # the chunk size status and the dashboard show
     stats = worker.run(burst=args.burst)
     print(dict(stats))
     return 0

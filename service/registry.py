@@ -20,12 +20,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-import torch
 
-from ctp.checkpoint import save_checkpoint
+if TYPE_CHECKING:  # torch only where a version is written: readers (ctp status) import no torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class Registry:
         trainer's lease), checked under WATCH in the same transaction; else ``FencedOut``
         and nothing is registered (a trainer that lost its lease cannot fork the lineage).
         """
+        from ctp.checkpoint import save_checkpoint
+
         version = int(self.r.incr(f"{self.prefix}:next"))
         path = save_checkpoint(self.root / f"v{version:06d}", model, {**meta, "version": version})
         created = time.time()

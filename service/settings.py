@@ -2,17 +2,24 @@
 
 ``load_settings()`` turns a validation error into ``SettingsError`` whose message names the
 environment variable, so a bad deployment fails at start with something an operator can fix.
+
+It also finds a running ``ctp up``: the stack records where its servers are in
+``DATA_DIR/up.json`` (``STACK_FILE``), and while that ``ctp up`` lives, ``CTP_KAFKA_BOOTSTRAP`` and
+``CTP_REDIS_URL`` default to what it recorded (a variable that is set still wins). So ``ctp
+status``, ``ctp produce`` or ``ctp wait`` in another terminal need no variables.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ctp.models import DEFAULT_MODEL
+from ctp.presets import DEFAULT_MODEL
 from ctp.strategies import STRATEGIES
 from service.messages import Limits
 
@@ -86,7 +93,12 @@ class Settings(BaseSettings):
         json_schema_extra={"read_by": "ingest, train, api"},
     )
     # chunking
-    chunk_size: int = Field(256, gt=0, description="pairs per chunk", json_schema_extra={"read_by": "ingest"})
+    chunk_size: int = Field(
+        256,
+        gt=0,
+        description="pairs per chunk (the trainer scales a smaller chunk's epochs by its size)",
+        json_schema_extra={"read_by": "ingest, train"},
+    )
     chunk_max_wait_s: float = Field(
         60.0,
         gt=0,
@@ -158,6 +170,15 @@ class Settings(BaseSettings):
     )
     epochs: int = Field(
         20, gt=0, description="epochs over each chunk", json_schema_extra={"read_by": "train"}
+    )
+    epochs_follow_chunk_size: bool = Field(
+        True,
+        description=(
+            "a chunk of fewer than `CTP_CHUNK_SIZE` pairs (a partial chunk) trains for `CTP_EPOCHS` x "
+            "pairs / `CTP_CHUNK_SIZE` epochs, at least 1: the steps per pair of a full chunk; false: "
+            "every chunk gets `CTP_EPOCHS`"
+        ),
+        json_schema_extra={"read_by": "train"},
     )
     batch_size: int = Field(
         64,
@@ -359,10 +380,44 @@ def parse_named_dirs(value: str) -> dict[str, Path]:
     return out
 
 
-def load_settings(**overrides) -> Settings:
-    """Settings from the environment (and ``overrides``); errors name the CTP_ variable."""
+STACK_FILE = "up.json"
+# settings a running `ctp up` records in its data dir: field -> key in STACK_FILE
+STACK_FIELDS = {"kafka_bootstrap": "kafka_bootstrap", "redis_url": "redis_url"}
+
+
+def _alive(pid: int) -> bool:
     try:
-        return Settings(**overrides)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def stack_record(data_dir: str | Path) -> dict | None:
+    """What a running ``ctp up`` recorded in ``data_dir/up.json`` (its servers, its API); None when
+    there is no record or the ``ctp up`` that wrote it is gone."""
+    try:
+        record = json.loads((Path(data_dir) / STACK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = record.get("pid") if isinstance(record, dict) else None
+    return record if isinstance(pid, int) and pid > 0 and _alive(pid) else None
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment (and ``overrides``); errors name the CTP_ variable. Kafka and
+    Redis not set: those of the ``ctp up`` running on the data dir, if one is (``stack_record``)."""
+    try:
+        settings = Settings(**overrides)
+        record = stack_record(settings.data_dir)
+        found = {
+            f: record[k]
+            for f, k in STACK_FIELDS.items()
+            if record and f not in settings.model_fields_set and isinstance(record.get(k), str)
+        }
+        return Settings(**found, **overrides) if found else settings
     except ValidationError as e:
         problems = []
         for err in e.errors():

@@ -20,19 +20,26 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
-from ctp.continual import ContinualLearner, TrainConfig
+from ctp.config import TrainConfig
 from ctp.data import load_classification_set, load_retrieval_set, read_chunk
-from ctp.models import create_model
-from ctp.pseudo_texts import create_generator
 from ctp.strategies import get_strategy
-from ctp.tracking import EvalTracker
 from service.chunks import DEAD_CHUNKS, ChunkQueue, ChunkTask
 from service.redis_memory import RedisMemory
 from service.registry import FencedOut, Registry
 
 logger = logging.getLogger(__name__)
+
+
+class _TorchDistributed:
+    """``torch.distributed``, imported on first use: ``ctp train --help`` waits for no torch."""
+
+    def __getattr__(self, name: str):
+        import torch.distributed
+
+        return getattr(torch.distributed, name)
+
+
+dist = _TorchDistributed()
 
 
 @dataclass
@@ -184,6 +191,11 @@ class TrainerWorker:
 
     def _load(self) -> None:
         """Model, learner and eval curves from the newest checkpoint; else the configured weights."""
+        from ctp.continual import ContinualLearner
+        from ctp.models import create_model
+        from ctp.pseudo_texts import create_generator
+        from ctp.tracking import EvalTracker
+
         latest = self.registry.latest()
         self.loaded_version = latest.version if latest else None
         self.bundle = create_model(
@@ -344,19 +356,13 @@ class TrainerWorker:
 
 def main(argv: list[str] | None = None) -> int:
     """``ctp train [--burst]``: the trainer worker with the CTP_ settings; under torchrun, DDP."""
-    import argparse
-
     import redis
 
     from ctp.experiment import init_distributed
+    from service.cli import train_parser
     from service.settings import load_settings
 
-    p = argparse.ArgumentParser(
-        prog="ctp train", description="chunk queue -> continual training -> checkpoints"
-    )
-    p.add_argument("--burst", action="store_true", help="stop once the chunk queue is empty")
-    p.add_argument("--generator", default="edit", help="pseudo-text generator: edit, captioner or random")
-    args = p.parse_args(argv)
+    args = train_parser().parse_args(argv)
     s = load_settings()
     rank, device = init_distributed(s.device)
     client = redis.Redis.from_url(s.redis_url)
@@ -371,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         strategy=s.strategy,
         generator=args.generator,
         config=TrainConfig(
-            epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, device=device, progress=rank == 0
+            epochs=s.epochs,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            device=device,
+            progress=rank == 0,
+            full_chunk_pairs=s.chunk_size if s.epochs_follow_chunk_size else 0,
         ),
         eval_classification=s.eval_classification_sets(),
         eval_retrieval=s.eval_retrieval_sets(),
@@ -380,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         lease_s=s.trainer_lease_s,
     )
     worker.install_signal_handlers()
+    if rank == 0:  # what status, the API and the dashboard show as the trainer's settings
+        from service import effective
+
+        effective.record(client, "trainer", s, consumer=worker.consumer, generator=args.generator)
     stats = worker.run(burst=args.burst)
     if rank == 0:
         print(stats)

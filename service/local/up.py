@@ -3,13 +3,15 @@
 Starts Kafka (KRaft, single node) and Redis (AOF) under the data dir, unless ``CTP_KAFKA_BOOTSTRAP``
 / ``CTP_REDIS_URL`` are set in the environment (then those are used as they are); creates the
 topics; runs ``ctp ingest``, ``ctp train`` and ``ctp serve`` (when the API is installed) as child
-processes with the same CTP_ settings; prints where everything is and a status line now and
-then. A child that dies is started again (with a growing pause), so one bad moment does not end
+processes with the same CTP_ settings; prints where everything is, and a status line when the
+status changed. A child that dies is started again (with a growing pause), so one bad moment does not end
 the stack. ``--demo`` also streams the synthetic class-incremental data through it, with the
 stream's eval sets measured after every chunk, and settings sized for a CPU.
 
-State survives a restart: ``DATA_DIR/kafka``, ``DATA_DIR/redis`` (AOF), chunks and checkpoints
-stay, and ports are remembered in ``DATA_DIR/up.json``.
+Where the servers and the API are is written to ``DATA_DIR/up.json`` with this process's pid;
+while it runs, every command on the same data dir finds them there (``service.settings.
+load_settings``, ``ctp wait``). State survives a restart: ``DATA_DIR/kafka``, ``DATA_DIR/redis``
+(AOF), chunks and checkpoints stay, and the ports are reused from ``up.json`` when free.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.cli import verbosity
 from service.local.infra import KafkaServer, RedisServer, _parent_death_prefix, free_port, port_open
 
 DEMO_STREAM = "class-incremental-small"
@@ -52,8 +55,9 @@ class Child:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             # SIGTERM to the child if `ctp up` itself dies (even by SIGKILL): no orphaned roles
+            verbose = ["-v"] * verbosity()  # `ctp up -v`: the roles log more too
             self.proc = subprocess.Popen(
-                [*_parent_death_prefix(), sys.executable, "-m", "service.cli", *self.argv],
+                [*_parent_death_prefix(), sys.executable, "-m", "service.cli", *verbose, *self.argv],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -72,20 +76,32 @@ class Child:
 
 
 def _ports(data_dir: Path) -> dict[str, int]:
-    path = data_dir / "up.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    """The ports of the last run where they are free (state and clients stay put), else new ones."""
+    from service.settings import STACK_FILE
+
+    path = data_dir / STACK_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
     ports = {}
     for name in ("kafka", "kafka_controller", "redis"):
         port = saved.get(name)
-        ports[name] = port if port and not port_open(port) else free_port()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ports))
+        ports[name] = port if isinstance(port, int) and not port_open(port) else free_port()
     return ports
 
 
-def main(argv: list[str] | None = None) -> int:
-    from service.settings import load_settings
+def _record(data_dir: Path, record: dict) -> None:
+    """``DATA_DIR/up.json``: the ports (reused next time) and, while this ``ctp up`` runs (``pid``),
+    where its servers and API are: ``load_settings`` and ``ctp wait`` read it."""
+    from ctp.atomic import write_text_atomic
+    from service.settings import STACK_FILE
 
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(data_dir / STACK_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ctp up", description=__doc__.splitlines()[0])
     p.add_argument(
         "--demo", action="store_true", help=f"also stream the synthetic {DEMO_STREAM} data through it"
@@ -93,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=40.0, help="demo: pairs per second")
     p.add_argument("--partitions", type=int, default=2, help="partitions of a new topic")
     p.add_argument("--no-api", action="store_true", help="do not start the API server")
-    p.add_argument("--status-every", type=float, default=15.0, help="seconds between status lines (0: none)")
+    p.add_argument(
+        "--status-every",
+        type=float,
+        default=10.0,
+        help="look at the status this often, in seconds; a line is printed when it changed (0: never)",
+    )
     p.add_argument(
         "--exit-when-done",
         action="store_true",
@@ -102,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.exit_when_done and not args.demo:
         p.error("--exit-when-done needs --demo")
+    # imported after parsing: `ctp up --help` waits for no pydantic
+    from service.settings import STACK_FILE, load_settings, stack_record
 
     env = dict(os.environ)
     if args.demo:
@@ -109,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(**{k[4:].lower(): v for k, v in env.items() if k.startswith("CTP_")})
     data_dir = settings.data_dir.resolve()
     env["CTP_DATA_DIR"] = str(data_dir)
+    if (running := stack_record(data_dir)) is not None:
+        raise SystemExit(f"ctp up: another ctp up (pid {running['pid']}) runs on {data_dir}")
     ports = _ports(data_dir)
+    record: dict = dict(ports)
     servers: list[KafkaServer | RedisServer] = []
     children: list[Child] = []
     stop = False
@@ -137,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_topics(env["CTP_KAFKA_BOOTSTRAP"], {settings.topic: args.partitions, settings.dlq_topic: 1})
         if args.demo:
+            import contextlib
+
             from ctp.synthetic import make_stream
 
-            stream = make_stream(data_dir / "demo-stream", DEMO_STREAM)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # no progress bars
+                stream = make_stream(data_dir / "demo-stream", DEMO_STREAM)
             env.setdefault("CTP_EVAL_CLASSIFICATION", f"synthetic={stream.classification}")
             env.setdefault("CTP_EVAL_RETRIEVAL", f"synthetic_retrieval={stream.retrieval}")
         logs = data_dir / "logs"
@@ -161,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                     once=True,
                 )
             )
+        record.update(
+            pid=os.getpid(),
+            data_dir=str(data_dir),
+            kafka_bootstrap=env["CTP_KAFKA_BOOTSTRAP"],
+            redis_url=env["CTP_REDIS_URL"],
+            api_url=f"http://{env.get('CTP_API_HOST', '127.0.0.1')}:{env['CTP_API_PORT']}" if api else None,
+        )
+        _record(data_dir, record)
         for c in children:
             c.start(env)
         lines = [
@@ -174,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"  api     http://{host}:{port}  (docs at /docs, dashboard at /)")
         lines += [
             f"  logs    {logs}/{{{','.join(c.name for c in children)}}}.log",
-            f"  status  CTP_REDIS_URL={env['CTP_REDIS_URL']} "
-            f"CTP_KAFKA_BOOTSTRAP={env['CTP_KAFKA_BOOTSTRAP']} ctp status",
+            f"  clients ctp status, ctp wait, ctp produce find it all in {data_dir / STACK_FILE}",
+            f"          (from another directory: CTP_DATA_DIR={data_dir})",
             "Ctrl-C stops everything.",
         ]
         print("\n".join(lines), flush=True)
@@ -190,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             c.stop(timeout=30)
         for s in reversed(servers):
             s.stop()
+        if "pid" in record:  # stopped: the ports stay for the next run, the locations go
+            _record(data_dir, {k: record[k] for k in ports})
         for s, h in old.items():
             signal.signal(s, h)
     return 0
@@ -210,9 +249,10 @@ def _supervise(
     *,
     exit_when_done: bool = False,
 ) -> None:
-    from service.status import collect_status, format_status
+    from service.status import collect_status, status_line
 
     last_status = last_check = time.monotonic()
+    shown = None
     while not stopped():
         time.sleep(0.5)
         for s in servers:
@@ -240,12 +280,12 @@ def _supervise(
         if status_every and time.monotonic() - last_status >= status_every:
             last_status = time.monotonic()
             try:
-                print(
-                    "status: " + format_status(collect_status(_settings(env))).replace("\n", "\n  "),
-                    flush=True,
-                )
+                line = status_line(collect_status(_settings(env)))
             except Exception as e:  # status is a convenience: never let it end the stack
-                print(f"ctp up: status unavailable: {e}", flush=True)
+                line = f"unavailable: {e}"
+            if line != shown:  # only what changed: an idle stack prints nothing
+                print(f"status: {line}", flush=True)
+                shown = line
         if exit_when_done and time.monotonic() - last_check >= 2.0:
             last_check = time.monotonic()
             if all(c.done for c in children if c.once) and _all_trained(collect_status(_settings(env))):

@@ -3,10 +3,11 @@
 ``DashboardStatus.gather()`` (blocking; the API runs it in a thread) returns one JSON-able dict:
 everything ``service.status.collect_status`` reports, and
 
-- ``ingest``: topic lag and ``produced`` from Kafka, with ``rate_per_s``: messages produced per
-  second, from successive ``produced`` counts (over the last ``rate_window_s``). Kafka is asked
-  by a background thread, never by the request: an unreachable broker takes kafka-python 30 s to
-  give up, and the page must not wait for that. Until the first answer ``ingest_pending`` is true.
+- ``ingest``: topic lag, ``produced`` and ``dead_letters`` (count, newest reasons) from Kafka, with
+  ``rate_per_s``: messages produced per second, from successive ``produced`` counts (over the
+  last ``rate_window_s``). Kafka is asked by a background thread, never by the request: an
+  unreachable broker takes kafka-python 30 s to give up, and the page must not wait for that.
+  Until the first answer ``ingest_pending`` is true.
 - ``serving``: the version this process serves (null before the first load).
 - ``curves``: per eval set, after each chunk: the headline score (classification ``acc1``,
   retrieval ``mean_recall@1``), average accuracy and forgetting (design.md definitions) from the
@@ -194,7 +195,7 @@ class KafkaLag:
     def _check(self) -> None:
         r = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
         try:
-            lag = topic_lag(self.settings, r, timeout_ms=self.timeout_ms)
+            lag = topic_lag(self.settings, r, timeout_ms=self.timeout_ms, previous=self.ingest)
             now = time.time()
             with self._lock:
                 self.rate.add(now, int(lag["produced"]))

@@ -195,13 +195,17 @@ def stack(tmp_path, redis_server, monkeypatch):
 
     start = time.time()
 
-    def fake_lag(settings, r, *, timeout_ms=5000):
+    def fake_lag(settings, r, *, timeout_ms=5000, previous=None):
         produced = 1000 + int((time.time() - start) * 40)
+        last = [
+            {"source": f"{settings.topic}/0/5", "error": "not_json", "reason": "value is not JSON", "time": 1}
+        ]
         return {
             "topic": settings.topic,
             "partitions": {0: {"end": produced, "chunked": produced - 7, "lag": 7}},
             "lag": 7,
             "produced": produced,
+            "dead_letters": {"topic": settings.dlq_topic, "count": 3, "fallback": 0, "last": last},
         }
 
     monkeypatch.setattr(service.serve.dashboard, "topic_lag", fake_lag)
@@ -265,6 +269,8 @@ def test_dashboard_in_headless_chromium(stack, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "ingest-lag").text == "7")
         wait.until(lambda d: d.find_element(By.ID, "ingest-rate").text not in ("–", "…"))
         assert 20 <= float(driver.find_element(By.ID, "ingest-rate").text) <= 60  # ~40/s
+        assert driver.find_element(By.ID, "dlq-count").text == "3"  # dead letters and the newest reason
+        assert [li.text for li in css("#dlq-last li")] == ["not_json: value is not JSON"]
         assert driver.find_element(By.ID, "errors").get_attribute("hidden") is not None
 
         # try it: classify an uploaded PNG; the list is what POST /classify answers for the same input
@@ -329,7 +335,7 @@ def test_kafka_lag_refresh_runs_in_background(monkeypatch):
     gate = threading.Event()
     calls = []
 
-    def slow_lag(settings, r, *, timeout_ms=5000):
+    def slow_lag(settings, r, *, timeout_ms=5000, previous=None):
         calls.append(time.monotonic())
         gate.wait(10)
         raise ConnectionError("no broker")

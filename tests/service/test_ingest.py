@@ -1,6 +1,7 @@
 """Ingest against a real Kafka broker and a real Redis: chunks, dead letters, duplicates, replays."""
 
 import io
+import json
 import uuid
 
 import pytest
@@ -125,8 +126,9 @@ def test_offsets_in_redis_win_over_kafka_commits(kafka, redis_server, tmp_path):
     assert stats["chunks"] == 0 and stats["valid"] == 0
 
 
-def test_produce_command_feeds_ingest(kafka, redis_server, tmp_path, monkeypatch):
-    """`ctp produce --synthetic tiny` then `ctp ingest --burst`, both through the CLI and CTP_ env."""
+def test_produce_command_feeds_ingest(kafka, redis_server, tmp_path, monkeypatch, capsys):
+    """`ctp produce --synthetic tiny` then `ctp ingest --burst`, both through the CLI and CTP_ env;
+    bad lines refused by produce, then sent anyway and shown by `ctp status` as dead letters."""
     from service.cli import main
 
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
@@ -139,16 +141,33 @@ def test_produce_command_feeds_ingest(kafka, redis_server, tmp_path, monkeypatch
     monkeypatch.setenv("CTP_CHUNK_SIZE", "50")
     assert main(["produce", "--synthetic", "tiny", "--data-dir", str(tmp_path / "syn")]) == 0
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(b'{"text": "no image"}\nnot json\n')
-    assert main(["produce", "--jsonl", str(bad)]) == 0
+    good = encode_message(id="good-1", text="a good pair", image=_png(3))
+    bad.write_bytes(b'{"text": "no image"}\nnot json\n' + good + b"\n")
+    capsys.readouterr()
+    # checked with ingest's rules before sending: the two bad lines are refused and named
+    assert main(["produce", "--jsonl", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "sent 1 of 3 messages" in out and "refused 2 that ingest would dead-letter" in out
+    assert "line 1: schema: image: Field required" in out and "line 2: not_json:" in out
+    assert main(["produce", "--jsonl", str(bad), "--no-validate", "--limit", "2"]) == 0  # sent as they are
     assert main(["ingest", "--burst"]) == 0
     queue = ChunkQueue(redis_server.client())
     ids = []
     while (task := queue.take("t", block_ms=50)) is not None:
         ids += [s.meta["id"] for s in read_chunk(task.path)]
         queue.ack(task)
-    assert len(ids) == len(set(ids)) == 160  # the tiny stream: 2 chunks of 80 pairs
+    assert len(ids) == len(set(ids)) == 161  # the tiny stream (2 chunks of 80 pairs) and good-1
     assert len(_dlq(kafka, topic, 2)) == 2
+    # ctp status shows what ingest refused: the count and the newest reasons
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    dl = json.loads(capsys.readouterr().out)["ingest"]["dead_letters"]
+    assert dl["count"] == 2 and dl["fallback"] == 0 and dl["topic"] == f"{topic}.dlq"
+    assert sorted(d["error"] for d in dl["last"]) == ["not_json", "schema"]
+    assert all(d["source"].startswith(f"{topic}/") and d["reason"] for d in dl["last"])
+    assert main(["status"]) == 0
+    text = capsys.readouterr().out
+    assert f"dead letters: 2 on {topic}.dlq" in text and "not_json: value is not JSON" in text
 
 
 def _hostile() -> dict[str, tuple[bytes, str]]:

@@ -160,7 +160,7 @@ def test_end_to_end_produce_ingest_train_versions(kafka, redis_server, tmp_path)
         text=True,
         timeout=120,
     )
-    assert out.returncode == 0 and "sent 520 messages" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == 0 and "sent 520 of 520 messages" in out.stdout, out.stderr[-2000:]
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", max_request_size=2_000_000)
     for value in BAD_INPUTS.values():
         producer.send(topic, value)

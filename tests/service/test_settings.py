@@ -50,3 +50,41 @@ def test_eval_sets_are_named_dirs(monkeypatch, tmp_path):
     s = load_settings()
     assert s.eval_classification_sets() == {"first": tmp_path / "a", "second": tmp_path / "b"}
     assert s.eval_retrieval_sets() == {}
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_running_ctp_up_is_found_in_the_data_dir(tmp_path, monkeypatch):
+    import json
+    import os
+
+    monkeypatch.delenv("CTP_REDIS_URL", raising=False)
+    monkeypatch.delenv("CTP_KAFKA_BOOTSTRAP", raising=False)
+    monkeypatch.setenv("CTP_DATA_DIR", str(tmp_path))
+    record = {
+        "pid": os.getpid(),
+        "redis_url": "redis://127.0.0.1:41234/0",
+        "kafka_bootstrap": "127.0.0.1:41235",
+    }
+    (tmp_path / "up.json").write_text(json.dumps(record))
+    s = load_settings()
+    assert (s.redis_url, s.kafka_bootstrap) == ("redis://127.0.0.1:41234/0", "127.0.0.1:41235")
+    # a variable that is set wins over the record, and an override over both
+    monkeypatch.setenv("CTP_REDIS_URL", "redis://10.0.0.1:6379/0")
+    s = load_settings()
+    assert (s.redis_url, s.kafka_bootstrap) == ("redis://10.0.0.1:6379/0", "127.0.0.1:41235")
+    assert load_settings(kafka_bootstrap="h:1").kafka_bootstrap == "h:1"
+    # the ctp up that wrote it is gone: the defaults again
+    monkeypatch.delenv("CTP_REDIS_URL")
+    (tmp_path / "up.json").write_text(json.dumps({**record, "pid": _dead_pid()}))
+    s = load_settings()
+    assert (s.redis_url, s.kafka_bootstrap) == ("redis://127.0.0.1:6379/0", "127.0.0.1:9092")
+    (tmp_path / "up.json").write_text("{not json")
+    assert load_settings().redis_url == "redis://127.0.0.1:6379/0"

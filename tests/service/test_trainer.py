@@ -176,3 +176,53 @@ def test_a_publish_without_the_lease_is_refused_and_leaves_nothing(redis_server,
     assert reg.publish(model, {"chunks": 1}, fence=lease.fence).version == 2  # version 1 was burnt
     lease.release()
     assert client.get(TrainerLease.KEY) is None
+
+
+def test_epochs_follow_the_chunk_size():
+    cfg = TrainConfig(epochs=8, full_chunk_pairs=200)
+    assert [cfg.epochs_for(n) for n in (400, 200, 100, 26, 2)] == [8, 8, 4, 1, 1]
+    assert TrainConfig(epochs=8).epochs_for(2) == 8  # 0: every chunk gets the full epochs
+
+
+def test_a_small_partial_chunk_is_not_trained_for_the_full_epochs(redis_server, tmp_path):
+    """A 4-pair chunk after a full 80-pair one: one epoch (one step), not the four a full chunk gets."""
+    from ctp.data import read_chunk
+    from tests.service.api_support import write_chunk
+
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
+    small = write_chunk(tmp_path / "chunks", "p0-80-83", read_chunk(stream.chunks[1])[:4])
+    queue.record_chunk("p0-80-83", small, 4)
+    w = TrainerWorker(
+        queue=ChunkQueue(client),
+        registry=Registry(client, root=tmp_path / "ckpt"),
+        model="ctp-vit-micro-32",
+        memory=RedisMemory(client=client, max_items=30, policy="class_balanced"),
+        strategy="er",
+        config=TrainConfig(epochs=4, batch_size=32, progress=False, full_chunk_pairs=80),
+    )
+    assert w.run(burst=True, block_ms=50).chunks == 2
+    reg = Registry(client, root=tmp_path / "ckpt")
+    full, partial = (reg.get(v).meta["train"] for v in (1, 2))
+    assert full["epochs"] == 4 and full["train"]["steps"] >= 4
+    assert partial["epochs"] == 1 and partial["train"]["steps"] == 1
+
+
+def test_status_shows_the_trainers_recorded_settings_not_its_own(redis_server, tmp_path):
+    from service import effective
+    from service.settings import load_settings
+    from service.status import collect_status, format_status
+
+    client = redis_server.client()
+    mine = load_settings(redis_url=redis_server.url, data_dir=tmp_path)
+    assert (
+        collect_status(mine, kafka=False)["memory"]["capacity"] == mine.memory_size == 2000
+    )  # nothing recorded
+    trainer = load_settings(memory_size=400, epochs=8, chunk_size=200, data_dir=tmp_path)
+    effective.record(client, "trainer", trainer, consumer="trainer-x")
+    effective.record(client, "ingest", trainer)
+    s = collect_status(mine, kafka=False)
+    assert s["memory"]["capacity"] == 400 and s["memory"]["capacity_from"] == "trainer"
+    assert s["settings"]["trainer"]["epochs"] == 8 and s["settings"]["trainer"]["consumer"] == "trainer-x"
+    assert s["settings"]["ingest"]["chunk_size"] == 200
+    text = format_status(s)
+    assert "memory: 0 of 400 pairs" in text and "epochs=8" in text and "chunk_size=200" in text

@@ -149,38 +149,3 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
     app.add_middleware(Instrument, metrics=metrics)  # outermost: sees the 413s too
     return app
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``ctp serve [--host H] [--port P] [--checkpoint-dir DIR]``: the API with the CTP_ settings."""
-    import argparse
-
-    import uvicorn
-
-    p = argparse.ArgumentParser(prog="ctp serve", description="serve the newest model: classify, retrieve")
-    p.add_argument("--host", help="default CTP_API_HOST")
-    p.add_argument("--port", type=int, help="default CTP_API_PORT")
-    p.add_argument(
-        "--checkpoint-dir",
-        help="serve checkpoints from this dir (no Redis); default CTP_SERVE_CHECKPOINT_DIR",
-    )
-    p.add_argument("--log-level", default="info")
-    args = p.parse_args(argv)
-    overrides = {
-        k: v
-        for k, v in (
-            ("api_host", args.host),
-            ("api_port", args.port),
-            ("serve_checkpoint_dir", args.checkpoint_dir),
-        )
-        if v is not None
-    }
-    s = load_settings(**overrides)
-    uvicorn.run(
-        create_app(s),
-        host=s.api_host,
-        port=s.api_port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=10,
-    )
-    return 0

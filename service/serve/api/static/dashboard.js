@@ -36,18 +36,32 @@ function ago(t) {
 
 // ---- charts -----------------------------------------------------------------------------------
 
-// series: [{key, name, cls, points: [[x, y|null], ...], line, dots}]; x from 1 to xMax
-function lineChart({ kind, series, xMax, yMin, yMax, yLabel }) {
+// Evenly spaced round ticks covering [lo, hi]: a step of 1, 2, 2.5 or 5 x 10^k, about n of them.
+function niceTicks(lo, hi, n = 4) {
+  const raw = (hi - lo || 1) / n;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((st) => st >= raw - 1e-12);
+  const start = Math.floor(lo / step + 1e-9) * step, end = Math.ceil(hi / step - 1e-9) * step;
+  const ticks = [];
+  for (let i = 0; start + i * step <= end + step / 1e6; i++) ticks.push(start + i * step);
+  const digits = Math.max(0, -Math.floor(Math.log10(step) + 1e-9) + (step / mag === 2.5 ? 1 : 0));
+  return { ticks, digits, lo: start, hi: end };
+}
+
+// series: [{key, name, cls, points: [[x, y|null], ...], line, dots}]; x from 1 to xMax (chunks
+// counted from 1, as in ctp's plots); y ticks evenly spaced round values
+function lineChart({ kind, series, xMax, yMin: lo, yMax: hi, yLabel }) {
+  const { ticks, digits, lo: yMin, hi: yMax } = niceTicks(lo, hi);
   const W = 320, H = 180, L = 36, R = 10, T = 10, B = 24;
   const sx = (x) => L + (xMax <= 1 ? (W - L - R) / 2 : ((x - 1) / (xMax - 1)) * (W - L - R));
   const sy = (y) => T + (1 - (y - yMin) / (yMax - yMin || 1)) * (H - T - B);
   const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", "data-chart": kind, role: "img",
                               "aria-label": `${yLabel} after each chunk` });
-  for (let i = 0; i <= 4; i++) {
-    const y = yMin + ((yMax - yMin) * i) / 4;
-    svg.append(el("svg:line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: i ? "grid" : "axis" }));
-    svg.append(el("svg:text", { x: L - 4, y: sy(y) + 3, "text-anchor": "end" }, y.toFixed(2)));
-  }
+  ticks.forEach((y, i) => {
+    svg.append(el("svg:line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: i ? "grid" : "axis",
+                                "data-tick": y.toFixed(digits) }));
+    svg.append(el("svg:text", { x: L - 4, y: sy(y) + 3, "text-anchor": "end" }, y.toFixed(digits)));
+  });
   const step = Math.max(1, Math.ceil(xMax / 8));
   for (let x = 1; x <= xMax; x += step) {
     svg.append(el("svg:text", { x: sx(x), y: H - 8, "text-anchor": "middle" }, x));
@@ -109,7 +123,7 @@ function renderCurves(curves, versionMetrics) {
       .map((p) => [p.chunks, p.forgetting, `version ${p.version} (${p.chunks} chunks)`]);
     const ys = [...c.forgetting.filter(isNum), ...fv.map((p) => p[1])];
     const fgt = lineChart({
-      kind: "forgetting", xMax, yMin: Math.min(0, ...ys), yMax: Math.max(0.05, ...ys) * 1.1, yLabel: "forgetting",
+      kind: "forgetting", xMax, yMin: Math.min(0, ...ys), yMax: Math.max(0.05, ...ys), yLabel: "forgetting",
       series: [
         { key: "forgetting", name: "forgetting", cls: "s2", points: at(c.forgetting), line: true, dots: true },
         { key: "version", name: "forgetting", cls: "s3", points: fv, line: false, dots: true },
@@ -175,6 +189,13 @@ function render(s) {
     setText("ingest-rate", isNum(r) ? r.toFixed(r < 10 ? 2 : 0) : "…");
     setText("ingest-lag", count(s.ingest.lag));
     setText("ingest-detail", `${count(s.ingest.produced)} produced on ${s.ingest.topic}`);
+    const dl = s.ingest.dead_letters;
+    if (dl) {
+      setText("dlq-count", count(dl.count + dl.fallback));
+      setText("dlq-detail", `on ${dl.topic}` + (dl.fallback ? ` (${count(dl.fallback)} kept in Redis)` : ""));
+      $("dlq-last").replaceChildren(...dl.last.map((d) =>
+        el("li", { title: d.source ?? "" }, `${d.error ?? "?"}: ${d.reason ?? ""}`)));
+    }
     rates.push(r);
     if (rates.length > 60) rates.shift();
     renderSpark(rates);
