@@ -207,6 +207,7 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
                 cells.append(f"{fmt(m, h)}{tag}, n={n}")
             lines.append(f"| incclip − {other} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _per_seed_lines(runs, stream, labels, ms)
         lines += _ablation_lines(runs, stream, ms)
         compute = _compute_lines(runs, stream, ms)
         lines += compute
@@ -241,6 +242,31 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
     _update_results_md(sweep, accept, out_dir.parent / "results.md", block="acceptance")
     print(f"wrote {path}")
     return path
+
+
+def _per_seed_lines(runs, stream, labels, ms) -> list[str]:
+    """Average accuracy of every cell per seed: the spread the intervals summarise."""
+    seeds = sorted({s for k, v in runs.items() if k[0] == stream for s in v})
+    lines = [
+        "**per seed, average accuracy**",
+        "",
+        "| strategy | memory | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
+    for label in labels:
+        for mem in ms:
+            rs = runs.get((stream, label, mem))
+            if not rs:
+                continue
+            row = [f"{100 * score(rs[s], 'avg'):.1f}" if s in rs else "–" for s in seeds]
+            lines.append(
+                f"| {label} | {'–' if mem == 'nomem' else mem[3:] + ' %'} | " + " | ".join(row) + " |"
+            )
+        rs = runs.get((stream, label, "nomem"))
+        if rs and "nomem" not in ms:
+            row = [f"{100 * score(rs[s], 'avg'):.1f}" if s in rs else "–" for s in seeds]
+            lines.append(f"| {label} | – | " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
 def _ablation_lines(runs, stream, ms) -> list[str]:
