@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,15 +35,33 @@ def stream_kind(name: str) -> str:
     raise SystemExit(f"unknown stream {name!r}; choose from {stream_names()}")
 
 
+@contextmanager
+def stream_lock(data_dir: str | Path):
+    """An exclusive lock on the stream directory ``data_dir`` (a ``.NAME.lock`` file beside it):
+    processes that build the same stream at once (a sweep's parallel cells of one seed) take
+    turns, and the second reuses what the first wrote instead of deleting it mid-write."""
+    import fcntl
+
+    out = Path(data_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def make_named_stream(name: str, data_dir: str | Path, seed: int = 0) -> StreamPaths:
-    """Build (or reuse) the preset ``name`` with ``seed`` under ``data_dir``."""
-    if stream_kind(name) == "emoji":
-        from ctp.emoji import PRESETS, make_emoji_stream
+    """Build (or reuse) the preset ``name`` with ``seed`` under ``data_dir`` (one builder at a time)."""
+    with stream_lock(data_dir):
+        if stream_kind(name) == "emoji":
+            from ctp.emoji import PRESETS, make_emoji_stream
 
-        return make_emoji_stream(data_dir, replace(PRESETS[name], seed=seed))
-    from ctp.synthetic import PRESETS, make_stream
+            return make_emoji_stream(data_dir, replace(PRESETS[name], seed=seed))
+        from ctp.synthetic import PRESETS, make_stream
 
-    return make_stream(data_dir, replace(PRESETS[name], seed=seed))
+        return make_stream(data_dir, replace(PRESETS[name], seed=seed))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -199,3 +199,25 @@ def test_generated_classes_separable_by_nearest_centroid():
         for _ in range(4):
             correct += int(np.argmin(((centroids - fg(c)) ** 2).sum(axis=1)) == i)
     assert correct / (4 * len(classes)) >= 0.95
+
+
+def test_parallel_builders_of_one_stream_take_turns(tmp_path):
+    """A builder of a named stream waits while another holds the stream's lock (a sweep's cells
+    of one seed start together), then reuses or builds the whole stream."""
+    import subprocess
+    import sys
+    import time
+
+    from ctp.streams import stream_lock
+
+    code = (
+        "import sys; from ctp.streams import make_named_stream; "
+        "make_named_stream('tiny', sys.argv[1], seed=3)"
+    )
+    out = tmp_path / "tiny-seed3"
+    with stream_lock(out):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(out)])
+        time.sleep(3)
+        assert proc.poll() is None and not (out / "stream.json").exists()  # waiting for the lock
+    assert proc.wait(timeout=120) == 0
+    assert (out / "stream.json").is_file()
