@@ -168,12 +168,7 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
             ("forgetting", "forgetting"),
             ("retrieval", "retrieval mean recall@1 after the last chunk"),
         ):
-            lines += [
-                f"**{title}**",
-                "",
-                "| strategy | " + " | ".join(_mem_title(runs, stream, m) for m in ms) + " |",
-                "|---|" + "---|" * len(ms),
-            ]
+            lines += _mem_table_head(title, "strategy", runs, stream, ms)
             for label in labels:
                 cells = []
                 for mem in ms:
@@ -185,12 +180,9 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
                     )
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
-        lines += [
-            "**paired differences, average accuracy (same seeds)**",
-            "",
-            "| comparison | " + " | ".join(_mem_title(runs, stream, m) for m in ms) + " |",
-            "|---|" + "---|" * len(ms),
-        ]
+        lines += _mem_table_head(
+            "paired differences, average accuracy (same seeds)", "comparison", runs, stream, ms
+        )
         for other in ("best baseline", *BASELINES, "er_kd", "er_pt", "joint"):
             cells = []
             for mem in ms:
@@ -244,6 +236,16 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
     return path
 
 
+def _mem_table_head(title: str, first: str, runs, stream, ms) -> list[str]:
+    """A bold title and the header of a table with one column per memory size."""
+    return [
+        f"**{title}**",
+        "",
+        f"| {first} | " + " | ".join(_mem_title(runs, stream, m) for m in ms) + " |",
+        "|---|" + "---|" * len(ms),
+    ]
+
+
 def _per_seed_lines(runs, stream, labels, ms) -> list[str]:
     """Average accuracy of every cell per seed: the spread the intervals summarise."""
     seeds = sorted({s for k, v in runs.items() if k[0] == stream for s in v})
@@ -254,7 +256,7 @@ def _per_seed_lines(runs, stream, labels, ms) -> list[str]:
         "|---|---|" + "---|" * len(seeds),
     ]
     for label in labels:
-        for mem in ms:
+        for mem in ms if "nomem" in ms else [*ms, "nomem"]:  # memory-free strategies: once
             rs = runs.get((stream, label, mem))
             if not rs:
                 continue
@@ -262,10 +264,6 @@ def _per_seed_lines(runs, stream, labels, ms) -> list[str]:
             lines.append(
                 f"| {label} | {'–' if mem == 'nomem' else mem[3:] + ' %'} | " + " | ".join(row) + " |"
             )
-        rs = runs.get((stream, label, "nomem"))
-        if rs and "nomem" not in ms:
-            row = [f"{100 * score(rs[s], 'avg'):.1f}" if s in rs else "–" for s in seeds]
-            lines.append(f"| {label} | – | " + " | ".join(row) + " |")
     return [*lines, ""]
 
 
@@ -276,12 +274,13 @@ def _ablation_lines(runs, stream, ms) -> list[str]:
     others = [o for o in ("er_kd", "er_pt") if any(k[:2] == (stream, o) for k in runs)] + others
     if not others or not any(k[:2] == (stream, "incclip") for k in runs):
         return []
-    lines = [
-        "**knobs and parts against incclip's defaults: other − incclip, average accuracy (paired)**",
-        "",
-        "| variant | " + " | ".join(_mem_title(runs, stream, m) for m in ms) + " |",
-        "|---|" + "---|" * len(ms),
-    ]
+    lines = _mem_table_head(
+        "knobs and parts against incclip's defaults: other − incclip, average accuracy (paired)",
+        "variant",
+        runs,
+        stream,
+        ms,
+    )
     for o in others:
         cells = []
         for mem in ms:
