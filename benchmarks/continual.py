@@ -99,7 +99,12 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "random": ("incclip", (), ("--generator", "random")),
     "captioner": ("incclip", (), ("--generator", "captioner")),
     "pt4": ("incclip", ("pseudo_keep=4", "pseudo_per_image=2"), ()),
+    # batch-scope KD combined with the other knobs (the small-memory screen)
+    "batchkd-kd2": ("incclip", ("kd_scope=batch", "kd_weight=2"), ()),
+    "batchkd-wise": ("incclip", ("kd_scope=batch", "merge_alpha=0.8"), ()),
+    "batchkd-fkd": ("incclip", ("kd_scope=batch", "feature_kd_weight=1"), ()),
 }
+ABLATION_SHARES = (0.01, 0.03)  # the operating point: the memory holds a few % of the stream
 
 
 # CPU-sized streams (5 and 4 chunks, ~1,400 pairs) and the longer ones (8 chunks) for a GPU
@@ -115,7 +120,7 @@ def sweeps() -> dict[str, Sweep]:
             SYNTHETIC,
             val_seeds,
             strategies=(strategy,),
-            shares=(0.03,),
+            shares=ABLATION_SHARES,
             variant=variant,
             sets=sets,
             extra=extra,
@@ -212,10 +217,22 @@ def command(cell: Cell, *, memory_size: int, out: Path, data_dir: Path, bases: P
     return cmd
 
 
+def expected_strategy(cell: Cell) -> dict:
+    """The strategy config a run of ``cell`` records today: the strategy's defaults plus its sets."""
+    from dataclasses import asdict
+
+    from ctp.experiment import split_overrides
+    from ctp.strategies import get_strategy
+
+    return asdict(get_strategy(cell.strategy, **split_overrides(list(cell.sets))[0]))
+
+
 def is_done(cell: Cell, sweep: str) -> bool:
-    """The cell's result file exists and was made under today's budget (``COMMON``)."""
+    """The cell's result file exists and was made under today's budget (``COMMON``) and with
+    today's strategy defaults (a changed default reruns that strategy's cells)."""
     try:
-        return json.loads(cell.path(sweep).read_text())["cell"]["common"] == COMMON
+        data = json.loads(cell.path(sweep).read_text())
+        return data["cell"]["common"] == COMMON and data["strategy_config"] == expected_strategy(cell)
     except (OSError, ValueError, KeyError):
         return False
 
