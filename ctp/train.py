@@ -112,7 +112,10 @@ def train_on_chunk(
     use_kd = strategy.distill and teacher is not None and kd_weight > 0  # no teacher: nothing to keep
     use_fkd = strategy.feature_kd_weight > 0 and teacher is not None and use_replay
     tokens = tokenizer(list(texts))  # [N, L]
-    n_rep = round(batch_size * strategy.replay_fraction) if use_replay else 0
+    # Replayed rows are drawn without replacement: a pair twice in one batch is its own false
+    # negative (two identical columns), so a memory smaller than the replay share of the batch
+    # gives the batch all of its pairs once and the rest of the batch to new pairs.
+    n_rep = min(round(batch_size * strategy.replay_fraction), len(replay)) if use_replay else 0
     n_new = batch_size - n_rep
     if use_replay:
         if replay_images is None or len(replay_images) != len(replay):
@@ -168,7 +171,7 @@ def train_on_chunk(
             batch_img, batch_tok = images[idx], tokens[idx]
             neg_tok, neg_owner = [], []
             if use_replay:
-                ridx = torch.tensor([rep_rng.randrange(len(replay)) for _ in range(n_rep)])
+                ridx = torch.tensor(rep_rng.sample(range(len(replay)), n_rep))
                 batch_img = torch.cat([batch_img, replay_images[ridx]])
                 batch_tok = torch.cat([batch_tok, rep_tokens[ridx]])
                 for row, r in enumerate(ridx.tolist()):  # pseudo-text negatives of replayed images

@@ -93,6 +93,28 @@ def test_replay_kd_and_pseudo_negatives_enter_the_step(tiny_chunks):
     assert er.negatives_per_step == 0 and er.loss_kd == 0
 
 
+def test_a_small_memory_is_replayed_once_per_batch_and_new_pairs_fill_the_rest(tiny_chunks):
+    bundle = create_model("ctp-vit-micro-32", seed=0)
+    images, texts = _inputs(tiny_chunks[1], bundle)
+    replay = memory_items_from(tiny_chunks[0][:5], chunk=0, chunk_id="c0")  # 5 < half of 32
+    rimg = preprocess_images([it.image for it in replay], [it.key for it in replay], bundle.preprocess_val)
+    res = train_on_chunk(
+        bundle.model,
+        images=images,
+        texts=texts,
+        tokenizer=bundle.tokenizer,
+        strategy=get_strategy("er"),
+        replay=replay,
+        replay_images=rimg,
+        epochs=1,
+        batch_size=32,
+        progress=False,
+    )
+    # 5 replayed rows (each memory pair once, no duplicate columns) + 27 new pairs per step
+    assert res.steps == 3  # ceil(80 / 27)
+    assert res.pairs == 80 + 3 * 5  # every new pair once, 5 replayed rows per step
+
+
 def test_replay_needs_images(tiny_chunks):
     bundle = create_model("ctp-vit-micro-32", seed=0)
     images, texts = _inputs(tiny_chunks[0], bundle)
