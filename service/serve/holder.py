@@ -61,7 +61,7 @@ class ModelHolder:
         device: str | torch.device = "cpu",
         chunks_root: str | Path | None = None,
         gallery_dirs: Sequence[str | Path] = (),
-        gallery_max_items: int = 1_000_000,
+        gallery_max_pairs: int = 1_000_000,
         ann_threshold: int = 200_000,
         interval_s: float = 2.0,
         max_image_pixels: int = 16_000_000,
@@ -73,7 +73,7 @@ class ModelHolder:
         self.device = torch.device(device)
         self.chunks_root = Path(chunks_root) if chunks_root is not None else None
         self.fixed_dirs = [Path(d) for d in gallery_dirs]
-        self.gallery_max_items = gallery_max_items
+        self.gallery_max_pairs = gallery_max_pairs
         self.ann_threshold = ann_threshold
         self.interval_s = interval_s
         self.max_image_pixels = max_image_pixels
@@ -218,7 +218,7 @@ class ModelHolder:
             snap,
             index,
             dirs,
-            max_items=self.gallery_max_items,
+            max_items=self.gallery_max_pairs,
             batch_size=self.embed_batch_size,
             max_image_pixels=self.max_image_pixels,
             max_image_bytes=self.max_image_bytes,
