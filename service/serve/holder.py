@@ -49,9 +49,10 @@ class ModelHolder:
     """Owns the served ``snapshot`` and the watcher thread that replaces it.
 
     ``snapshot`` is None until the first version loads (``/readyz`` answers 503 until then).
-    Gallery: every chunk directory under ``chunks_root`` (dot-dirs are a store's temp dirs and
-    are skipped) and every dir of ``gallery_dirs``, read with ``ctp.data.iter_chunk``; an image
-    that does not decode within the limits is left out.
+    Gallery: every dir of ``gallery_dirs`` and every chunk directory under ``chunks_root``
+    (dot-dirs are a store's temp dirs and are skipped), read with ``ctp.data.iter_chunk``, the
+    newest ``gallery_max_pairs`` pairs kept; an image that does not decode within the limits is
+    left out.
     """
 
     def __init__(
@@ -200,13 +201,18 @@ class ModelHolder:
         return gallery_dirs(self.fixed_dirs, self.chunks_root)
 
     def _grow_gallery(self) -> None:
+        """Embed chunk dirs that appeared; the index keeps the newest ``gallery_max_pairs`` pairs.
+        Dirs gone from disk (chunk retention) are forgotten here; their rows leave the index as
+        newer ones push them out, or at the next version's load."""
         known = set(self._known_dirs)
-        new = [d for d in self.gallery_dirs() if d not in known]
+        current = self.gallery_dirs()
+        new = [d for d in current if d not in known]
+        self._known_dirs = [d for d in current if d in known]
         snap = self.snapshot
         if not new or snap is None:
             return
         index = self._embed_dirs(snap, snap.index, new)
-        self._known_dirs = self._known_dirs + new
+        self._known_dirs += new
         if self.snapshot is snap:  # only this thread swaps, so this always holds; kept as a guard
             self.snapshot = replace(snap, index=index)
             logger.info("gallery +%d dirs -> %d items (version %s)", len(new), len(index), snap.version)
