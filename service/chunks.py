@@ -25,9 +25,9 @@ Everything it keeps is bounded, O(1) per chunk:
 - **Markers** (a chunk is queued once per id) get a TTL of ``marker_ttl_s`` when acked.
 - **Dead chunks**: the hash ``DEAD_CHUNKS`` (chunk id -> reason) holds the newest
   ``DEAD_CHUNKS_MAX``; ``DEAD_ORDER`` (sorted set, burial time) says which are oldest.
-- **Trained chunks** on disk: ``ack`` pushes the chunk on ``TRAINED`` (newest first);
-  ``retire_trained(keep)`` deletes the directories of all but the newest ``keep``. Chunks not yet
-  acked, and dead ones, are never on that list, so never deleted.
+- **Trained chunks** on disk: ``ack`` pushes the chunk on ``TRAINED`` (newest first, at most
+  ``TRAINED_MAX``); ``retire_trained(keep)`` deletes the directories of all but the newest
+  ``keep``. Chunks not yet acked, and dead ones, are never on that list, so never deleted.
 
 Dropping a resend is checked before the pairs are buffered (``seen``, read only) and the ids are
 recorded in the one script that records the chunk: a crash in between records nothing, the
@@ -57,6 +57,7 @@ DEAD_CHUNKS = "ctp:chunks:dead"  # hash: chunk id -> reason, chunks the trainer 
 DEAD_ORDER = "ctp:chunks:dead:order"  # sorted set: dead chunk id -> burial time (oldest trimmed first)
 DEAD_CHUNKS_MAX = 10_000  # dead chunks remembered
 TRAINED = "ctp:chunks:trained"  # list of "chunk id\tpath", newest first: trained chunks still on disk
+TRAINED_MAX = 100_000  # the list's cap (retention off: the newest ones, for turning it on later)
 DEDUP_BUCKETS = 8  # the dedup window is split into this many expiring buckets
 DEFAULT_DEDUP_WINDOW_S = 7 * 24 * 3600.0
 KEEP_ACKED = 1000  # acked stream entries kept for inspection
@@ -334,6 +335,7 @@ class ChunkQueue:
         with self.r.pipeline() as pipe:
             pipe.xack(self.stream, self.group, task.message_id)
             pipe.lpush(TRAINED, f"{task.chunk_id}\t{task.path}")
+            pipe.ltrim(TRAINED, 0, TRAINED_MAX - 1)
             pipe.pexpire(self._marker(task.chunk_id), self.marker_ttl_ms)
             pipe.execute()
         self.trim()

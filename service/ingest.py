@@ -4,8 +4,7 @@ Per assigned partition the worker buffers validated pairs and cuts a chunk when 
 ``chunk_size`` pairs or its first message waited ``chunk_max_wait_s``. A cut chunk is written
 durably (``ChunkStore``) by a writer thread while consuming goes on, then recorded all at once
 by ``ChunkQueue.record_chunk`` (one Redis script): the chunk on the queue, the next offset to
-read for the partition, and the pair ids (for dropping a resend within the dedup window,
-``service.chunks``). Only then are the Kafka
+read for the partition, and the pair ids (to drop resends: ``service.chunks``). Only then are the Kafka
 offsets committed (by the consumer's thread; before a rebalance gives partitions away, every cut
 is recorded first). The offsets kept in Redis are the source of truth: on (re)assignment a
 partition is sought to them, so messages after a crash are read again but can never land in a
