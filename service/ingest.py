@@ -4,7 +4,7 @@ Per assigned partition the worker buffers validated pairs and cuts a chunk when 
 ``chunk_size`` pairs or its first message waited ``chunk_max_wait_s``. A cut chunk is written
 durably (``ChunkStore``) by a writer thread while consuming goes on, then recorded all at once
 by ``ChunkQueue.record_chunk`` (one Redis script): the chunk on the queue, the next offset to
-read for the partition, and the pair ids (for dropping duplicates). Only then are the Kafka
+read for the partition, and the pair ids (to drop resends: ``service.chunks``). Only then are the Kafka
 offsets committed (by the consumer's thread; before a rebalance gives partitions away, every cut
 is recorded first). The offsets kept in Redis are the source of truth: on (re)assignment a
 partition is sought to them, so messages after a crash are read again but can never land in a
@@ -33,7 +33,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka import errors as Errors
 
 from ctp.data import Sample
-from service.chunks import ChunkQueue, ChunkStore, IngestProgress, chunk_id_for, ids_key, offsets_key
+from service.chunks import ChunkQueue, ChunkStore, IngestProgress, chunk_id_for, offsets_key
 from service.messages import DEFAULT_LIMITS, InvalidMessage, Limits, ValidPair, validate_message
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,6 @@ class IngestWorker:
         self.max_inflight = 2
         self._stop = threading.Event()
         self._offsets_key = offsets_key(topic)
-        self._ids_key = ids_key(topic)
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group,
@@ -204,14 +203,11 @@ class IngestWorker:
         """Validate a poll's records, look their ids up in Redis at once, then buffer them in order."""
         checked = [(rec, self._validate(partition, rec)) for rec in records]
         ids = [pair.id for _, pair in checked if isinstance(pair, ValidPair)]
-        # An id seen before is in Redis (recorded with a chunk: one SMISMEMBER for the batch), in
-        # a chunk being written, in an open buffer, or recorded during this batch.
+        # An id seen before is in Redis (recorded with a chunk within the dedup window: one script
+        # for the batch, ChunkQueue.seen), in a chunk being written, in an open buffer, or recorded
+        # during this batch.
         self._batch_recorded = set()
-        known = (
-            {i for i, hit in zip(ids, self.r.smismember(self._ids_key, ids), strict=True) if hit}
-            if ids
-            else set()
-        )
+        known = {i for i, hit in zip(ids, self.queue.seen(self.topic, ids), strict=True) if hit}
         for rec, pair in checked:
             buf = self.buffers.setdefault(partition, PartitionBuffer())
             buf.note(rec.offset)
@@ -452,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         group=s.consumer_group,
         redis_client=client,
         store=ChunkStore(s.data_dir / "chunks"),
-        queue=ChunkQueue(client),
+        queue=ChunkQueue(client, dedup_window_s=s.dedup_window_s),
         chunk_size=s.chunk_size,
         chunk_max_wait_s=s.chunk_max_wait_s,
         session_timeout_ms=s.kafka_session_timeout_ms,

@@ -6,6 +6,13 @@
 - ``{prefix}:history``: sorted set of live versions (score = version).
 - ``{prefix}:latest``: the newest version: the pollable pointer for watchers.
 - channel ``{prefix}:updates``: the version number is published when it becomes latest.
+- ``{prefix}:eval``: stream, the eval history: one entry per version ever registered (field
+  ``row``, JSON: version, created, chunks, chunk id, strategy, metrics, its row of the task
+  matrix), appended in the registering transaction and never trimmed by retention. It is the one
+  copy of the curves: a version's ``meta`` carries only its own row (``eval``) and the bounded
+  tracker state, so ``meta.json`` and the version hash stay the same size however long the
+  stream runs. ``chunk_ids`` in a meta is the newest ``RECENT_CHUNK_IDS`` (the trainer's check
+  for a chunk published but not acked); the whole lineage is the history's ``chunk_id`` column.
 
 A checkpoint is written whole on disk first (``ctp.checkpoint.save_checkpoint``), then recorded
 in one MULTI/EXEC; a crash in between leaves an unregistered directory, never a registered
@@ -28,6 +35,37 @@ if TYPE_CHECKING:  # torch only where a version is written: readers (ctp status)
     import torch
 
 logger = logging.getLogger(__name__)
+
+
+RECENT_CHUNK_IDS = 32  # chunk ids a version's meta keeps (newest last)
+
+
+def recent_chunk_ids(ids: list[str], new: str) -> list[str]:
+    """``ids`` + ``new``, only the newest ``RECENT_CHUNK_IDS``."""
+    return [*ids, new][-RECENT_CHUNK_IDS:]
+
+
+def eval_fields(evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A version's ``metrics`` (per set: the metrics after its chunk, average accuracy, forgetting,
+    BWT) and ``eval`` (per set: kind, score and its own row) from ``StreamEvalTracker.after_chunk``."""
+    summary = ("avg_accuracy", "forgetting", "bwt")
+    return {
+        "metrics": {n: {**(e["metrics"] or {}), **{k: e[k] for k in summary}} for n, e in evals.items()},
+        "eval": {n: {"kind": e["kind"], "score": e["score"], "row": e["row"]} for n, e in evals.items()},
+    }
+
+
+def eval_row(version: int, meta: dict[str, Any], created: float | None) -> dict[str, Any]:
+    """The version's entry in the eval history (``{prefix}:eval``)."""
+    return {
+        "version": version,
+        "created": created,
+        "chunks": meta.get("chunks"),
+        "chunk_id": meta.get("chunk_id"),
+        "strategy": meta.get("strategy"),
+        "metrics": meta.get("metrics", {}),
+        "eval": meta.get("eval", {}),
+    }
 
 
 class FencedOut(RuntimeError):
@@ -67,6 +105,7 @@ class Registry:
         self.prefix = prefix
         self.keep = keep
         self.channel = f"{prefix}:updates"
+        self.eval_key = f"{prefix}:eval"
 
     def _vkey(self, version: int) -> str:
         return f"{self.prefix}:v:{version}"
@@ -97,6 +136,8 @@ class Registry:
                     mapping={"path": str(path), "meta": json.dumps(meta, default=str), "created": created},
                 )
                 pipe.zadd(f"{self.prefix}:history", {str(version): version})
+                row = eval_row(version, meta, created)
+                pipe.xadd(self.eval_key, {"row": json.dumps(row, default=str)})
                 pipe.set(f"{self.prefix}:latest", version)
                 pipe.publish(self.channel, version)
                 pipe.execute()
@@ -158,6 +199,14 @@ class Registry:
             for v in self.r.zrange(f"{self.prefix}:history", 0, -1)
             if (info := self.get(int(v))) is not None
         ]
+
+    def eval_history(self, *, count: int | None = None) -> list[dict[str, Any]]:
+        """The eval history, oldest first (the newest ``count`` rows when given)."""
+        if count is None:
+            entries = self.r.xrange(self.eval_key)
+        else:
+            entries = self.r.xrevrange(self.eval_key, count=count)[::-1]
+        return [json.loads(fields[b"row"]) for _, fields in entries]
 
     def subscribe(self) -> redis.client.PubSub:
         pubsub = self.r.pubsub(ignore_subscribe_messages=True)

@@ -105,6 +105,15 @@ class Settings(BaseSettings):
         description="a partial chunk is cut this long after its first pair",
         json_schema_extra={"read_by": "ingest"},
     )
+    dedup_window_s: float = Field(
+        604_800.0,
+        gt=0,
+        description=(
+            "a resent pair id is dropped within this window (Redis keeps the ids in 8 expiring "
+            "buckets); a resend older than the window plus 1/8 of it is taken as a new pair and trained"
+        ),
+        json_schema_extra={"read_by": "ingest"},
+    )
     # message limits
     max_message_bytes: int = Field(
         8_000_000,
@@ -195,6 +204,15 @@ class Settings(BaseSettings):
         gt=0,
         description="retention: the newest N versions are kept on disk and in the registry",
         json_schema_extra={"read_by": "train, api"},
+    )
+    chunk_retention: int = Field(
+        0,
+        ge=0,
+        description=(
+            "retention: the trainer keeps the newest N trained chunk dirs (0: all); untrained and dead "
+            "chunks are never deleted, and every chunk is kept while the strategy is `joint`"
+        ),
+        json_schema_extra={"read_by": "train"},
     )
     trainer_name: str | None = Field(
         None,
@@ -302,10 +320,13 @@ class Settings(BaseSettings):
         description='extra WebDataset shard dirs in the retrieval gallery, JSON list: `["/data/g1"]`',
         json_schema_extra={"read_by": "api"},
     )
-    gallery_max_items: int = Field(
+    gallery_max_pairs: int = Field(
         1_000_000,
         gt=0,
-        description="the retrieval gallery stops growing past this",
+        description=(
+            "the retrieval gallery holds the newest N pairs of the chunk dirs (after the "
+            "`CTP_GALLERY_SHARDS`); older ones leave it as new chunks arrive"
+        ),
         json_schema_extra={"read_by": "api"},
     )
     cors_origins: list[str] = Field(

@@ -131,7 +131,7 @@ def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
         q = ChunkQueue(r)
         out["chunks"] = {
             "pending": q.pending(),
-            "enqueued": int(r.xlen(q.stream)),
+            "enqueued": q.enqueued(),
             "dead": int(r.hlen(DEAD_CHUNKS)),
         }
         # the running roles' own settings, not this process's defaults (service.effective)

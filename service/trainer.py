@@ -5,6 +5,11 @@ the model before the chunk), publish the checkpoint (written atomically, then re
 announced), then XACK. A crash anywhere before the ack leaves the last good checkpoint and the
 chunk pending, so it is trained again on top of that checkpoint. A chunk whose id is already in
 the latest checkpoint's ``chunk_ids`` was published before the ack was lost: it is acked only.
+
+What a version carries stays the same size however long the stream runs (``service.registry``):
+the newest chunk ids, its own eval row and the bounded ``StreamEvalTracker`` state; the curves
+are the registry's eval history. With ``chunk_retention`` the directories of all but the newest
+N trained chunks are deleted after each ack (never while the strategy is ``joint``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ctp.data import load_classification_set, load_retrieval_set, read_chunk
 from ctp.strategies import get_strategy
 from service.chunks import DEAD_CHUNKS, ChunkQueue, ChunkTask
 from service.redis_memory import RedisMemory
-from service.registry import FencedOut, Registry
+from service.registry import FencedOut, Registry, eval_fields, recent_chunk_ids
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +171,7 @@ class TrainerWorker:
         lease_s: float = 30.0,
         eval_classification: dict[str, Path] | None = None,
         eval_retrieval: dict[str, Path] | None = None,
+        chunk_retention: int = 0,
     ):
         self.queue, self.registry = queue, registry
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -177,6 +183,7 @@ class TrainerWorker:
         # A stable name: a restarted worker first takes the chunks it held when it died.
         self.consumer = consumer or f"trainer-{socket.gethostname()}"
         self.claim_idle_ms, self.max_attempts = claim_idle_ms, max_attempts
+        self.chunk_retention = chunk_retention
         self.stats = TrainerStats()
         self._failures: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -194,7 +201,7 @@ class TrainerWorker:
         from ctp.continual import ContinualLearner
         from ctp.models import create_model
         from ctp.pseudo_texts import create_generator
-        from ctp.tracking import EvalTracker
+        from ctp.tracking import StreamEvalTracker
 
         latest = self.registry.latest()
         self.loaded_version = latest.version if latest else None
@@ -205,15 +212,16 @@ class TrainerWorker:
             seed=self.config.seed,
         )
         meta = latest.meta if latest else {}
-        self.trained_ids: list[str] = list(meta.get("chunk_ids", []))
-        self.tracker = EvalTracker(*self._eval_sets, state=meta.get("eval_state"))
+        self.trained_ids: list[str] = list(meta.get("chunk_ids", []))  # the newest ones
+        self.chunks_done = int(meta.get("chunks", len(self.trained_ids)))
+        self.tracker = StreamEvalTracker(*self._eval_sets, state=meta.get("eval_state"))
         self.learner = ContinualLearner(
             bundle=self.bundle,
             strategy=self.strategy,
             memory=self.memory,
             generator=create_generator(self.generator_name) if self.strategy.pseudo_texts else None,
             config=self.config,
-            chunks_done=len(self.trained_ids),
+            chunks_done=self.chunks_done,
             pretrained=bool(self.pretrained) or latest is not None,
         )
 
@@ -281,6 +289,7 @@ class TrainerWorker:
                 logger.info("chunk %s is in the latest checkpoint already; acking", task.chunk_id)
                 if self.rank == 0:
                     self.queue.ack(task)
+                    self._retire_chunks()
                 self.stats.skipped += 1
                 continue
             try:
@@ -298,15 +307,17 @@ class TrainerWorker:
         if not samples:
             raise ValueError(f"chunk {task.chunk_id} at {task.path} holds no pairs")
         report = self.learner.learn_chunk(samples, chunk_id=task.chunk_id)
+        chunk_ids = recent_chunk_ids(self.trained_ids, task.chunk_id)
         if self.rank != 0:
-            self.trained_ids.append(task.chunk_id)
+            self.trained_ids, self.chunks_done = chunk_ids, self.chunks_done + 1
             return
         meta = {
             "model": self.model_name,
             "config": self.bundle.config,
             "strategy": self.strategy.name,
-            "chunks": len(self.trained_ids) + 1,
-            "chunk_ids": [*self.trained_ids, task.chunk_id],
+            "chunks": self.chunks_done + 1,
+            "chunk_id": task.chunk_id,
+            "chunk_ids": chunk_ids,
             "pairs": len(samples),
             "train": report.to_dict(),
         }
@@ -314,20 +325,13 @@ class TrainerWorker:
             evals = self.tracker.after_chunk(
                 self.bundle, [s.label for s in samples], device=self.config.device
             )
-            meta["metrics"] = {
-                n: {
-                    **(e["final"] or {}),
-                    "avg_accuracy": e["avg_accuracy"],
-                    "forgetting": e["forgetting"],
-                    "bwt": e["bwt"],
-                }
-                for n, e in evals.items()
-            }
+            meta |= eval_fields(evals)
             meta["eval_state"] = self.tracker.state()
         meta["seconds"] = time.perf_counter() - t0
         info = self.registry.publish(self.bundle.model, meta, fence=self.lease.fence)
-        self.trained_ids.append(task.chunk_id)
+        self.trained_ids, self.chunks_done = chunk_ids, self.chunks_done + 1
         self.queue.ack(task)
+        self._retire_chunks()
         self.stats.chunks += 1
         self.stats.last_version = info.version
         logger.info(
@@ -337,6 +341,16 @@ class TrainerWorker:
             len(samples),
             time.perf_counter() - t0,
         )
+
+    def _retire_chunks(self) -> None:
+        """Chunk retention after an ack: never for ``joint`` (it trains on every chunk so far); a
+        failure is logged, not counted against the chunk (it is acked already)."""
+        if self.chunk_retention <= 0 or self.strategy.joint:
+            return
+        try:
+            self.queue.retire_trained(self.chunk_retention)
+        except Exception as e:
+            logger.warning("chunk retention failed (tried again after the next chunk): %s", e)
 
     def _failed(self, task: ChunkTask, err: Exception) -> None:
         self._failures[task.chunk_id] += 1
@@ -389,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         consumer=s.trainer_name,
         claim_idle_ms=int(s.claim_idle_s * 1000),
         lease_s=s.trainer_lease_s,
+        chunk_retention=s.chunk_retention,
     )
     worker.install_signal_handlers()
     if rank == 0:  # what status, the API and the dashboard show as the trainer's settings

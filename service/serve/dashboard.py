@@ -10,8 +10,11 @@ everything ``service.status.collect_status`` reports, and
   Until the first answer ``ingest_pending`` is true.
 - ``serving``: the version this process serves (null before the first load).
 - ``curves``: per eval set, after each chunk: the headline score (classification ``acc1``,
-  retrieval ``mean_recall@1``), average accuracy and forgetting (design.md definitions) from the
-  task matrix in the newest version's ``eval_state`` (ctp.tracking format).
+  retrieval ``mean_recall@1``), average accuracy and forgetting (design.md definitions), and
+  ``chunk``, the chunk count each point is after. They come from the registry's eval history
+  (``Registry.eval_history``, one row per version, the newest ``CURVE_POINTS``), read again only
+  when the latest version changed; without a registry (or before any row), from the versions
+  listed (each carries its own metrics).
 - ``version_metrics``: per eval set, one point per registry version: its chunks, score,
   forgetting and average accuracy from the version's ``metrics``.
 
@@ -25,12 +28,10 @@ import math
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from ctp.checkpoint import load_meta
 from service.registry import Registry
 from service.serve.holder import ModelHolder
 from service.serve.sources import DirectorySource
@@ -57,60 +58,32 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def task_matrix(result: dict[str, Any], labelled: bool) -> list[list[float | None]]:
-    """The R of one eval set's state, as ``EvalTracker.summary`` builds it (unlabelled stream or
-    retrieval set: one column, the whole set's score)."""
-    rows = [[_num(v) for v in row] for row in result.get("rows") or []]
-    if result.get("kind") == "classification" and not labelled:
-        after = result.get("after_chunk") or []
-        return [
-            [_num(m.get("acc1")) if isinstance(m, dict) else None] + [None] * (len(row) - 1)
-            for m, row in zip(after, rows, strict=False)
-        ]
-    return rows
+CURVE_POINTS = 1000  # newest history rows the curves show: the page and the API stay bounded
 
 
-def matrix_curves(R: list[list[float | None]]) -> tuple[list[float | None], list[float]]:
-    """Average accuracy and forgetting after each chunk T of ``R`` (ctp.metrics definitions), in
-    O(cells): the max over earlier rows is kept per column as T advances."""
-    avg: list[float | None] = []
-    forget: list[float] = []
-    best: dict[int, float] = {}  # column j -> max over rows i < T of R[i][j]
-    for T, row in enumerate(R):
-        seen = [row[j] for j in range(min(T + 1, len(row))) if row[j] is not None]
-        avg.append(sum(seen) / len(seen) if seen else None)
-        terms = [best[j] - row[j] for j in range(min(T, len(row))) if row[j] is not None and j in best]
-        forget.append(sum(terms) / len(terms) if terms else 0.0)
-        for j, v in enumerate(row):
-            if v is not None:
-                best[j] = max(best.get(j, v), v)
-    return avg, forget
-
-
-def eval_curves(meta: dict[str, Any] | None) -> dict[str, Any]:
-    """Per eval set of ``meta["eval_state"]``: score, average accuracy, forgetting after each chunk."""
-    state = (meta or {}).get("eval_state") or {}
-    labelled = any(state.get("chunk_labels") or [])
-    sets = {}
-    for name, result in (state.get("results") or {}).items():
-        if not isinstance(result, dict):
-            continue
-        kind = result.get("kind", "classification")
-        key = SCORE.get(kind, "acc1")
-        after = result.get("after_chunk") or []
-        score = [_num(m.get(key)) if isinstance(m, dict) else None for m in after]
-        avg, forget = matrix_curves(task_matrix(result, labelled))
-        measured = [m is not None for m in after]
-        sets[name] = {
-            "kind": kind,
-            "score": key,
-            "after_chunk": score,
-            "avg_accuracy": [a if ok else None for a, ok in zip(avg, measured, strict=False)],
-            "forgetting": [f if ok else None for f, ok in zip(forget, measured, strict=False)],
-        }
+def eval_curves(rows: list[dict[str, Any]], *, version: Any = None) -> dict[str, Any]:
+    """Per eval set, one point per row (a version: the metrics after its chunk, ``eval_row``
+    format, or a version summary): score, average accuracy, forgetting; ``None`` where a set
+    was not measured."""
+    rows = [r for r in rows if isinstance(r, dict)][-CURVE_POINTS:]
+    sets: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for name, m in (row.get("metrics") or {}).items():
+            if not isinstance(m, dict) or name in sets:
+                continue
+            kind = "classification" if "acc1" in m else "retrieval"
+            sets[name] = {"kind": kind, "score": SCORE[kind]}
+    chunks = [r.get("chunks") if isinstance(r.get("chunks"), int) else i + 1 for i, r in enumerate(rows)]
+    for name, c in sets.items():
+        metrics = [(row.get("metrics") or {}).get(name) for row in rows]
+        metrics = [m if isinstance(m, dict) else {} for m in metrics]
+        c["chunk"] = chunks
+        c["after_chunk"] = [_num(m.get(c["score"])) for m in metrics]
+        c["avg_accuracy"] = [_num(m.get("avg_accuracy")) for m in metrics]
+        c["forgetting"] = [_num(m.get("forgetting")) for m in metrics]
     return {
-        "version": (meta or {}).get("version"),
-        "chunks": len(state.get("chunk_labels") or []),
+        "version": version if version is not None else (rows[-1].get("version") if rows else None),
+        "chunks": chunks[-1] if chunks else 0,
         "sets": sets,
     }
 
@@ -215,7 +188,7 @@ class DashboardStatus:
         self.holder = holder
         self.kafka = kafka if kafka is not None else KafkaLag(settings)
         self._curves_key: Any = None
-        self._curves: dict[str, Any] = eval_curves(None)
+        self._curves: dict[str, Any] = eval_curves([])
 
     def gather(self) -> dict[str, Any]:
         s = self.settings
@@ -234,7 +207,7 @@ class DashboardStatus:
             except Exception as e:
                 out["errors"]["checkpoints"] = f"{type(e).__name__}: {e}"
         out["serving"] = self._serving()
-        out["curves"] = self._latest_curves()
+        out["curves"] = self._latest_curves(out.get("versions") or [])
         out["version_metrics"] = version_metrics(out.get("versions") or [])
         return finite(out)
 
@@ -254,36 +227,21 @@ class DashboardStatus:
             "swaps": self.holder.stats.swaps,
         }
 
-    def _latest_meta(self) -> tuple[Any, dict[str, Any] | None]:
-        """(identity, meta) of the newest version: the registry's or the checkpoint dir's; the served
-        snapshot's when neither answers."""
-        source = self.holder.source
+    def _latest_curves(self, versions: list[dict[str, Any]]) -> dict[str, Any]:
+        """The curves from the registry's eval history, read again when the latest version moved;
+        from ``versions`` (their own metrics) without a registry or a history."""
+        if isinstance(self.holder.source, DirectorySource):
+            return eval_curves(versions)
         try:
-            if isinstance(source, DirectorySource):
-                ref = source.latest()
-                if ref is not None:
-                    return ref.key, None if ref.key == self._curves_key else load_meta(Path(ref.path))
-            else:
-                r = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
-                try:
-                    reg = Registry(
-                        r, root=self.settings.data_dir / "checkpoints", keep=self.settings.keep_checkpoints
-                    )
-                    version = reg.latest_version()
-                    if version is not None and ("registry", version) == self._curves_key:
-                        return self._curves_key, None  # unchanged: keep the curves computed
-                    info = reg.get(version) if version is not None else None
-                    if info is not None:
-                        return ("registry", version), {**info.meta, "version": info.version}
-                finally:
-                    r.close()
-        except Exception as e:  # Redis or disk away: fall back to what is served
-            logger.debug("newest version's metadata unavailable: %s", e)
-        snap = self.holder.snapshot
-        return (("served", snap.version, snap.load_id), snap.meta) if snap is not None else (None, None)
-
-    def _latest_curves(self) -> dict[str, Any]:
-        key, meta = self._latest_meta()
-        if key != self._curves_key and (meta is not None or key is None):
-            self._curves_key, self._curves = key, eval_curves(meta)
+            r = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
+            try:
+                reg = Registry(r, root=self.settings.data_dir / "checkpoints")
+                key = reg.latest_version()
+                if key != self._curves_key or key is None:
+                    rows = reg.eval_history(count=CURVE_POINTS)
+                    self._curves_key, self._curves = key, eval_curves(rows or versions)
+            finally:
+                r.close()
+        except Exception as e:  # Redis away: keep the curves computed last
+            logger.debug("eval history unavailable: %s", e)
         return self._curves

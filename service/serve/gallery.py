@@ -1,19 +1,23 @@
 """The retrieval gallery: its directories, item ids, embedded index and thumbnails.
 
-- ``gallery_dirs``: the one directory scan (fixed dirs, then chunk dirs); ids follow
-  ``ctp.data.pair_id`` (``KEY.json``'s ``"id"``, else ``"{dir name}/{key}"``).
+- ``gallery_dirs``: the one directory scan (fixed dirs, then chunk dirs oldest first: by the
+  time they were renamed into place); ids follow ``ctp.data.pair_id`` (``KEY.json``'s ``"id"``,
+  else ``"{dir name}/{key}"``).
 - ``GalleryIndex``: ids, texts and embeddings under one model, searched by cosine similarity.
-- ``embed_dirs``: the pairs of some directories embedded by a snapshot's model into a new index.
+- ``embed_dirs``: the pairs of some directories embedded by a snapshot's model into a new index
+  that keeps the newest ``max_items`` rows (``CTP_GALLERY_MAX_PAIRS``): dirs are read newest
+  first and reading stops once the cap is reached, so neither memory nor the embedding work
+  grows with the chunks on disk.
 - ``GalleryImages``: where each item's image lies on disk, so the API can return it by id
   (dashboard thumbnails).
 
 The index keeps ids, texts and embeddings, not image bytes. ``GalleryImages`` maps an id to
 ``(shard, byte offset, size, ext)`` by reading the tar headers (and the small ``KEY.json``
 members that carry ids) of the same directories the index is built from; a request then reads
-just that member's bytes. Memory stays bounded: one small tuple per item, at most ``max_items``
-(the gallery's own cap), and no image is held. Directories are scanned once, when a lookup misses
-and a directory not seen before exists (chunks appear whole: ChunkStore renames them into place).
-The first item with an id wins.
+just that member's bytes. Memory stays bounded: one small tuple per item, the newest
+``max_items`` (the gallery's own cap), and no image is held. Directories are scanned once, when a
+lookup misses and a directory not seen before exists (chunks appear whole: ChunkStore renames
+them into place). The first item with an id wins.
 """
 
 from __future__ import annotations
@@ -46,7 +50,14 @@ def gallery_dirs(fixed_dirs: Iterable[Path], chunks_root: Path | None) -> list[P
     are a store's temp dirs and are skipped). The one scan of the holder and of the thumbnails."""
     dirs = [d for d in fixed_dirs if d.is_dir()]
     if chunks_root is not None and chunks_root.is_dir():
-        dirs += sorted(p for p in chunks_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        chunks = []
+        for p in chunks_root.iterdir():
+            try:
+                if p.is_dir() and not p.name.startswith("."):
+                    chunks.append((p.stat().st_mtime_ns, p.name, p))
+            except OSError:  # removed meanwhile (chunk retention)
+                continue
+        dirs += [p for _, _, p in sorted(chunks)]
     return dirs
 
 
@@ -128,6 +139,23 @@ class GalleryIndex:
             _ann=ann,
         )
 
+    def newest(self, n: int) -> GalleryIndex:
+        """This index if it has at most ``n`` rows, else a new one of its last ``n`` (the ANN, if
+        any, is built again for them)."""
+        if len(self) <= n:
+            return self
+        if n <= 0:
+            return GalleryIndex.empty(
+                self.image_emb.shape[1], self.image_emb.device, ann_threshold=self.ann_threshold
+            )
+        return GalleryIndex(
+            self.ids[-n:],
+            self.texts[-n:],
+            self.image_emb[-n:],
+            self.text_emb[-n:],
+            ann_threshold=self.ann_threshold,
+        )
+
     def search(self, query: Tensor, *, against: str, k: int) -> list[tuple[int, float]]:
         """Rows nearest to ``query [D]`` (L2-normalised): ``[(row, cosine)]``, best first."""
         k = min(k, len(self))
@@ -153,51 +181,77 @@ def embed_dirs(
     max_image_pixels: int,
     max_image_bytes: int,
 ) -> GalleryIndex:
-    """``index`` plus the pairs of ``dirs`` embedded with ``snap``'s model, ``batch_size`` images at
-    a time (memory holds one batch of preprocessed images, not the gallery), up to ``max_items``
-    in all; an image that does not decode within the limits is left out."""
+    """``index`` plus the pairs of ``dirs`` (oldest first) embedded with ``snap``'s model, keeping
+    the newest ``max_items`` rows. Dirs are read newest first until ``max_items`` pairs are in,
+    ``batch_size`` images at a time (memory holds one dir's bytes and one batch of preprocessed
+    images, not the gallery); an image that does not decode within the limits is left out."""
+    parts: list[tuple[list[str], list[str], Tensor, Tensor]] = []  # per dir, newest dir first
+    total = 0
+    for d in reversed(dirs):
+        if total >= max_items:
+            break
+        part = _embed_dir(snap, d, max_items - total, batch_size, max_image_pixels, max_image_bytes)
+        if part is not None:
+            parts.append(part)
+            total += len(part[0])
+    if not parts:
+        return index.newest(max_items)
+    parts.reverse()
+    ids = [i for p in parts for i in p[0]]
+    texts = [t for p in parts for t in p[1]]
+    img_emb = torch.cat([p[2] for p in parts])
+    txt_emb = torch.cat([p[3] for p in parts])
+    return index.newest(max_items - total).extend(ids, texts, img_emb, txt_emb)
+
+
+def _embed_dir(
+    snap: Snapshot, d: Path, room: int, batch_size: int, max_image_pixels: int, max_image_bytes: int
+) -> tuple[list[str], list[str], Tensor, Tensor] | None:
+    """The newest ``room`` pairs of ``d`` that decode: ``(ids, texts, image emb, text emb)``."""
+    samples = []
+    try:
+        for s in iter_chunk(d):
+            samples.append(s)
+    except (OSError, ValueError) as e:  # a damaged shard or a removed dir: keep what was read
+        logger.warning("gallery dir %s unreadable: %s", d, e)
     ids: list[str] = []
     texts: list[str] = []
     pending: list[Tensor] = []
     img_parts: list[Tensor] = []
-    room = max_items - len(index)
-    for d in dirs:
+    for s in reversed(samples):  # the newest first, then put back in order
+        if len(ids) >= room:
+            break
         try:
-            for s in iter_chunk(d):
-                if len(ids) >= room:
-                    break
-                try:
-                    pil = decode_image(
-                        s.image, key=s.key, max_pixels=max_image_pixels, max_bytes=max_image_bytes
-                    )
-                except ImageDecodeError as e:
-                    logger.warning("gallery %s: %s", d, e)
-                    continue
-                ids.append(pair_id(s.meta, d.name, s.key))
-                texts.append(s.text)
-                pending.append(snap.preprocess(pil))
-                if len(pending) == batch_size:
-                    img_parts.append(snap.encode_images(torch.stack(pending)))
-                    pending = []
-        except (OSError, ValueError) as e:  # a damaged shard: keep what was read before it
-            logger.warning("gallery dir %s unreadable: %s", d, e)
+            pil = decode_image(s.image, key=s.key, max_pixels=max_image_pixels, max_bytes=max_image_bytes)
+        except ImageDecodeError as e:
+            logger.warning("gallery %s: %s", d, e)
+            continue
+        ids.append(pair_id(s.meta, d.name, s.key))
+        texts.append(s.text)
+        pending.append(snap.preprocess(pil))
+        if len(pending) == batch_size:
+            img_parts.append(snap.encode_images(torch.stack(pending)))
+            pending = []
     if pending:
         img_parts.append(snap.encode_images(torch.stack(pending)))
     if not ids:
-        return index
-    img_emb = torch.cat(img_parts)
+        return None
+    ids.reverse()
+    texts.reverse()
+    img_emb = torch.cat(img_parts).flip(0)
     txt_emb = torch.cat(
         [snap.encode_texts(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
     )
-    return index.extend(ids, texts, img_emb, txt_emb)
+    return ids, texts, img_emb, txt_emb
 
 
 class GalleryImages:
     def __init__(self, *, max_items: int, max_image_bytes: int):
         self.max_items = max_items
         self.max_image_bytes = max_image_bytes
-        self._shards: list[Path] = []
-        self._where: dict[str, tuple[int, int, int, str]] = {}  # id -> (shard index, offset, size, ext)
+        self._where: dict[
+            str, tuple[Path, int, int, str]
+        ] = {}  # id -> (shard, offset, size, ext), oldest first
         self._scanned: set[Path] = set()
         self._lock = threading.Lock()
 
@@ -209,13 +263,17 @@ class GalleryImages:
         with self._lock:
             where = self._where.get(item_id)
             if where is None:
+                dirs = list(dirs)
+                self._scanned &= set(dirs)  # forget dirs gone from disk
                 for d in dirs:
-                    if d not in self._scanned and len(self._where) < self.max_items:
+                    if d not in self._scanned:
                         self._scan_dir(d)
+                while len(self._where) > self.max_items:  # the newest max_items stay
+                    del self._where[next(iter(self._where))]
                 where = self._where.get(item_id)
             if where is None:
                 return None
-            shard, offset, size, ext = self._shards[where[0]], where[1], where[2], where[3]
+            shard, offset, size, ext = where
         if size > self.max_image_bytes:
             return None
         try:
@@ -255,9 +313,5 @@ class GalleryImages:
                         meta = None
                     if isinstance(meta, dict):
                         metas[key] = meta
-        index = len(self._shards)
-        self._shards.append(shard)
         for key, (offset, size, ext) in images.items():
-            if len(self._where) >= self.max_items:
-                break
-            self._where.setdefault(pair_id(metas.get(key, {}), d.name, key), (index, offset, size, ext))
+            self._where.setdefault(pair_id(metas.get(key, {}), d.name, key), (shard, offset, size, ext))

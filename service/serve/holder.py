@@ -49,9 +49,10 @@ class ModelHolder:
     """Owns the served ``snapshot`` and the watcher thread that replaces it.
 
     ``snapshot`` is None until the first version loads (``/readyz`` answers 503 until then).
-    Gallery: every chunk directory under ``chunks_root`` (dot-dirs are a store's temp dirs and
-    are skipped) and every dir of ``gallery_dirs``, read with ``ctp.data.iter_chunk``; an image
-    that does not decode within the limits is left out.
+    Gallery: every dir of ``gallery_dirs`` and every chunk directory under ``chunks_root``
+    (dot-dirs are a store's temp dirs and are skipped), read with ``ctp.data.iter_chunk``, the
+    newest ``gallery_max_pairs`` pairs kept; an image that does not decode within the limits is
+    left out.
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class ModelHolder:
         device: str | torch.device = "cpu",
         chunks_root: str | Path | None = None,
         gallery_dirs: Sequence[str | Path] = (),
-        gallery_max_items: int = 1_000_000,
+        gallery_max_pairs: int = 1_000_000,
         ann_threshold: int = 200_000,
         interval_s: float = 2.0,
         max_image_pixels: int = 16_000_000,
@@ -73,7 +74,7 @@ class ModelHolder:
         self.device = torch.device(device)
         self.chunks_root = Path(chunks_root) if chunks_root is not None else None
         self.fixed_dirs = [Path(d) for d in gallery_dirs]
-        self.gallery_max_items = gallery_max_items
+        self.gallery_max_pairs = gallery_max_pairs
         self.ann_threshold = ann_threshold
         self.interval_s = interval_s
         self.max_image_pixels = max_image_pixels
@@ -200,13 +201,18 @@ class ModelHolder:
         return gallery_dirs(self.fixed_dirs, self.chunks_root)
 
     def _grow_gallery(self) -> None:
+        """Embed chunk dirs that appeared; the index keeps the newest ``gallery_max_pairs`` pairs.
+        Dirs gone from disk (chunk retention) are forgotten here; their rows leave the index as
+        newer ones push them out, or at the next version's load."""
         known = set(self._known_dirs)
-        new = [d for d in self.gallery_dirs() if d not in known]
+        current = self.gallery_dirs()
+        new = [d for d in current if d not in known]
+        self._known_dirs = [d for d in current if d in known]
         snap = self.snapshot
         if not new or snap is None:
             return
         index = self._embed_dirs(snap, snap.index, new)
-        self._known_dirs = self._known_dirs + new
+        self._known_dirs += new
         if self.snapshot is snap:  # only this thread swaps, so this always holds; kept as a guard
             self.snapshot = replace(snap, index=index)
             logger.info("gallery +%d dirs -> %d items (version %s)", len(new), len(index), snap.version)
@@ -218,7 +224,7 @@ class ModelHolder:
             snap,
             index,
             dirs,
-            max_items=self.gallery_max_items,
+            max_items=self.gallery_max_pairs,
             batch_size=self.embed_batch_size,
             max_image_pixels=self.max_image_pixels,
             max_image_bytes=self.max_image_bytes,

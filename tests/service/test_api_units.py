@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import pytest
 import torch
@@ -10,8 +11,11 @@ import torch.nn.functional as F
 
 from ctp.models import create_model
 from service.serve.batching import Batcher, Overloaded
-from service.serve.gallery import GalleryIndex
+from service.serve.gallery import GalleryImages, GalleryIndex
+from service.serve.holder import ModelHolder
 from service.serve.snapshot import LabelCache, Snapshot
+from service.serve.sources import DirectorySource
+from tests.service.api_support import make_pairs, trained_model, write_checkpoint, write_chunk
 
 
 def _index(n: int, d: int = 16, *, ann_threshold: int = 10**9, seed: int = 0) -> GalleryIndex:
@@ -127,3 +131,38 @@ def test_batcher_refuses_when_the_queue_is_full():
     # submit() puts without yielding: the worker has not taken any yet, so 2 fit and 4 are refused
     assert sum(isinstance(r, Overloaded) for r in results) == 4
     assert sum(isinstance(r, torch.Tensor) for r in results) == 2
+
+
+def test_newest_keeps_the_last_rows():
+    index = _index(10)
+    assert index.newest(20) is index and len(index.newest(0)) == 0
+    tail = index.newest(3)
+    assert tail.ids == ["id7", "id8", "id9"] and torch.equal(tail.text_emb, index.text_emb[-3:])
+
+
+def test_the_gallery_holds_the_newest_pairs_as_chunks_arrive(tmp_path):
+    """A real holder on a checkpoint dir: the index and the thumbnail map stay at the cap, with the
+    newest pairs, however many chunks land (and a chunk removed by retention is forgotten)."""
+    write_checkpoint(tmp_path / "ckpt" / "v000001", trained_model(), version=1)
+    chunks = tmp_path / "chunks"
+    batches = [make_pairs(per_class=2, seed=s) for s in range(5)]  # 8 pairs each
+    for k in range(3):
+        write_chunk(chunks, f"c{k}", batches[k])
+    holder = ModelHolder(source=DirectorySource(tmp_path / "ckpt"), chunks_root=chunks, gallery_max_pairs=12)
+    holder.poll_once()
+    ids = lambda: holder.snapshot.index.ids  # noqa: E731
+    want = [p.meta["id"] for b in batches[:3] for p in b][-12:]
+    assert ids() == want  # the newest 12 of 24: chunk c2 and the last 4 of c1
+    for k in (3, 4):
+        write_chunk(chunks, f"c{k}", batches[k])
+        holder.poll_once()
+        assert len(holder.snapshot.index) == 12
+        assert ids() == [p.meta["id"] for b in batches[: k + 1] for p in b][-12:]
+    images = GalleryImages(max_items=12, max_image_bytes=10**6)
+    dirs = holder.gallery_dirs()
+    newest, oldest = batches[4][0], batches[0][0]
+    assert images.read(newest.meta["id"], dirs) == (newest.image, "image/png")
+    assert images.read(oldest.meta["id"], dirs) is None and len(images) == 12
+    shutil.rmtree(chunks / "c0")  # chunk retention
+    holder.poll_once()
+    assert chunks / "c0" not in holder._known_dirs and len(holder.snapshot.index) == 12

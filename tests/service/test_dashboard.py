@@ -16,9 +16,9 @@ import redis
 from ctp.checkpoint import save_checkpoint
 from ctp.metrics import continual_summary, forgetting
 from service.local.infra import free_port
-from service.registry import Registry
+from service.registry import Registry, eval_row
 from service.serve.api import create_app
-from service.serve.dashboard import IngestRate, KafkaLag, eval_curves, matrix_curves
+from service.serve.dashboard import IngestRate, KafkaLag, eval_curves
 from service.settings import load_settings
 from tests.service.api_support import (
     CLASSES,
@@ -40,7 +40,8 @@ R_CAPTIONS = [0.5, 0.55, 0.6]  # retrieval: one column, mean_recall@1
 
 
 def eval_state(n: int) -> dict:
-    """The tracker state after ``n`` chunks, as the trainer stores it in a version's metadata."""
+    """The eval results after ``n`` chunks (``ctp.tracking.EvalTracker`` layout: per set the
+    metrics after each chunk and the rows of R)."""
     shapes = {
         "kind": "classification",
         "after_chunk": [
@@ -61,35 +62,33 @@ def eval_state(n: int) -> dict:
 
 
 def version_meta(n: int) -> dict:
-    """Metadata shaped as service/trainer.py writes it after chunk ``n``."""
+    """Metadata shaped as service/trainer.py writes it after chunk ``n``: its own metrics and row."""
     state = eval_state(n)
-    metrics = {}
+    metrics, rows = {}, {}
     for name, r in state["results"].items():
         metrics[name] = {**r["after_chunk"][-1], **continual_summary(r["rows"])}
+        rows[name] = {
+            "kind": r["kind"],
+            "row": {str(j): v for j, v in enumerate(r["rows"][-1]) if v is not None},
+        }
     return {
         "model": MODEL,
         "strategy": "ctp",
         "chunks": n,
+        "chunk_id": f"c{n - 1}",
         "chunk_ids": [f"c{i}" for i in range(n)],
         "pairs": 48,
         "metrics": metrics,
-        "eval_state": state,
+        "eval": rows,
     }
 
 
 # ---- units ----------------------------------------------------------------------------------------
 
 
-def test_matrix_curves_match_ctp_metrics():
-    R = [[0.9, None, 0.3, 0.1], [0.5, 0.7, None, 0.2], [0.8, 0.4, 0.6, None], [0.2, 0.9, 0.1, 0.5]]
-    avg, fgt = matrix_curves(R)
-    for T in range(len(R)):
-        assert fgt[T] == pytest.approx(forgetting(R, T))
-        assert avg[T] == pytest.approx(continual_summary(R[: T + 1])["avg_accuracy"])
-
-
 def test_eval_curves_per_chunk():
-    curves = eval_curves({**version_meta(3), "version": 3})
+    """From the eval history: one row per version, each with the metrics after its chunk."""
+    curves = eval_curves([eval_row(n, version_meta(n), None) for n in (1, 2, 3)])
     assert curves["version"] == 3 and curves["chunks"] == 3
     shapes, captions = curves["sets"]["shapes"], curves["sets"]["captions"]
     assert shapes["score"] == "acc1" and captions["score"] == "mean_recall@1"
@@ -99,7 +98,11 @@ def test_eval_curves_per_chunk():
     rows = eval_state(3)["results"]["captions"]["rows"]
     assert captions["forgetting"] == pytest.approx([0.0, -0.05, -0.05])  # the score rose: negative
     assert captions["forgetting"] == pytest.approx([forgetting(rows, T) for T in range(3)])
-    assert eval_curves(None) == {"version": None, "chunks": 0, "sets": {}}
+    assert shapes["chunk"] == [1, 2, 3]
+    assert eval_curves([]) == {"version": None, "chunks": 0, "sets": {}}
+    # a set first measured at the second version: the first point is unmeasured (None)
+    late = eval_curves([{"version": 1, "chunks": 1, "metrics": {}}, eval_row(2, version_meta(2), None)])
+    assert late["sets"]["shapes"]["after_chunk"] == [None, pytest.approx(0.75)]
 
 
 def test_ingest_rate_from_successive_produced_counts():

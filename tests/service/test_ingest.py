@@ -2,6 +2,7 @@
 
 import io
 import json
+import time
 import uuid
 
 import pytest
@@ -34,7 +35,7 @@ BAD = [
 ]
 
 
-def _worker(kafka, redis_server, tmp_path, topic, group, **kw):
+def _worker(kafka, redis_server, tmp_path, topic, group, *, queue=None, **kw):
     client = redis_server.client()
     return IngestWorker(
         bootstrap=kafka.bootstrap,
@@ -43,7 +44,7 @@ def _worker(kafka, redis_server, tmp_path, topic, group, **kw):
         group=group,
         redis_client=client,
         store=ChunkStore(tmp_path / "chunks"),
-        queue=ChunkQueue(client),
+        queue=queue or ChunkQueue(client),
         **kw,
     )
 
@@ -107,6 +108,34 @@ def test_end_to_end_chunks_dead_letters_and_duplicates(kafka, redis_server, tmp_
     # the same group again: everything is recorded, nothing new
     w2 = _worker(kafka, redis_server, tmp_path, topic, "ingest-a", chunk_size=100)
     assert w2.run(burst=True, idle_s=3)["chunks"] == 0
+
+
+def test_a_resend_older_than_the_dedup_window_is_a_new_pair(kafka, redis_server, tmp_path):
+    """Window 2 s: a pair resent after it is chunked again (documented: trained again)."""
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    ensure_topics(kafka.bootstrap, {topic: 1, f"{topic}.dlq": 1})
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+
+    def send():
+        for i in range(5):
+            producer.send(topic, encode_message(id=f"r-{i}", text=f"resent {i}", image=_png(i)))
+        producer.flush()
+
+    def run():
+        queue = ChunkQueue(redis_server.client(), dedup_window_s=2.0)
+        w = _worker(kafka, redis_server, tmp_path, topic, "ingest-w", queue=queue, chunk_size=100)
+        return w.run(burst=True, idle_s=2)
+
+    send()
+    send()  # within the window (the same poll even): dropped
+    first = run()
+    assert (first["valid"], first["duplicates"], first["chunks"]) == (5, 5, 1)
+    time.sleep(2.0 + 0.25 + 0.3)  # window + one bucket
+    send()
+    second = run()
+    assert (second["valid"], second["duplicates"], second["chunks"]) == (5, 0, 1)
+    chunks = [read_chunk(p) for p in sorted((tmp_path / "chunks").iterdir())]
+    assert [sorted(s.meta["id"] for s in c) for c in chunks] == [[f"r-{i}" for i in range(5)]] * 2
 
 
 def test_offsets_in_redis_win_over_kafka_commits(kafka, redis_server, tmp_path):

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from ctp.checkpoint import load_checkpoint, save_checkpoint
 from ctp.models import create_model
-from service.registry import Registry
+from service.registry import FencedOut, Registry
 
 
 def test_publish_latest_history_retention_and_announcements(redis_server, tmp_path):
@@ -48,3 +49,30 @@ def test_dirs_left_by_a_crash_mid_publish_are_removed(redis_server, tmp_path):
     removed = reg.remove_unregistered()
     assert sorted(p.name for p in removed) == [".v000003.abc", "v000002"]
     assert [p.name for p in tmp_path.iterdir()] == [kept.path.name]
+
+
+def test_eval_history_has_one_row_per_registered_version_past_retention(redis_server, tmp_path):
+    client = redis_server.client()
+    reg = Registry(client, root=tmp_path, keep=2)
+    model = create_model("ctp-vit-micro-32", seed=0).model
+    for i in range(4):
+        meta = {
+            "model": "ctp-vit-micro-32",
+            "chunks": i + 1,
+            "chunk_id": f"c{i}",
+            "metrics": {"s": {"acc1": i}},
+        }
+        reg.publish(model, meta)
+    client.set("lease", "other")
+    with pytest.raises(FencedOut):  # not registered: no row either
+        reg.publish(model, {"model": "ctp-vit-micro-32", "chunk_id": "fenced"}, fence=("lease", "me"))
+    assert [v.version for v in reg.history()] == [3, 4]  # retention drops versions, not their rows
+    rows = reg.eval_history()
+    assert [r["version"] for r in rows] == [1, 2, 3, 4] and [r["chunk_id"] for r in rows] == [
+        "c0",
+        "c1",
+        "c2",
+        "c3",
+    ]
+    assert [r["metrics"]["s"]["acc1"] for r in rows] == [0, 1, 2, 3]
+    assert [r["version"] for r in reg.eval_history(count=2)] == [3, 4]

@@ -1,5 +1,7 @@
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,19 +15,19 @@ from ctp.models import create_model
 from ctp.synthetic import make_stream
 from service.chunks import DEAD_CHUNKS, ChunkQueue
 from service.redis_memory import RedisMemory
-from service.registry import Registry
+from service.registry import RECENT_CHUNK_IDS, Registry
 from service.trainer import TrainerWorker
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _worker(client, root, **kw):
+def _worker(client, root, *, registry=None, **kw):
     return TrainerWorker(
         queue=ChunkQueue(client),
-        registry=Registry(client, root=root),
+        registry=registry or Registry(client, root=root),
         model="ctp-vit-micro-32",
         memory=RedisMemory(client=client, max_items=30, policy="class_balanced"),
-        strategy="incclip",
+        strategy=kw.pop("strategy", "incclip"),
         config=TrainConfig(epochs=1, batch_size=32, progress=False),
         **kw,
     )
@@ -90,10 +92,62 @@ def test_eval_sets_are_measured_and_stored_with_each_version(redis_server, tmp_p
     v1, v2 = reg.history()
     assert set(v2.meta["metrics"]) == {"syn", "syn_ret"}
     assert 0 <= v2.meta["metrics"]["syn"]["acc1"] <= 1 and v2.meta["metrics"]["syn"]["forgetting"] is not None
-    rows = v2.meta["eval_state"]["results"]["syn"]["rows"]
-    assert len(rows) == 2 and all(len(r) == 2 for r in rows)
-    assert rows[0][0] == v1.meta["eval_state"]["results"]["syn"]["rows"][0][0]
-    assert v2.meta["eval_state"]["chunk_labels"][0] == v1.meta["eval_state"]["chunk_labels"][0]
+    # each version carries its own row; the history holds every row once, in order
+    history = reg.eval_history()
+    assert [h["version"] for h in history] == [1, 2] and [h["chunk_id"] for h in history] == [
+        "chunk_000",
+        "chunk_001",
+    ]
+    assert [h["eval"] for h in history] == [v1.meta["eval"], v2.meta["eval"]]
+    assert v2.meta["eval"]["syn"]["row"] and set(v2.meta["eval"]["syn"]["row"]) <= {"0", "1"}
+    assert v2.meta["eval_state"]["chunks"] == 2  # the restarted worker went on from v1's state
+    assert history[1]["metrics"] == v2.meta["metrics"]
+
+
+def test_meta_stays_the_same_size_as_versions_pile_up(redis_server, tmp_path):
+    """30 versions with two eval sets: the last meta.json is as big as the 2nd (the matrix and the
+    lineage are in the eval history, not copied into every version)."""
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=0)
+    n = 30
+    for i in range(n):  # the tiny stream's chunks again and again, as new chunk ids
+        queue.record_chunk(f"c{i:03d}", stream.chunks[i % len(stream.chunks)], 80)
+    reg = Registry(client, root=tmp_path / "ckpt", keep=n)
+    stats = _worker(
+        client,
+        tmp_path / "ckpt",
+        registry=reg,
+        eval_classification={"syn": stream.classification},
+        eval_retrieval={"syn_ret": stream.retrieval},
+    ).run(burst=True, block_ms=50)
+    assert stats.chunks == n
+    sizes = [(info.path / "meta.json").stat().st_size for info in reg.history()]
+    hashes = [len(client.hget(f"ctp:registry:v:{v}", "meta")) for v in range(1, n + 1)]
+    # ids and numbers vary by a few digits; the per-set cells stop at one per class group
+    assert sizes[-1] - sizes[1] < 1500 and hashes[-1] - hashes[1] < 1500, (sizes, hashes)
+    # past the newest RECENT_CHUNK_IDS ids, flat once every class is seen (numbers vary in digits)
+    rest = [len(json.dumps({k: v for k, v in i.meta.items() if k != "chunk_ids"})) for i in reg.history()]
+    assert max(rest[len(stream.chunks) :]) - min(rest[len(stream.chunks) :]) < 100, rest
+    history = reg.eval_history()
+    assert [h["version"] for h in history] == list(range(1, n + 1))
+    assert [h["chunk_id"] for h in history] == [f"c{i:03d}" for i in range(n)]  # the whole lineage
+    assert [h["chunks"] for h in history] == list(range(1, n + 1))
+    assert reg.latest().meta["chunk_ids"] == [f"c{i:03d}" for i in range(n)][-RECENT_CHUNK_IDS:]
+
+
+def test_chunk_retention_keeps_the_newest_trained_dirs_but_not_for_joint(redis_server, tmp_path):
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=0)
+    chunks = tmp_path / "chunks"
+    for i in range(4):
+        shutil.copytree(stream.chunks[i % len(stream.chunks)], chunks / f"c{i}")
+        queue.record_chunk(f"c{i}", chunks / f"c{i}", 80)
+    stats = _worker(client, tmp_path / "ckpt", chunk_retention=2).run(burst=True, block_ms=50)
+    assert stats.chunks == 4 and sorted(p.name for p in chunks.iterdir()) == ["c2", "c3"]
+    for i in range(4, 7):
+        shutil.copytree(stream.chunks[i % len(stream.chunks)], chunks / f"c{i}")
+        queue.record_chunk(f"c{i}", chunks / f"c{i}", 80)
+    joint = _worker(client, tmp_path / "ckpt", chunk_retention=2, strategy="joint")
+    assert joint.run(burst=True, block_ms=50).chunks == 3
+    assert sorted(p.name for p in chunks.iterdir()) == ["c2", "c3", "c4", "c5", "c6"]  # joint keeps all
 
 
 def test_a_bad_chunk_is_retried_then_set_aside_and_the_worker_goes_on(redis_server, tmp_path):

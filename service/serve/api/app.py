@@ -89,7 +89,7 @@ def create_app(
             device=s.device,
             chunks_root=s.data_dir / "chunks",
             gallery_dirs=s.gallery_shards,
-            gallery_max_items=s.gallery_max_items,
+            gallery_max_pairs=s.gallery_max_pairs,
             ann_threshold=s.ann_threshold,
             interval_s=s.watch_interval_s,
             max_image_pixels=s.max_image_pixels,

@@ -44,7 +44,7 @@ class DashboardState:
     def __init__(self, ctx: ServeContext):
         s = ctx.settings
         self.status = DashboardStatus(s, ctx.holder)
-        self.images = GalleryImages(max_items=s.gallery_max_items, max_image_bytes=s.max_image_bytes)
+        self.images = GalleryImages(max_items=s.gallery_max_pairs, max_image_bytes=s.max_image_bytes)
         self.lock = asyncio.Lock()
         self.cached: bytes | None = None  # the JSON body
         self.cached_at = -float("inf")

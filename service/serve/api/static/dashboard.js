@@ -105,13 +105,14 @@ function renderCurves(curves, versionMetrics) {
     return;
   }
   setText("curves-note", curves && curves.version != null
-    ? `eval state of version ${curves.version}, ${curves.chunks} chunk${curves.chunks === 1 ? "" : "s"}` : "");
+    ? `eval history up to version ${curves.version}, ${curves.chunks} chunk${curves.chunks === 1 ? "" : "s"}` : "");
   for (const name of [...names].sort()) {
     const c = (curves.sets || {})[name] || { kind: "?", score: "score", after_chunk: [], avg_accuracy: [], forgetting: [] };
     const perVersion = (versionMetrics || {})[name] || [];
     const n = c.after_chunk.length;
-    const xMax = Math.max(n, ...perVersion.map((p) => (isNum(p.chunks) ? p.chunks : 0)), 1);
-    const at = (arr) => arr.map((y, i) => [i + 1, y]);
+    const xs = c.chunk || [];
+    const xMax = Math.max(n, ...xs.filter(isNum), ...perVersion.map((p) => (isNum(p.chunks) ? p.chunks : 0)), 1);
+    const at = (arr) => arr.map((y, i) => [isNum(xs[i]) ? xs[i] : i + 1, y]);
     const acc = lineChart({
       kind: "accuracy", xMax, yMin: 0, yMax: 1, yLabel: c.score,
       series: [
