@@ -1,0 +1,187 @@
+"""``ctp up`` supervises the servers it started: the Kafka broker and the redis-server are killed
+with SIGKILL at random moments, and each comes back on the same port with its data (a topic's
+record, a Redis key, the registry), while ``ctp up`` and its roles keep running and the API
+answers ``/healthz`` and ``/classify`` (HTTP 200, the model it loaded) throughout.
+
+The registry's one version is published beforehand into the Redis data dir ``ctp up`` will use
+(its port recorded in ``up.json``, which ``ctp up`` reuses), so the API has a model to serve.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+
+from ctp.images import encode_image
+from ctp.models import create_model
+from service.local.infra import RedisServer, free_port, port_open
+from service.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "ctp-vit-micro-32"
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def _prepare(data: Path) -> dict[str, int]:
+    """A Redis data dir holding version 1 and a marker key, and the ports ``ctp up`` will reuse."""
+    ports = {"kafka": free_port(), "kafka_controller": free_port(), "redis": free_port()}
+    with RedisServer(aof=True, port=ports["redis"], data_dir=data / "redis") as server:
+        Registry(server.client(), root=data / "checkpoints").publish(
+            create_model(MODEL).model, {"model": MODEL, "strategy": "finetune", "chunks": 1}
+        )
+        server.client().set("test:marker", "kept")
+    (data / "up.json").write_text(json.dumps(ports))
+    return ports
+
+
+class Prober(threading.Thread):
+    """Asks /healthz and /classify without pause; every answer that is not 200 is kept."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url = url
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        image = base64.b64encode(encode_image(Image.new("RGB", (32, 32), "red"), "png")).decode()
+        self.body = {"image": image, "labels": ["red", "blue"]}
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as c:
+            while not self.stop.is_set():
+                for method, path, kw in (("GET", "/healthz", {}), ("POST", "/classify", {"json": self.body})):
+                    try:
+                        r = c.request(method, path, **kw)
+                        ok = r.status_code == 200 and r.json().get("model_version", "1") == "1"
+                        detail = f"{r.status_code} {r.text[:200]}"
+                    except httpx.HTTPError as e:
+                        ok, detail = False, repr(e)
+                    if ok:
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"{path}: {detail}")
+                time.sleep(0.05)
+
+
+def _kafka_pid(data: Path) -> int:
+    return int((data / "kafka" / "kafka.pid").read_text())
+
+
+def _redis_pid(port: int) -> int:
+    return int(redis.Redis(port=port, socket_timeout=2).info("server")["process_id"])
+
+
+def _wait(predicate, timeout: float, what: str, up: subprocess.Popen):
+    """``predicate()``'s first true value within ``timeout``, while ``ctp up`` keeps running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert up.poll() is None, f"ctp up exited with {up.returncode} while waiting for {what}"
+        try:
+            if value := predicate():
+                return value
+        except Exception:  # not back yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {timeout:.0f} s")
+
+
+def _kill_and_wait(pid_of, answers, timeout: float, up: subprocess.Popen) -> None:
+    """SIGKILL the server whose pid ``pid_of()`` gives; wait for another pid that ``answers()``."""
+    pid = pid_of()
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: pid_of() != pid and answers(), timeout, f"a server in place of pid {pid}", up)
+
+
+def _records(bootstrap: str, topic: str) -> list[bytes]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+    )
+    try:
+        return [m.value for m in consumer]
+    finally:
+        consumer.close()
+
+
+def test_ctp_up_brings_killed_servers_back_with_their_data_while_the_api_serves(tmp_path):
+    data = tmp_path / "data"
+    ports = _prepare(data)
+    api_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTP_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        CTP_DATA_DIR=str(data),
+        CTP_API_PORT=str(api_port),
+        CTP_MODEL=MODEL,
+        CTP_WATCH_INTERVAL_S="0.5",
+    )
+    out = tmp_path / "up.out"
+    with open(out, "wb") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "up", "--status-every", "0"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    prober = Prober(f"http://127.0.0.1:{api_port}")
+    bootstrap = f"127.0.0.1:{ports['kafka']}"
+    try:
+        ready = lambda: httpx.get(f"{prober.url}/readyz").json()["model_version"] == "1"  # noqa: E731
+        _wait(ready, 120, "the API serving v1", up)
+        from kafka import KafkaProducer
+
+        topic, record = f"supervised-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex.encode()
+        producer = KafkaProducer(bootstrap_servers=bootstrap)
+        producer.send(topic, record).get(timeout=30)
+        producer.close()
+        prober.start()
+        rng = random.Random()
+        for kind in ("kafka", "redis", "kafka", "redis"):
+            time.sleep(rng.uniform(0.3, 3.0))  # a random moment: any state of the roles
+            if kind == "kafka":
+                _kill_and_wait(lambda: _kafka_pid(data), lambda: port_open(ports["kafka"]), 90, up)
+                assert _wait(lambda: record in _records(bootstrap, topic), 60, "the record", up)
+            else:
+                _kill_and_wait(lambda: _redis_pid(ports["redis"]), lambda: True, 30, up)
+                r = redis.Redis(port=ports["redis"])
+                assert r.get("test:marker") == b"kept"  # the AOF was replayed
+                assert r.get("ctp:registry:latest") == b"1"
+            assert up.poll() is None, out.read_text()[-3000:]
+        time.sleep(1.0)
+        prober.stop.set()
+        prober.join(15)
+        assert prober.failures == [], prober.failures[:5]
+        assert prober.ok >= 40  # it really asked all along
+        record_now = json.loads((data / "up.json").read_text())
+        assert {k: record_now[k] for k in ports} == ports and record_now["pid"] == up.pid
+        assert record_now["kafka_bootstrap"] == bootstrap
+        text = out.read_text()
+        assert text.count("ctp up: kafka (") == 2 and text.count("ctp up: redis (") == 2, text[-3000:]
+        assert text.count("is back at") == 4, text[-3000:]
+        assert "ctp up: api exited" not in text  # the API process itself never went down
+    finally:
+        prober.stop.set()
+        up.send_signal(signal.SIGINT)
+        try:
+            rc = up.wait(120)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            rc = None
+    assert rc == 0, out.read_text()[-3000:]
+    assert not port_open(ports["kafka"]) and not port_open(ports["redis"])  # stopped with it
