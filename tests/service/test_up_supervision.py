@@ -185,3 +185,19 @@ def test_ctp_up_brings_killed_servers_back_with_their_data_while_the_api_serves(
             rc = None
     assert rc == 0, out.read_text()[-3000:]
     assert not port_open(ports["kafka"]) and not port_open(ports["redis"])  # stopped with it
+
+
+def test_restart_pauses_double_while_a_process_keeps_dying_and_reset_once_it_stayed_up():
+    from service.local.up import MAX_PAUSE_S, STABLE_S, Restarts
+
+    r = Restarts(started_at=0.0)
+    now = 1.0
+    pauses = []
+    for _ in range(8):  # dies again right after each start
+        pauses.append(r.died(now))
+        assert not r.due(now) and r.due(now + pauses[-1])
+        now += pauses[-1]
+        r.started(now)
+    assert pauses == [1, 2, 4, 8, 16, 32, MAX_PAUSE_S, MAX_PAUSE_S]
+    assert r.died(now + STABLE_S) == 1  # it ran a minute: the next pause is the shortest again
+    assert r.total == 9
