@@ -194,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     ports = _ports(data_dir)
     record: dict = dict(ports)
     servers: list[Server] = []
-    rotation = {"max_bytes": settings.log_max_bytes, "backups": settings.log_backups}
     log_limits = {"log_max_bytes": settings.log_max_bytes, "log_backups": settings.log_backups}
     children: list[Child] = []
     stop = False
@@ -236,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         logs = data_dir / "logs"
 
         def role_log(name: str) -> RotatingLog:
-            return RotatingLog(logs / f"{name}.log", **rotation)
+            return RotatingLog(
+                logs / f"{name}.log", max_bytes=settings.log_max_bytes, backups=settings.log_backups
+            )
 
         children = [
             Child("ingest", ["ingest"], role_log("ingest")),
