@@ -103,11 +103,14 @@ def _wait(predicate, timeout: float, what: str, up: subprocess.Popen):
     raise AssertionError(f"{what} within {timeout:.0f} s")
 
 
-def _kill_and_wait(pid_of, answers, timeout: float, up: subprocess.Popen) -> None:
-    """SIGKILL the server whose pid ``pid_of()`` gives; wait for another pid that ``answers()``."""
+def _kill_and_wait(pid_of, answers, timeout: float, up: subprocess.Popen) -> float:
+    """SIGKILL the server whose pid ``pid_of()`` gives; wait for another pid that ``answers()``;
+    the seconds that took."""
     pid = pid_of()
+    t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     _wait(lambda: pid_of() != pid and answers(), timeout, f"a server in place of pid {pid}", up)
+    return time.monotonic() - t0
 
 
 def _records(bootstrap: str, topic: str) -> list[bytes]:
@@ -162,14 +165,15 @@ def test_ctp_up_brings_killed_servers_back_with_their_data_while_the_api_serves(
         for kind in kinds:
             time.sleep(rng.uniform(0.3, 3.0))  # a random moment: any state of the roles
             if kind == "kafka":
-                _kill_and_wait(lambda: _kafka_pid(data), lambda: port_open(ports["kafka"]), 90, up)
+                away = _kill_and_wait(lambda: _kafka_pid(data), lambda: port_open(ports["kafka"]), 90, up)
                 assert _wait(lambda: record in _records(bootstrap, topic), 60, "the record", up)
             else:
-                _kill_and_wait(lambda: _redis_pid(ports["redis"]), lambda: True, 30, up)
+                away = _kill_and_wait(lambda: _redis_pid(ports["redis"]), lambda: True, 30, up)
                 r = redis.Redis(port=ports["redis"])
                 assert r.get("test:marker") == b"kept"  # the AOF was replayed
                 assert r.get("ctp:registry:latest") == b"1"
             assert up.poll() is None, out.read_text()[-3000:]
+            print(f"{kind} killed, back after {away:.1f} s")  # figures for docs/operations.md (-s)
         time.sleep(1.0)
         prober.stop.set()
         prober.join(15)
