@@ -37,7 +37,7 @@ from service.registry import Registry
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "ctp-vit-micro-32"
 KILLS = int(os.environ.get("CTP_TEST_KILLS", "2"))  # per server
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180 + 60 * KILLS)]
 
 
 def _prepare(data: Path) -> dict[str, int]:
