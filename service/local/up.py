@@ -359,24 +359,41 @@ def _supervise(
     *,
     exit_when_done: bool = False,
 ) -> None:
-    """Until ``stopped()``: keep servers and roles running (this thread: they die with it), and
-    print the status when it changed (another thread: asking a server that is away takes seconds)."""
+    """Until ``stopped()`` (or, with ``exit_when_done``, every produced pair is trained): keep
+    servers and roles running, in this thread (they die with it). The status is asked for in
+    other threads: asking a server that is away takes seconds, which must not delay a restart."""
+    done = threading.Event()
+
+    def over() -> bool:
+        return stopped() or done.is_set()
+
     if status_every:
-        threading.Thread(
-            target=_print_status, args=(env, status_every, stopped), name="ctp-up-status", daemon=True
-        ).start()
-    last_check = time.monotonic()
-    while not stopped():
+        _thread(_print_status, env, status_every, over)
+    if exit_when_done:
+        _thread(_watch_done, env, children, done, over)
+    while not over():
         time.sleep(0.5)
         for s in servers:
             _keep_server(s)
         for c in children:
             _keep_child(c, env)
-        if exit_when_done and time.monotonic() - last_check >= 2.0:
-            last_check = time.monotonic()
-            if all(c.done for c in children if c.once) and _all_trained(_status(env)):
-                print("ctp up: every produced pair is trained", flush=True)
-                return
+    if done.is_set():
+        print("ctp up: every produced pair is trained", flush=True)
+
+
+def _thread(target: Callable[..., None], *args) -> None:
+    threading.Thread(target=target, args=args, name=f"ctp-up-{target.__name__}", daemon=True).start()
+
+
+def _watch_done(
+    env: dict[str, str], children: list[Child], done: threading.Event, stopped: Callable[[], bool]
+) -> None:
+    """Set ``done`` once the jobs finished and every pair they produced is trained."""
+    while not stopped():
+        time.sleep(2.0)
+        if all(c.done for c in children if c.once) and _all_trained(_status(env)):
+            done.set()
+            return
 
 
 def _status(env: dict[str, str]) -> dict:

@@ -212,3 +212,30 @@ def test_restart_pauses_double_while_a_process_keeps_dying_and_reset_once_it_sta
     assert pauses == [1, 2, 4, 8, 16, 32, MAX_PAUSE_S, MAX_PAUSE_S]
     assert r.died(now + STABLE_S) == 1  # it ran a minute: the next pause is the shortest again
     assert r.total == 9
+
+
+def _child_env() -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("CTP_")}, "PYTHONPATH": str(ROOT)}
+
+
+def test_a_role_that_exits_is_started_again_and_a_finished_job_is_not(tmp_path, monkeypatch, capsys):
+    from service.local import up
+    from service.local.logs import RotatingLog
+
+    env = _child_env()
+    role = up.Child("role", ["no-such-command"], RotatingLog(tmp_path / "role.log"))  # exits 2 at once
+    job = up.Child("job", ["--help"], RotatingLog(tmp_path / "job.log"), once=True)  # exits 0
+    for c in (role, job):
+        c.start(env)
+    first = role.proc.pid
+    trained = {"errors": {}, "ingest": {"lag": 0}, "chunks": {"pending": 0, "enqueued": 1}, "latest": 1}
+    # "all trained" only once the role was started again: _supervise returning proves the restart
+    monkeypatch.setattr(up, "_status", lambda env: trained if role.proc.pid != first else {"errors": {1: 1}})
+    t0 = time.monotonic()
+    up._supervise([role, job], env, [], 0, lambda: time.monotonic() - t0 > 60, exit_when_done=True)
+    out = capsys.readouterr().out
+    assert time.monotonic() - t0 < 60  # it returned because all was trained, not at the deadline
+    assert job.done and "ctp up: job finished" in out and "every produced pair is trained" in out
+    assert "ctp up: role exited with 2; restart 1 in 1 s" in out
+    assert b"usage: ctp" in (tmp_path / "job.log").read_bytes()  # its output went to its log
+    role.stop(5)
