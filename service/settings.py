@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ctp.presets import DEFAULT_MODEL
 from ctp.strategies import STRATEGIES
+from service.local.logs import LOG_BACKUPS, LOG_MAX_BYTES
 from service.messages import Limits
 
 ENV_PREFIX = "CTP_"
@@ -333,6 +334,34 @@ class Settings(BaseSettings):
         [],
         description="allowed CORS origins, JSON list; empty: CORS off",
         json_schema_extra={"read_by": "api"},
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection whose request headers are not complete this long after it opened "
+        "(or after a later request's first byte) gets 408 and is closed",
+        json_schema_extra={"read_by": "api"},
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request whose body is not complete this long after its headers gets 408 "
+        "and its connection is closed",
+        json_schema_extra={"read_by": "api"},
+    )
+    # ctp up
+    log_max_bytes: int = Field(
+        LOG_MAX_BYTES,
+        ge=0,
+        description="`ctp up`: a log in `DATA_DIR/logs` (and Kafka's and Redis's) is rotated when it "
+        "passes this size (0: never)",
+        json_schema_extra={"read_by": "up"},
+    )
+    log_backups: int = Field(
+        LOG_BACKUPS,
+        ge=1,
+        description="`ctp up`: rotated logs kept per log (`api.log.1` newest ... `.N` oldest)",
+        json_schema_extra={"read_by": "up"},
     )
 
     @field_validator("strategy")

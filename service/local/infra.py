@@ -35,6 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from service.local.logs import LOG_BACKUPS, LOG_MAX_BYTES, RotatingLog, start_logged
+
 if TYPE_CHECKING:
     import redis
 
@@ -185,8 +187,11 @@ def _cluster_id() -> str:
 
 
 class _LocalServer:
-    """What a server process started by this module shares: pid, state, log, dir cleanup."""
+    """What a server process started by this module shares: pid, state, log, stop, restart, dir
+    cleanup. The server's output goes to ``log_path``, rotated past ``log_max_bytes`` (0: never)
+    with ``log_backups`` older files kept (``service.local.logs``)."""
 
+    NAME = "server"
     LOG_NAME = "server.log"
 
     def __init__(
@@ -197,14 +202,19 @@ class _LocalServer:
         keep: bool,
         start_timeout: float,
         stop_timeout: float,
+        log_max_bytes: int = LOG_MAX_BYTES,
+        log_backups: int = LOG_BACKUPS,
     ) -> None:
         self.port = port  # None: a free port at start()
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.keep = keep  # keep a temp data dir after stop() (for post-mortems)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.log_max_bytes = log_max_bytes
+        self.log_backups = log_backups
         self._proc: subprocess.Popen[bytes] | None = None
         self._owns_dir = False
+        self._log: RotatingLog | None = None
 
     def _ensure_data_dir(self, prefix: str) -> Path:
         """The data dir, made: a temp dir this server owns (removed at stop) when none was given."""
@@ -223,10 +233,44 @@ class _LocalServer:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def returncode(self) -> int | None:
+        """How the server process ended (None while it runs, or before it started)."""
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
     def log_path(self) -> Path:
         if self.data_dir is None:
             raise RuntimeError(f"{type(self).__name__} has no data dir yet")
         return self.data_dir / self.LOG_NAME
+
+    def _spawn(self, argv: list[str]) -> None:
+        """Start the server process (in its own session, dying with us), output into its log."""
+        assert self.data_dir is not None
+        if self._log is None or self._log.path != self.log_path:
+            self._log = RotatingLog(self.log_path, max_bytes=self.log_max_bytes, backups=self.log_backups)
+        self._proc = start_logged(
+            [*_parent_death_prefix(), *argv],
+            self._log,
+            stdin=subprocess.DEVNULL,
+            cwd=self.data_dir,
+            start_new_session=True,
+        )
+
+    def _terminate(self, *, kill: bool) -> None:
+        if self._proc is not None:
+            _stop_pid(self._proc, name=self.NAME, timeout=self.stop_timeout, kill=kill)
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop by pid (SIGTERM, SIGKILL after ``stop_timeout``; SIGKILL at once if ``kill``: a crash,
+        for persistence tests) and remove a temp data dir this server made, unless ``keep``."""
+        self._terminate(kill=kill)
+        self._remove_owned_dir()
+
+    def restart(self, *, kill: bool = False) -> Self:
+        """Stop (SIGKILL if ``kill``; nothing if it already died) and start again on the same ports
+        with the same dir and data."""
+        self._terminate(kill=kill)
+        return self.start()
 
     def _remove_owned_dir(self) -> None:
         if self._owns_dir and not self.keep and self.data_dir is not None:
@@ -260,9 +304,6 @@ class _LocalServer:
     def start(self) -> Self:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def stop(self, *, kill: bool = False) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
     def __enter__(self) -> Self:
         return self.start()
 
@@ -280,7 +321,10 @@ class KafkaServer(_LocalServer):
     ``<data dir>/server.log`` and waits until the broker answers a metadata request.
     ``stop()`` sends SIGTERM by pid (SIGKILL after ``stop_timeout``) and removes the temp data dir
     unless ``keep``; a ``data_dir`` you pass is never removed, and reusing it keeps the data.
+    ``restart()`` keeps both ports and the data dir (cluster id and topics), so clients reconnect.
     """
+
+    NAME = "Kafka"
 
     def __init__(
         self,
@@ -297,9 +341,17 @@ class KafkaServer(_LocalServer):
         version: str = KAFKA_VERSION,
         java: str = "java",
         config: Mapping[str, str] | None = None,
+        log_max_bytes: int = LOG_MAX_BYTES,
+        log_backups: int = LOG_BACKUPS,
     ) -> None:
         super().__init__(
-            port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout, stop_timeout=stop_timeout
+            port=port,
+            data_dir=data_dir,
+            keep=keep,
+            start_timeout=start_timeout,
+            stop_timeout=stop_timeout,
+            log_max_bytes=log_max_bytes,
+            log_backups=log_backups,
         )  # port: the PLAINTEXT listener
         self.num_partitions = num_partitions  # default partitions of auto-created topics
         self.controller_port = controller_port  # KRaft CONTROLLER listener; None: a free port
@@ -352,15 +404,8 @@ class KafkaServer(_LocalServer):
         try:
             if not (self.data_dir / "logs" / "meta.properties").exists():
                 self._format(jvm, props)
-            with open(self.log_path, "ab") as out:
-                self._proc = subprocess.Popen(
-                    [*_parent_death_prefix(), *jvm, "kafka.Kafka", str(props)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.data_dir,
-                    start_new_session=True,
-                )
+            self._spawn([*jvm, "kafka.Kafka", str(props)])
+            assert self._proc is not None
             (self.data_dir / "kafka.pid").write_text(f"{self._proc.pid}\n")
             self._wait_ready("Kafka", self._answers, question=f"at {self.bootstrap}", interval=0.25)
         except BaseException:
@@ -392,6 +437,10 @@ class KafkaServer(_LocalServer):
             "num.partitions": str(self.num_partitions),
             "auto.create.topics.enable": "true",
             "group.initial.rebalance.delay.ms": "0",  # consumers join at once, not after 3s
+            # a broker restarted after a crash waits until its old incarnation's session expires
+            # (default 9 s) before it is unfenced: 4 s makes a supervised restart that much faster
+            "broker.heartbeat.interval.ms": "1000",
+            "broker.session.timeout.ms": "4000",
             # one node: every internal topic has one replica; one offsets partition, not 50
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "1",
@@ -433,13 +482,6 @@ class KafkaServer(_LocalServer):
             admin.close()
         return bool(brokers) and not any(b.get("is_fenced") for b in brokers)
 
-    def stop(self, *, kill: bool = False) -> None:
-        """Stop the broker by pid (SIGTERM, SIGKILL after ``stop_timeout``; SIGKILL at once if ``kill``)."""
-        if self._proc is not None:
-            _stop_pid(self._proc, name="Kafka", timeout=self.stop_timeout, kill=kill)
-            log.info("Kafka (pid %d) stopped", self._proc.pid)
-        self._remove_owned_dir()
-
     def __repr__(self) -> str:
         state = f"pid={self.pid} bootstrap={self.bootstrap}" if self.running else "stopped"
         return f"KafkaServer({state})"
@@ -473,6 +515,7 @@ class RedisServer(_LocalServer):
     the persisted data both survive it.
     """
 
+    NAME = "redis-server"
     LOG_NAME = "redis.log"
 
     def __init__(
@@ -485,9 +528,17 @@ class RedisServer(_LocalServer):
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
         executable: str = "redis-server",
+        log_max_bytes: int = LOG_MAX_BYTES,
+        log_backups: int = LOG_BACKUPS,
     ) -> None:
         super().__init__(
-            port=port, data_dir=data_dir, keep=keep, start_timeout=start_timeout, stop_timeout=stop_timeout
+            port=port,
+            data_dir=data_dir,
+            keep=keep,
+            start_timeout=start_timeout,
+            stop_timeout=stop_timeout,
+            log_max_bytes=log_max_bytes,
+            log_backups=log_backups,
         )  # port: kept by restart()
         self.aof = aof
         self.executable = executable
@@ -514,7 +565,7 @@ class RedisServer(_LocalServer):
             "bind 127.0.0.1",
             f"port {self.port}",
             f'dir "{self.data_dir}"',
-            f'logfile "{self.log_path}"',
+            'logfile ""',  # stdout, into log_path through the rotating log
             "daemonize no",
             'save ""',  # no RDB snapshots: the AOF (when on) is the only persistence
             f"appendonly {'yes' if self.aof else 'no'}",
@@ -522,14 +573,7 @@ class RedisServer(_LocalServer):
         ]
         conf.write_text("\n".join(lines) + "\n")
         try:
-            self._proc = subprocess.Popen(
-                [*_parent_death_prefix(), exe, str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                cwd=self.data_dir,
-                start_new_session=True,
-            )
+            self._spawn([exe, str(conf)])
             self._wait_ready("redis-server", self._pings, question=f"PING at {self.url}", interval=0.05)
         except BaseException:
             self._terminate(kill=True)
@@ -548,23 +592,6 @@ class RedisServer(_LocalServer):
             return bool(client.ping())
         finally:
             client.close()
-
-    def _terminate(self, *, kill: bool) -> None:
-        if self._proc is not None:
-            _stop_pid(self._proc, name="redis-server", timeout=self.stop_timeout, kill=kill)
-
-    def stop(self, *, kill: bool = False) -> None:
-        """Stop by pid: SIGTERM (Redis flushes and fsyncs the AOF and exits), SIGKILL if it hangs.
-
-        ``kill=True`` sends SIGKILL at once: a crash, for persistence tests.
-        """
-        self._terminate(kill=kill)
-        self._remove_owned_dir()
-
-    def restart(self, *, kill: bool = False) -> Self:
-        """Stop (SIGKILL if ``kill``) and start again on the same port with the same dir and data."""
-        self._terminate(kill=kill)
-        return self.start()
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A client for this server (``redis.Redis.from_url(self.url, **kwargs)``)."""

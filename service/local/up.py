@@ -4,9 +4,20 @@ Starts Kafka (KRaft, single node) and Redis (AOF) under the data dir, unless ``C
 / ``CTP_REDIS_URL`` are set in the environment (then those are used as they are); creates the
 topics; runs ``ctp ingest``, ``ctp train`` and ``ctp serve`` (when the API is installed) as child
 processes with the same CTP_ settings; prints where everything is, and a status line when the
-status changed. A child that dies is started again (with a growing pause), so one bad moment does not end
-the stack. ``--demo`` also streams the synthetic class-incremental data through it, with the
+status changed. ``--demo`` also streams the synthetic class-incremental data through it, with the
 stream's eval sets measured after every chunk, and settings sized for a CPU.
+
+Everything it started is supervised: a role that dies, and a Kafka broker or redis-server that
+dies, is started again after a pause (1 s, then doubling up to 60 s while it keeps dying; back to
+1 s once it stayed up a minute), with a line saying so. A server comes back on the same port with
+the same data dir (Kafka's cluster id and topics, Redis's AOF), so the roles, which keep running,
+reconnect to the address they have; the API keeps serving the model it has loaded meanwhile.
+Servers are restarted by this process's main thread (they die with it), so while Kafka starts
+again (seconds) a dead role waits for its own restart. Ctrl-C stops everything, roles first.
+
+Every role's output goes to ``DATA_DIR/logs/<role>.log`` (Kafka's and Redis's to
+``DATA_DIR/kafka/server.log`` and ``DATA_DIR/redis/redis.log``), rotated by size:
+``CTP_LOG_MAX_BYTES`` per file, ``CTP_LOG_BACKUPS`` older files kept (``service.local.logs``).
 
 Where the servers and the API are is written to ``DATA_DIR/up.json`` with this process's pid;
 while it runs, every command on the same data dir finds them there (``service.settings.
@@ -23,12 +34,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.cli import verbosity
 from service.local.infra import KafkaServer, RedisServer, _parent_death_prefix, free_port, port_open
+from service.local.logs import RotatingLog, start_logged
 
 DEMO_STREAM = "class-incremental-small"
 # CPU-sized demo: a chunk per 200 pairs, few epochs; any CTP_ variable set by the user wins.
@@ -40,29 +54,58 @@ DEMO_SETTINGS = {
 }
 
 
+MAX_PAUSE_S = 60.0  # the longest pause before a dead process is started again
+STABLE_S = 60.0  # up this long: its next death counts as the first one again
+
+
+@dataclass
+class Restarts:
+    """When a dead process is started again: 1 s after a death, doubling (up to ``MAX_PAUSE_S``)
+    with each death in a row; one that stayed up ``STABLE_S`` starts over at 1 s."""
+
+    count: int = 0  # deaths in a row
+    total: int = 0  # restarts scheduled in all
+    next_start: float = 0.0  # 0: none scheduled
+    started_at: float = field(default_factory=time.monotonic)
+
+    def died(self, now: float) -> float:
+        """Schedule the next start; the pause before it."""
+        if now - self.started_at >= STABLE_S:
+            self.count = 0
+        self.count += 1
+        self.total += 1
+        pause = min(MAX_PAUSE_S, 2.0 ** (self.count - 1))
+        self.next_start = now + pause
+        return pause
+
+    def due(self, now: float) -> bool:
+        return 0.0 < self.next_start <= now
+
+    def started(self, now: float) -> None:
+        self.next_start = 0.0
+        self.started_at = now
+
+
 @dataclass
 class Child:
     name: str
     argv: list[str]
-    log: Path
+    log: RotatingLog
     proc: subprocess.Popen | None = None
-    restarts: int = 0
-    next_start: float = 0.0
+    restarts: Restarts = field(default_factory=Restarts)
     once: bool = False  # a job (the demo producer): not restarted after it succeeds
     done: bool = field(default=False)
 
     def start(self, env: dict[str, str]) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as out:
-            # SIGTERM to the child if `ctp up` itself dies (even by SIGKILL): no orphaned roles
-            verbose = ["-v"] * verbosity()  # `ctp up -v`: the roles log more too
-            self.proc = subprocess.Popen(
-                [*_parent_death_prefix(), sys.executable, "-m", "service.cli", *verbose, *self.argv],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        # SIGTERM to the child if `ctp up` itself dies (even by SIGKILL): no orphaned roles
+        verbose = ["-v"] * verbosity()  # `ctp up -v`: the roles log more too
+        self.proc = start_logged(
+            [*_parent_death_prefix(), sys.executable, "-m", "service.cli", *verbose, *self.argv],
+            self.log,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        self.restarts.started(time.monotonic())
 
     def stop(self, timeout: float) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -73,6 +116,20 @@ class Child:
         except subprocess.TimeoutExpired:  # a trainer mid-chunk: safe to kill, the chunk stays queued
             self.proc.kill()
             self.proc.wait()
+
+
+@dataclass
+class Server:
+    """A Kafka or Redis server this ``ctp up`` started, and when to start it again."""
+
+    name: str
+    server: KafkaServer | RedisServer
+    restarts: Restarts = field(default_factory=Restarts)
+
+    @property
+    def address(self) -> str:
+        s = self.server
+        return s.bootstrap if isinstance(s, KafkaServer) else s.url
 
 
 def _ports(data_dir: Path) -> dict[str, int]:
@@ -136,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"ctp up: another ctp up (pid {running['pid']}) runs on {data_dir}")
     ports = _ports(data_dir)
     record: dict = dict(ports)
-    servers: list[KafkaServer | RedisServer] = []
+    servers: list[Server] = []
+    log_limits = {"log_max_bytes": settings.log_max_bytes, "log_backups": settings.log_backups}
     children: list[Child] = []
     stop = False
 
@@ -152,12 +210,15 @@ def main(argv: list[str] | None = None) -> int:
                 controller_port=ports["kafka_controller"],
                 data_dir=data_dir / "kafka",
                 num_partitions=args.partitions,
+                **log_limits,
             ).start()
-            servers.append(kafka)
+            servers.append(Server("kafka", kafka))
             env["CTP_KAFKA_BOOTSTRAP"] = kafka.bootstrap
         if "CTP_REDIS_URL" not in os.environ:
-            redis_server = RedisServer(port=ports["redis"], aof=True, data_dir=data_dir / "redis").start()
-            servers.append(redis_server)
+            redis_server = RedisServer(
+                port=ports["redis"], aof=True, data_dir=data_dir / "redis", **log_limits
+            ).start()
+            servers.append(Server("redis", redis_server))
             env["CTP_REDIS_URL"] = redis_server.url
         from service.local.infra import ensure_topics
 
@@ -172,21 +233,27 @@ def main(argv: list[str] | None = None) -> int:
             env.setdefault("CTP_EVAL_CLASSIFICATION", f"synthetic={stream.classification}")
             env.setdefault("CTP_EVAL_RETRIEVAL", f"synthetic_retrieval={stream.retrieval}")
         logs = data_dir / "logs"
+
+        def role_log(name: str) -> RotatingLog:
+            return RotatingLog(
+                logs / f"{name}.log", max_bytes=settings.log_max_bytes, backups=settings.log_backups
+            )
+
         children = [
-            Child("ingest", ["ingest"], logs / "ingest.log"),
-            Child("trainer", ["train"], logs / "trainer.log"),
+            Child("ingest", ["ingest"], role_log("ingest")),
+            Child("trainer", ["train"], role_log("trainer")),
         ]
         api = not args.no_api and importlib.util.find_spec("service.serve.api") is not None
         if api:
             if "CTP_API_PORT" not in os.environ:  # 8000 unless something else holds it
                 env["CTP_API_PORT"] = str(8000 if not port_open(8000) else free_port())
-            children.append(Child("api", ["serve"], logs / "api.log"))
+            children.append(Child("api", ["serve"], role_log("api")))
         if args.demo:
             children.append(
                 Child(
                     "producer",
                     ["produce", "--shards", *map(str, stream.chunks), "--rate", str(args.rate)],
-                    logs / "producer.log",
+                    role_log("producer"),
                     once=True,
                 )
             )
@@ -226,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in reversed(children):
             c.stop(timeout=30)
         for s in reversed(servers):
-            s.stop()
+            s.server.stop()
         if "pid" in record:  # stopped: the ports stay for the next run, the locations go
             _record(data_dir, {k: record[k] for k in ports})
         for s, h in old.items():
@@ -240,57 +307,119 @@ def _settings(env: dict[str, str]):
     return Settings(**{k[4:].lower(): v for k, v in env.items() if k.startswith("CTP_")})
 
 
+def _keep_server(s: Server) -> None:
+    """Start a dead server again when its pause is over (same port, same data dir)."""
+    if s.server.running:
+        return
+    r = s.restarts
+    if not r.next_start:
+        pause = r.died(time.monotonic())
+        print(
+            f"ctp up: {s.name} ({s.address}) exited with {s.server.returncode}; restart {r.total} "
+            f"in {pause:.0f} s on the same port and data (log {s.server.log_path})",
+            flush=True,
+        )
+    elif r.due(time.monotonic()):
+        try:
+            s.server.start()
+        except Exception as e:  # port taken, start timeout: try again after a longer pause
+            pause = r.died(time.monotonic())
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"ctp up: {s.name} did not start ({first}); next try in {pause:.0f} s", flush=True)
+            return
+        r.started(time.monotonic())
+        print(f"ctp up: {s.name} is back at {s.address} (pid {s.server.pid})", flush=True)
+
+
+def _keep_child(c: Child, env: dict[str, str]) -> None:
+    """Start a dead role again when its pause is over; a finished job stays finished."""
+    if c.done or c.proc is None or c.proc.poll() is None:
+        return
+    rc = c.proc.returncode
+    if c.once and rc == 0:
+        c.done = True
+        print(f"ctp up: {c.name} finished", flush=True)
+    elif not c.restarts.next_start:
+        pause = c.restarts.died(time.monotonic())
+        print(
+            f"ctp up: {c.name} exited with {rc}; restart {c.restarts.total} in {pause:.0f} s "
+            f"(log {c.log.path})",
+            flush=True,
+        )
+    elif c.restarts.due(time.monotonic()):
+        c.start(env)
+
+
 def _supervise(
     children: list[Child],
     env: dict[str, str],
-    servers,
+    servers: list[Server],
     status_every: float,
-    stopped,
+    stopped: Callable[[], bool],
     *,
     exit_when_done: bool = False,
 ) -> None:
-    from service.status import collect_status, status_line
+    """Until ``stopped()`` (or, with ``exit_when_done``, every produced pair is trained): keep
+    servers and roles running, in this thread (they die with it). The status is asked for in
+    other threads: asking a server that is away takes seconds, which must not delay a restart."""
+    done = threading.Event()
 
-    last_status = last_check = time.monotonic()
-    shown = None
-    while not stopped():
+    def over() -> bool:
+        return stopped() or done.is_set()
+
+    if status_every:
+        _thread(_print_status, env, status_every, over)
+    if exit_when_done:
+        _thread(_watch_done, env, children, done, over)
+    while not over():
         time.sleep(0.5)
         for s in servers:
-            if not s.running:
-                raise SystemExit(f"{s!r} exited; log: {s.log_path}")
+            _keep_server(s)
         for c in children:
-            if c.done or c.proc is None or c.proc.poll() is None:
-                continue
-            rc = c.proc.returncode
-            if c.once and rc == 0:
-                c.done = True
-                print(f"ctp up: {c.name} finished", flush=True)
-                continue
-            if c.next_start == 0.0:
-                c.restarts += 1
-                c.next_start = time.monotonic() + min(60.0, 2.0**c.restarts)
-                print(
-                    f"ctp up: {c.name} exited with {rc}; restart {c.restarts} in "
-                    f"{c.next_start - time.monotonic():.0f} s (log {c.log})",
-                    flush=True,
-                )
-            elif time.monotonic() >= c.next_start:
-                c.next_start = 0.0
-                c.start(env)
-        if status_every and time.monotonic() - last_status >= status_every:
-            last_status = time.monotonic()
-            try:
-                line = status_line(collect_status(_settings(env)))
-            except Exception as e:  # status is a convenience: never let it end the stack
-                line = f"unavailable: {e}"
-            if line != shown:  # only what changed: an idle stack prints nothing
-                print(f"status: {line}", flush=True)
-                shown = line
-        if exit_when_done and time.monotonic() - last_check >= 2.0:
-            last_check = time.monotonic()
-            if all(c.done for c in children if c.once) and _all_trained(collect_status(_settings(env))):
-                print("ctp up: every produced pair is trained", flush=True)
-                return
+            _keep_child(c, env)
+    if done.is_set():
+        print("ctp up: every produced pair is trained", flush=True)
+
+
+def _thread(target: Callable[..., None], *args) -> None:
+    threading.Thread(target=target, args=args, name=f"ctp-up-{target.__name__}", daemon=True).start()
+
+
+def _watch_done(
+    env: dict[str, str], children: list[Child], done: threading.Event, stopped: Callable[[], bool]
+) -> None:
+    """Set ``done`` once the jobs finished and every pair they produced is trained."""
+    while not stopped():
+        time.sleep(2.0)
+        if all(c.done for c in children if c.once) and _all_trained(_status(env)):
+            done.set()
+            return
+
+
+def _status(env: dict[str, str]) -> dict:
+    """``collect_status`` for the stack; ``{"errors": {"status": ...}}`` if even that fails."""
+    from service.status import collect_status
+
+    try:
+        return collect_status(_settings(env))
+    except Exception as e:  # status is a convenience: never let it end the stack
+        return {"errors": {"status": str(e)}}
+
+
+def _print_status(env: dict[str, str], every: float, stopped: Callable[[], bool]) -> None:
+    """A status line every ``every`` s when it changed (an idle stack prints nothing)."""
+    from service.status import status_line
+
+    shown = None
+    while not stopped():
+        deadline = time.monotonic() + every
+        while not stopped() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        s = _status(env)
+        line = f"unavailable: {s['errors']['status']}" if "status" in s["errors"] else status_line(s)
+        if line != shown and not stopped():
+            print(f"status: {line}", flush=True)
+            shown = line
 
 
 def _all_trained(s: dict) -> bool:

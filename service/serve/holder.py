@@ -89,6 +89,7 @@ class ModelHolder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._source_error: str | None = None  # why the source failed, while it does
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -116,8 +117,10 @@ class ModelHolder:
         try:
             ref = self.source.latest()
         except Exception as e:  # Redis down, unreadable dir: keep serving
-            logger.warning("cannot read the latest version: %s", e)
+            self._source_failed(e)
             ref = None
+        else:
+            self._source_answered()
         if ref is not None and ref.key != self._current_key and ref.key not in self._failed:
             self._swap_to(ref)
         if self.snapshot is not None:
@@ -125,6 +128,24 @@ class ModelHolder:
                 self._grow_gallery()
             except Exception:
                 logger.exception("gallery update failed; will retry")
+
+    def _source_failed(self, e: Exception) -> None:
+        """Logged once per outage (then at DEBUG): a Redis away for an hour is one warning."""
+        if self._source_error is None:
+            logger.warning(
+                "cannot read the latest version (%s); serving %s meanwhile, asking again every %.1f s",
+                e,
+                self.snapshot.version if self.snapshot else "nothing yet",
+                self.interval_s,
+            )
+        else:
+            logger.debug("the version source still fails: %s", e)
+        self._source_error = str(e)
+
+    def _source_answered(self) -> None:
+        if self._source_error is not None:
+            logger.info("the version source answers again (it failed with: %s)", self._source_error)
+            self._source_error = None
 
     # -- loading ---------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class RegistrySource:
     def __init__(self, registry: Registry):
         self.registry = registry
         self._pubsub: redis.client.PubSub | None = None
+        self._pubsub_down = False  # warned about already: once per outage
 
     def latest(self) -> VersionRef | None:
         info = self.registry.latest()
@@ -54,11 +55,16 @@ class RegistrySource:
         try:
             if self._pubsub is None:
                 self._pubsub = self.registry.subscribe()
+                if self._pubsub_down:
+                    logger.info("registry pub/sub subscribed again")
+                    self._pubsub_down = False
             while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
                 if self._pubsub.get_message(timeout=min(left, 0.5)) is not None:
                     return
         except (redis.RedisError, OSError) as e:
-            logger.warning("registry pub/sub unavailable (%s); polling", e)
+            log = logger.debug if self._pubsub_down else logger.warning
+            log("registry pub/sub unavailable (%s); polling", e)
+            self._pubsub_down = True
             self.close()
             stop.wait(max(0.0, deadline - time.monotonic()))
 

@@ -84,10 +84,12 @@ def write_chunk(root: Path, name: str, samples: list[Sample]) -> Path:
 class ServerThread:
     """A real uvicorn server on a free loopback port, in a thread of this process."""
 
-    def __init__(self, app, port: int | None = None):
-        self.port = port or free_port()
+    def __init__(self, app, port: int | None = None, *, config: uvicorn.Config | None = None):
+        """``config``: run with this one (its port) instead of a plain one for ``app``."""
+        self.port = config.port if config is not None else port or free_port()
         self.server = uvicorn.Server(
-            uvicorn.Config(
+            config
+            or uvicorn.Config(
                 app,
                 host="127.0.0.1",
                 port=self.port,

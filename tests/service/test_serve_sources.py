@@ -1,8 +1,12 @@
-"""A checkpoint whose ``meta.json`` is corrupt: refused once, logged, the old version keeps serving."""
+"""A checkpoint whose ``meta.json`` is corrupt: refused once, logged, the old version keeps serving;
+a registry outage: one warning, the loaded version keeps serving, the watcher resumes by itself."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 
 from service.registry import Registry
 from service.serve.holder import ModelHolder
@@ -43,5 +47,31 @@ def test_corrupt_meta_json_of_a_registered_version_is_refused_once(redis_server,
         info = reg.publish(trained_model(), {"model": "ctp-vit-micro-32"})
         (info.path / "meta.json").write_text("not json")
         _poll_past_the_corrupt_one(holder, caplog, refused="2")
+    finally:
+        holder.stop()
+
+
+def test_a_registry_outage_is_one_warning_and_serving_goes_on(redis_server, tmp_path, caplog):
+    reg = Registry(redis_server.client(), root=tmp_path / "checkpoints")
+    reg.publish(trained_model(), {"model": "ctp-vit-micro-32"})
+    source = RegistrySource(reg)
+    holder = ModelHolder(source=source, interval_s=0.05)
+    never = threading.Event()
+    try:
+        holder.poll_once()
+        os.kill(redis_server.pid, signal.SIGKILL)  # a crash: the dir and its AOF stay
+        with caplog.at_level(logging.DEBUG, logger="service"):
+            for _ in range(5):  # five watcher rounds while Redis is away
+                holder.poll_once()
+                source.wait(0.05, never)
+            assert holder.snapshot is not None and holder.snapshot.version == "1"
+            redis_server.start()  # same port, same data
+            reg.publish(trained_model(), {"model": "ctp-vit-micro-32"})
+            holder.poll_once()
+        assert holder.snapshot.version == "2"  # the watcher carried on by itself
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len([w for w in warnings if "cannot read the latest version" in w]) == 1, warnings
+        assert len([w for w in warnings if "pub/sub unavailable" in w]) == 1, warnings
+        assert any("answers again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
     finally:
         holder.stop()

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.cli import verbosity
     from service.serve.api.app import create_app
+    from service.serve.api.deadlines import server_config
     from service.settings import load_settings
 
     overrides = {
@@ -59,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).info(
         "serving on http://%s:%d (API docs at /docs, dashboard at /)", s.api_host, s.api_port
     )
-    uvicorn.run(
+    config = server_config(
         create_app(s),
-        host=s.api_host,
-        port=s.api_port,
+        s,
         log_level=args.log_level or ("info" if verbosity() else "warning"),
         timeout_graceful_shutdown=10,
     )
+    uvicorn.Server(config).run()
     return 0

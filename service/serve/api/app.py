@@ -40,7 +40,10 @@ def version_source(settings: Settings) -> VersionSource:
     """A checkpoint directory when ``serve_checkpoint_dir`` is set, else the Redis registry."""
     if settings.serve_checkpoint_dir is not None:
         return DirectorySource(settings.serve_checkpoint_dir)
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+    # timeouts: a Redis that hangs (not only one that is down) cannot stall the watcher or /model
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
+    )
     return RegistrySource(
         Registry(client, root=settings.data_dir / "checkpoints", keep=settings.keep_checkpoints)
     )
