@@ -102,6 +102,7 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "captioner": ("incclip", (), ("--generator", "captioner")),
     "pt4": ("incclip", ("pseudo_keep=4", "pseudo_per_image=2"), ()),
     # batch-scope KD combined with the other knobs (the small-memory screen)
+    "anchorkd": ("incclip", ("kd_scope=anchor",), ()),
     "batchkd-kd2": ("incclip", ("kd_scope=batch", "kd_weight=2"), ()),
     "batchkd-wise": ("incclip", ("kd_scope=batch", "merge_alpha=0.8"), ()),
     "batchkd-fkd": ("incclip", ("kd_scope=batch", "feature_kd_weight=1"), ()),

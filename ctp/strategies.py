@@ -21,7 +21,9 @@ class Strategy:
     replay_fraction: float = 0.5  # share of each batch taken from memory when replaying
     kd_weight: float = 1.0  # weight of the KD term against the contrastive term
     kd_temperature: float = 2.0  # softmax temperature of KD (loss scaled by T^2)
-    kd_scope: str = "batch"  # KD over the whole batch, or "replay": the replayed pairs only
+    # KD over the whole batch ("batch"), the replayed pairs only ("replay"), or every image of
+    # the batch against the replayed texts ("anchor": old texts as anchors, new-vs-new left free)
+    kd_scope: str = "batch"
     pseudo_per_image: int = 1  # pseudo texts drawn per replayed image per step
     merge_alpha: float | None = None  # after the chunk: alpha * new + (1 - alpha) * old
     # How the KD weight is set per chunk (ctp.continual.kd_weight_for_chunk):

@@ -32,6 +32,8 @@ from ctp.strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
+KD_SCOPES = ("batch", "replay", "anchor")  # Strategy.kd_scope: which similarities KD keeps
+
 
 @dataclass
 class ChunkResult:
@@ -110,6 +112,8 @@ def train_on_chunk(
     use_replay = strategy.replay and len(replay) > 0
     kd_weight = strategy.kd_weight if kd_weight is None else kd_weight
     use_kd = strategy.distill and teacher is not None and kd_weight > 0  # no teacher: nothing to keep
+    if strategy.kd_scope not in KD_SCOPES:
+        raise ValueError(f"unknown kd_scope {strategy.kd_scope!r}; expected one of {KD_SCOPES}")
     use_fkd = strategy.feature_kd_weight > 0 and teacher is not None and use_replay
     tokens = tokenizer(list(texts))  # [N, L]
     # Replayed rows are drawn without replacement: a pair twice in one batch is its own false
@@ -200,14 +204,20 @@ def train_on_chunk(
                     if use_replay and strategy.kd_scope == "replay":
                         # KD over the replayed pairs only: the teacher's knowledge is about old
                         # data; its view of the new pairs would hold the new classes back.
-                        kd = slice(len(idx), b)
+                        rows = cols = slice(len(idx), b)
                         t_img, t_txt = t_img_rep[ridx], t_txt_rep[ridx]
-                    else:
-                        kd = slice(0, b)
+                    elif use_replay and strategy.kd_scope == "anchor":
+                        # every image of the batch against the replayed texts only: how new
+                        # images sit among the old concepts is kept, new-vs-new is left free.
+                        rows, cols = slice(0, b), slice(len(idx), b)
+                        t_img = torch.cat([t_img_new[idx], t_img_rep[ridx]])
+                        t_txt = t_txt_rep[ridx]
+                    else:  # "batch" (or nothing replayed): every image against every text
+                        rows = cols = slice(0, b)
                         t_img = torch.cat([t_img_new[idx], t_img_rep[ridx]]) if use_replay else t_img_new[idx]
                         t_txt = torch.cat([t_txt_new[idx], t_txt_rep[ridx]]) if use_replay else t_txt_new[idx]
                     loss_kd = distillation_loss(
-                        scale * img_f[kd] @ txt_f[kd].T,
+                        scale * img_f[rows] @ txt_f[cols].T,
                         t_scale * t_img @ t_txt.T,
                         temperature=strategy.kd_temperature,
                         gate=strategy.kd_gate,

@@ -1,3 +1,4 @@
+import math
 import os
 import random
 import socket
@@ -113,6 +114,44 @@ def test_a_small_memory_is_replayed_once_per_batch_and_new_pairs_fill_the_rest(t
     # 5 replayed rows (each memory pair once, no duplicate columns) + 27 new pairs per step
     assert res.steps == 3  # ceil(80 / 27)
     assert res.pairs == 80 + 3 * 5  # every new pair once, 5 replayed rows per step
+
+
+def test_kd_scopes_distill_different_similarities(tiny_chunks):
+    bundle = create_model("ctp-vit-micro-32", seed=0)
+    images, texts = _inputs(tiny_chunks[1], bundle)
+    replay = memory_items_from(tiny_chunks[0][:20], chunk=0, chunk_id="c0")
+    rimg = preprocess_images([it.image for it in replay], [it.key for it in replay], bundle.preprocess_val)
+    teacher = create_model("ctp-vit-micro-32", seed=1).model.eval()  # another model: KD > 0 at once
+    kd = {}
+    for scope in ("batch", "replay", "anchor"):
+        res = train_on_chunk(
+            create_model("ctp-vit-micro-32", seed=0).model,
+            images=images,
+            texts=texts,
+            tokenizer=bundle.tokenizer,
+            strategy=get_strategy("er_kd", kd_scope=scope),
+            teacher=teacher,
+            replay=replay,
+            replay_images=rimg,
+            epochs=1,
+            batch_size=32,
+            progress=False,
+        )
+        kd[scope] = res.loss_kd
+        assert res.loss_kd > 0 and math.isfinite(res.loss)
+    assert len({round(v, 6) for v in kd.values()}) == 3  # three different KD targets
+    with pytest.raises(ValueError, match="kd_scope"):
+        train_on_chunk(
+            bundle.model,
+            images=images,
+            texts=texts,
+            tokenizer=bundle.tokenizer,
+            strategy=get_strategy("er_kd", kd_scope="everything"),
+            teacher=teacher,
+            replay=replay,
+            replay_images=rimg,
+            progress=False,
+        )
 
 
 def test_replay_needs_images(tiny_chunks):
