@@ -12,8 +12,10 @@ import json
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ctp.synthetic import StreamPaths
+if TYPE_CHECKING:  # ctp.synthetic imports numpy: `ctp data --help` must not wait for it
+    from ctp.synthetic import StreamPaths
 
 
 def stream_names() -> list[str]:
