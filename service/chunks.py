@@ -6,8 +6,9 @@ directory write and the enqueue are both idempotent on it.
 
 ``ChunkQueue`` owns the queue's whole Redis layout: the stream ``ctp:chunks`` and its consumer
 group, the ``ctp:chunks:enqueued:{chunk id}`` markers, the dead chunks hash, and the ingest
-progress recorded with each chunk (``offsets_key``, ``ids_key``). Ingest calls ``record_chunk``,
-the trainer ``take``, ``ack`` and ``bury``, ``ctp status`` ``pending``.
+progress recorded with each chunk (``offsets_key``, ``ids_key``), and the tries spent per chunk
+(``TRIES``: only the trainer's chunk faults count, never a redelivery or a restart). Ingest calls
+``record_chunk``, the trainer ``take``, ``tried``, ``ack`` and ``bury``, ``ctp status`` ``pending``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 STREAM = "ctp:chunks"
 GROUP = "ctp-trainers"
-DEAD_CHUNKS = "ctp:chunks:dead"  # hash: chunk id -> reason, chunks the trainer gave up on after max attempts
+DEAD_CHUNKS = "ctp:chunks:dead"  # hash: chunk id -> reason, chunks the trainer gave up on after max tries
+TRIES = "ctp:chunks:tries"  # hash: chunk id -> chunk faults so far; removed when it is acked or buried
 
 
 def chunk_id_for(offsets: dict[int, tuple[int, int]]) -> str:
@@ -81,7 +83,7 @@ class ChunkTask:
     chunk_id: str
     path: str
     pairs: int
-    deliveries: int = 1  # >1: a dead worker's chunk, claimed again
+    deliveries: int = 1  # Redis's delivery count (restarts raise it too: not a count of failures)
 
 
 # One script records a chunk whole: the stream entry (once per chunk id: the marker and the entry
@@ -183,14 +185,25 @@ class ChunkQueue:
             deliveries=deliveries,
         )
 
+    def tried(self, task: ChunkTask) -> int:
+        """Count one failed try of the chunk (a fault of its own); returns the tries spent so far."""
+        return int(self.r.hincrby(TRIES, task.chunk_id, 1))
+
+    def tries(self, chunk_id: str) -> int:
+        return int(self.r.hget(TRIES, chunk_id) or 0)
+
     def ack(self, task: ChunkTask) -> None:
-        self.r.xack(self.stream, self.group, task.message_id)
+        with self.r.pipeline() as pipe:
+            pipe.xack(self.stream, self.group, task.message_id)
+            pipe.hdel(TRIES, task.chunk_id)
+            pipe.execute()
 
     def bury(self, task: ChunkTask, reason: str) -> None:
         """Give up on the chunk: its id and ``reason`` go to ``DEAD_CHUNKS``, and it is acked."""
         with self.r.pipeline() as pipe:
             pipe.hset(DEAD_CHUNKS, task.chunk_id, reason[:1000])
             pipe.xack(self.stream, self.group, task.message_id)
+            pipe.hdel(TRIES, task.chunk_id)
             pipe.execute()
 
     def pending(self) -> int:
