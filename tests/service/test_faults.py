@@ -1,0 +1,301 @@
+"""Transient faults heal, only bad chunks die: real Redis (and Kafka for ingest), faults injected at
+random points. Environment faults (disk full, Redis or Kafka away) pause and resume without spending
+a chunk's tries; a corrupt chunk is set aside after its tries; restarts spend nothing."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import ctp.checkpoint
+import ctp.continual
+from ctp.continual import TrainConfig
+from ctp.data import Sample, read_chunk
+from service.chunks import DEAD_CHUNKS, TRIES, ChunkQueue, ChunkStore
+from service.health import Backoff, free_bytes, is_environment_fault, read_health
+from service.redis_memory import RedisMemory
+from service.registry import Registry
+from service.trainer import TrainerLease, TrainerWorker
+from tests.service.test_trainer import ROOT, _queued
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _trainer(client, root: Path, *, epochs: int = 1, **kw) -> TrainerWorker:
+    kw.setdefault("backoff", Backoff(first=0.05, cap=0.2))
+    return TrainerWorker(
+        queue=ChunkQueue(client),
+        registry=Registry(client, root=root),
+        model="ctp-vit-micro-32",
+        memory=RedisMemory(client=client, max_items=30, policy="class_balanced"),
+        strategy="incclip",
+        config=TrainConfig(epochs=epochs, batch_size=32, progress=False),
+        **kw,
+    )
+
+
+def _count_training(monkeypatch, after=None) -> list[int]:
+    """Count ``train_on_chunk`` calls (one per chunk trained from scratch); ``after`` runs after each."""
+    calls: list[int] = []
+    real = ctp.continual.train_on_chunk
+
+    def counted(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        if after is not None:
+            after()
+        return out
+
+    monkeypatch.setattr(ctp.continual, "train_on_chunk", counted)
+    return calls
+
+
+def _wait(cond, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if v := cond():
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _pending(client, queue: ChunkQueue) -> int:
+    try:
+        return int(client.xpending(queue.stream, queue.group)["pending"])
+    except Exception:  # no group yet
+        return 0
+
+
+def _in_thread(worker: TrainerWorker) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def go():
+        try:
+            out["stats"] = worker.run(burst=True, block_ms=50)
+        except BaseException as e:  # the test sees it
+            out["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_the_classifier_tells_environment_from_chunk_faults():
+    import redis
+    from kafka import errors as Errors
+
+    def chained(outer: Exception, inner: Exception) -> Exception:
+        try:
+            raise outer from inner
+        except Exception as e:
+            return e
+
+    env = [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        redis.ConnectionError("Connection refused"),
+        redis.BusyLoadingError("LOADING"),
+        redis.TimeoutError("timed out"),
+        Errors.KafkaTimeoutError("no broker"),
+        Errors.KafkaConnectionError("refused"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        chained(ValueError("shard x: unreadable tar"), OSError(errno.EIO, "Input/output error")),
+    ]
+    chunk = [
+        ValueError("shard x: unreadable tar: bad header"),
+        FileNotFoundError(errno.ENOENT, "no such chunk"),
+        OSError("cannot identify image file"),
+        KeyError("txt"),
+        redis.ResponseError("WRONGTYPE"),
+    ]
+    assert [is_environment_fault(e) for e in env] == [True] * len(env)
+    assert [is_environment_fault(e) for e in chunk] == [False] * len(chunk)
+    b = Backoff(first=1, cap=8, jitter=0.25, rng=random.Random(0))
+    delays = [b.next() for _ in range(6)]
+    assert all(0.75 * c <= d <= c for d, c in zip(delays, [1, 2, 4, 8, 8, 8], strict=True))
+    b.reset()
+    assert b.next() <= 1
+
+
+def test_a_full_disk_at_the_checkpoint_pauses_and_spends_no_try(redis_server, tmp_path, monkeypatch):
+    """The checkpoint write fails with ENOSPC 1-3 times: the trained model waits, the chunk is
+    neither retrained nor set aside, the health record says why, and it is published once."""
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
+    fails = random.randint(1, 3)
+    writes: list[int] = []
+    real = ctp.checkpoint.save_checkpoint
+
+    def full_disk(*a, **k):
+        writes.append(1)
+        if len(writes) <= fails:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ctp.checkpoint, "save_checkpoint", full_disk)
+    trained = _count_training(monkeypatch)
+    w = _trainer(client, tmp_path / "ckpt")
+    seen: list[dict] = []
+    real_paused = w.health.paused
+
+    def paused(err, retry_in):
+        real_paused(err, retry_in)
+        seen.append({"health": read_health(client), "tries": queue.tries("chunk_000")})
+
+    w.health.paused = paused
+    stats = w.run(burst=True, block_ms=50)
+    assert stats.chunks == 1 and stats.paused == fails and stats.failed == 0 and stats.dead == 0
+    assert len(seen) == fails and all(s["tries"] == 0 for s in seen)
+    record = seen[0]["health"]["trainer"]
+    assert record["state"] == "paused" and "No space left" in record["reason"] and record["retry_in"] > 0
+    assert len(trained) == 1  # the model trained once waited for the disk
+    assert read_health(client) == {}  # cleared once it worked again
+    assert client.hlen(DEAD_CHUNKS) == 0 and client.hlen(TRIES) == 0 and queue.pending() == 0
+    reg = Registry(client, root=tmp_path / "ckpt")
+    assert [v.meta["chunk_ids"] for v in reg.history()] == [["chunk_000"]]
+
+
+def test_low_disk_is_seen_before_the_checkpoint_and_heals_when_freed(redis_server, tmp_path, monkeypatch):
+    """``min_free_bytes`` above the disk's free space: paused with a status, nothing written; the
+    threshold lowered (space freed): it trains on by itself."""
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=2)
+    trained = _count_training(monkeypatch)
+    w = _trainer(client, tmp_path / "ckpt", min_free_bytes=free_bytes(tmp_path) + 2**50)
+    t, out = _in_thread(w)
+    record = _wait(lambda: read_health(client).get("trainer"), what="the pause")
+    time.sleep(random.uniform(0, 0.5))
+    assert record["state"] == "paused" and "CTP_MIN_FREE_BYTES" in record["reason"]
+    reg = Registry(client, root=tmp_path / "ckpt")
+    assert reg.latest() is None and not any((tmp_path / "ckpt").glob("v*"))  # nothing written
+    assert queue.tries("chunk_000") == 0 and client.hlen(DEAD_CHUNKS) == 0 and t.is_alive()
+    w.min_free_bytes = 0  # space freed
+    t.join(60)
+    assert "error" not in out and out["stats"].chunks == 2 and out["stats"].dead == 0
+    assert len(trained) == 2 and read_health(client) == {}
+    assert reg.latest().meta["chunk_ids"] == ["chunk_000", "chunk_001"]
+
+
+def _corrupt_chunk(tmp_path: Path, stream, how: str) -> Path:
+    if how == "garbage tar":
+        d = tmp_path / "bad" / "chunk_bad"
+        d.mkdir(parents=True)
+        (d / "000000.tar").write_bytes(os.urandom(4096))
+        return d
+    # a well-formed shard whose images do not decode
+    good = read_chunk(stream.chunks[0])[:10]
+    bad = [Sample(key=s.key, image=os.urandom(300), text=s.text, label=s.label, ext="png") for s in good]
+    return ChunkStore(tmp_path / "bad").write("chunk_bad", bad)
+
+
+@pytest.mark.parametrize("how", ["garbage tar", "undecodable images"])
+def test_a_corrupt_chunk_dies_after_its_tries_and_the_rest_train(redis_server, tmp_path, how):
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=0)
+    tries = random.randint(1, 3)
+    queue.record_chunk("chunk_bad", _corrupt_chunk(tmp_path, stream, how), 10)
+    queue.record_chunk("chunk_000", stream.chunks[0], 80)
+    stats = _trainer(client, tmp_path / "ckpt", max_attempts=tries).run(burst=True, block_ms=50)
+    assert stats.failed == tries and stats.dead == 1 and stats.chunks == 1 and stats.paused == 0
+    reason = client.hget(DEAD_CHUNKS, "chunk_bad").decode()
+    assert ("unreadable tar" in reason) if how == "garbage tar" else ("image" in reason.lower())
+    assert client.hlen(TRIES) == 0 and queue.pending() == 0 and read_health(client) == {}
+    assert Registry(client, root=tmp_path / "ckpt").latest().meta["chunk_ids"] == ["chunk_000"]
+
+
+def test_a_trainer_killed_mid_chunk_spends_no_try_and_trains_it_once(redis_server, tmp_path):
+    """``ctp train`` killed (-9) at a random point of its first chunk, then started again under the
+    same name: its pending chunk is re-read (Redis counts a second delivery), no try is spent, and
+    the lineage has each chunk once."""
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=2)
+    env = {
+        **os.environ,
+        "CTP_REDIS_URL": redis_server.url,
+        "CTP_DATA_DIR": str(tmp_path / "data"),
+        "CTP_MODEL": "ctp-vit-micro-32",
+        "CTP_EPOCHS": "30",
+        "CTP_BATCH_SIZE": "16",
+        "CTP_MEMORY_SIZE": "30",
+        "CTP_TRAINER_NAME": "trainer-x",
+        "CTP_TRAINER_LEASE_S": "2",
+        "CTP_CHUNK_MAX_TRIES": "1",  # one failure would set it aside: a restart must not count as one
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "train"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait(lambda: _pending(client, queue), timeout=90, what="the first chunk taken")
+        time.sleep(random.uniform(0, 2))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    reg = Registry(client, root=tmp_path / "data" / "checkpoints")
+    before = reg.latest_version()
+    pending = client.xpending_range(queue.stream, queue.group, min="-", max="+", count=10)
+    assert [p["consumer"] for p in pending] == [b"trainer-x"] and client.hlen(TRIES) == 0
+    w = _trainer(client, tmp_path / "data" / "checkpoints", consumer="trainer-x", lease_s=2, max_attempts=1)
+    stats = w.run(burst=True, block_ms=50)
+    assert stats.failed == 0 and stats.dead == 0 and client.hlen(DEAD_CHUNKS) == 0
+    assert stats.chunks + stats.skipped + (before or 0) >= 2
+    lineage = reg.latest().meta["chunk_ids"]
+    assert lineage == ["chunk_000", "chunk_001"]  # each once, in order
+    grown = [len(v.meta["chunk_ids"]) for v in reg.history()]
+    assert grown == sorted(set(grown))  # every version adds one chunk on top of the one before
+    assert queue.pending() == 0 and client.hlen(TRIES) == 0
+
+
+def test_the_lease_and_the_chunk_survive_a_redis_restart_within_the_ttl(redis_server, tmp_path, monkeypatch):
+    """Redis stopped while a chunk trains and started again (same port, same AOF) within the lease's
+    TTL: the lease is kept, the chunk in progress is finished (not trained again), one version."""
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
+    started, back = threading.Event(), threading.Event()
+    trained = _count_training(monkeypatch, after=lambda: (started.set(), back.wait(60)))
+    w = _trainer(client, tmp_path / "ckpt", lease_s=6)
+    holder = w.lease.holder
+    t, out = _in_thread(w)
+    _wait(started.is_set, timeout=60, what="training to start")
+    os.kill(redis_server.pid, signal.SIGTERM)  # AOF flushed; the lease key keeps its expiry time
+    _wait(lambda: not redis_server.running, what="Redis to stop")
+    time.sleep(random.uniform(0.5, 3.0))  # renewals fail meanwhile
+    redis_server.start()
+    assert client.get(TrainerLease.KEY).decode() == holder
+    back.set()
+    t.join(60)
+    assert "error" not in out, out.get("error")
+    stats = out["stats"]
+    assert not stats.fenced and not w.lease.lost.is_set() and stats.chunks == 1 and len(trained) == 1
+    reg = Registry(client, root=tmp_path / "ckpt")
+    assert [v.version for v in reg.history()] == [1] and reg.latest().meta["chunk_ids"] == ["chunk_000"]
+    assert client.hlen(TRIES) == 0 and client.hlen(DEAD_CHUNKS) == 0 and queue.pending() == 0
+
+
+def test_a_redis_outage_while_idle_pauses_and_resumes(redis_server, tmp_path):
+    """Redis goes away while the trainer waits for chunks: it pauses (no crash, health recorded
+    once Redis answers) and, Redis back, trains the chunk queued then."""
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=0)
+    w = _trainer(client, tmp_path / "ckpt", lease_s=6)
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("stats", w.run(block_ms=50)), daemon=True)
+    t.start()
+    _wait(lambda: client.get(TrainerLease.KEY), what="the lease")
+    time.sleep(random.uniform(0, 0.5))
+    os.kill(redis_server.pid, signal.SIGTERM)
+    _wait(lambda: not redis_server.running, what="Redis to stop")
+    _wait(lambda: w.stats.paused >= 2, what="the trainer to pause")
+    redis_server.start()
+    queue.record_chunk("chunk_000", stream.chunks[0], 80)
+    _wait(lambda: w.stats.chunks == 1, timeout=60, what="the chunk trained after Redis came back")
+    w.stop()
+    t.join(30)
+    assert done["stats"].dead == 0 and not done["stats"].fenced and read_health(client) == {}
+    assert Registry(client, root=tmp_path / "ckpt").latest().meta["chunk_ids"] == ["chunk_000"]
