@@ -10,9 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 
 import ctp.checkpoint
 import ctp.continual
@@ -20,9 +22,13 @@ from ctp.continual import TrainConfig
 from ctp.data import Sample, read_chunk
 from service.chunks import DEAD_CHUNKS, TRIES, ChunkQueue, ChunkStore
 from service.health import Backoff, free_bytes, is_environment_fault, read_health
+from service.ingest import IngestWorker
+from service.local.infra import ensure_topics
+from service.messages import encode_message
 from service.redis_memory import RedisMemory
 from service.registry import Registry
 from service.trainer import TrainerLease, TrainerWorker
+from tests.service.test_ingest import _png
 from tests.service.test_trainer import ROOT, _queued
 
 pytestmark = pytest.mark.timeout(120)
@@ -299,3 +305,129 @@ def test_a_redis_outage_while_idle_pauses_and_resumes(redis_server, tmp_path):
     t.join(30)
     assert done["stats"].dead == 0 and not done["stats"].fenced and read_health(client) == {}
     assert Registry(client, root=tmp_path / "ckpt").latest().meta["chunk_ids"] == ["chunk_000"]
+
+
+# ------------------------------------------------------------------------------------------- ingest
+
+
+def _ingest(kafka, redis_server, tmp_path, topic: str, **kw) -> IngestWorker:
+    client = redis_server.client()
+    return IngestWorker(
+        bootstrap=kafka.bootstrap,
+        topic=topic,
+        dlq_topic=f"{topic}.dlq",
+        group=f"g-{topic}",
+        redis_client=client,
+        store=ChunkStore(tmp_path / "chunks"),
+        queue=ChunkQueue(client),
+        chunk_size=15,
+        chunk_max_wait_s=1,
+        session_timeout_ms=6000,
+        backoff=Backoff(first=0.1, cap=1.0),
+        **kw,
+    )
+
+
+def _produce(bootstrap: str, topic: str, ids: range, *, resend: int = 0) -> None:
+    """Valid pairs with these ids over two partitions, a bad message every 25, ``resend`` ids again."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for i in ids:
+        producer.send(topic, encode_message(id=f"pair-{i}", text=f"pair {i}", image=_png(i)), partition=i % 2)
+        if i % 25 == 0:
+            producer.send(topic, b"not json", partition=i % 2)
+    for i in list(ids)[:resend]:
+        producer.send(topic, encode_message(id=f"pair-{i}", text=f"pair {i}", image=_png(i)), partition=1)
+    producer.flush()
+    producer.close()
+
+
+def _chunked_ids(client) -> list[str]:
+    queue, ids = ChunkQueue(client), []
+    while (task := queue.take("reader", block_ms=50)) is not None:
+        ids += [s.meta["id"] for s in read_chunk(task.path)]
+        queue.ack(task)
+    return ids
+
+
+def _ingest_in_thread(worker: IngestWorker) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def go():
+        try:
+            out["stats"] = worker.run(burst=True, idle_s=6)
+        except BaseException as e:  # the test sees it
+            out["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, out
+
+
+def _stop_server(server, sig: int) -> None:
+    os.kill(server.pid, sig)
+    _wait(lambda: not server.running, what=f"{server!r} to stop")
+
+
+def test_ingest_rides_out_a_redis_restart(kafka, redis_server, tmp_path):
+    """Redis killed (-9 or TERM, at random) after a random number of chunks and started again on
+    the same port and AOF a moment later, pairs arriving meanwhile: ingest keeps running and every
+    valid pair lands in exactly one chunk."""
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    ensure_topics(kafka.bootstrap, {topic: 2, f"{topic}.dlq": 1})
+    _produce(kafka.bootstrap, topic, range(0, 150), resend=10)
+    client = redis_server.client()
+    w = _ingest(kafka, redis_server, tmp_path, topic)
+    t, out = _ingest_in_thread(w)
+    after = random.randint(1, 4)
+    _wait(lambda: client.exists("ctp:chunks") and client.xlen("ctp:chunks") >= after, what="chunks")
+    _stop_server(redis_server, random.choice([signal.SIGKILL, signal.SIGTERM]))
+    _produce(kafka.bootstrap, topic, range(150, 250))
+    _wait(lambda: w.stats["paused"] >= 1, what="ingest to pause")
+    time.sleep(random.uniform(0.2, 2.0))
+    redis_server.start()
+    t.join(90)
+    assert not t.is_alive() and "error" not in out, out.get("error")
+    ids = _chunked_ids(client)
+    assert sorted(ids) == sorted(f"pair-{i}" for i in range(250))  # each valid pair in one chunk
+    assert read_health(client) == {} and out["stats"]["paused"] >= 1
+
+
+def test_ingest_rides_out_a_kafka_broker_restart(kafka, redis_server, tmp_path):
+    """The session's broker killed (-9 or TERM) after a random number of chunks and started again on
+    the same ports and data: ingest reconnects, reads on from Redis's offsets, every valid pair in
+    exactly one chunk."""
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    ensure_topics(kafka.bootstrap, {topic: 2, f"{topic}.dlq": 1})
+    _produce(kafka.bootstrap, topic, range(0, 150), resend=10)
+    client = redis_server.client()
+    w = _ingest(kafka, redis_server, tmp_path, topic)
+    t, out = _ingest_in_thread(w)
+    after = random.randint(1, 4)
+    _wait(lambda: client.exists("ctp:chunks") and client.xlen("ctp:chunks") >= after, what="chunks")
+    _stop_server(kafka, random.choice([signal.SIGKILL, signal.SIGTERM]))
+    time.sleep(random.uniform(0.2, 2.0))
+    kafka.start()  # same data dir and ports
+    _produce(kafka.bootstrap, topic, range(150, 250))
+    t.join(120)
+    assert not t.is_alive() and "error" not in out, out.get("error")
+    ids = _chunked_ids(client)
+    assert sorted(ids) == sorted(f"pair-{i}" for i in range(250))
+    assert read_health(client) == {}
+
+
+def test_ingest_pauses_on_low_disk_and_resumes_when_freed(kafka, redis_server, tmp_path):
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    ensure_topics(kafka.bootstrap, {topic: 2, f"{topic}.dlq": 1})
+    _produce(kafka.bootstrap, topic, range(0, 60))
+    client = redis_server.client()
+    w = _ingest(kafka, redis_server, tmp_path, topic, min_free_bytes=free_bytes(tmp_path) + 2**50)
+    t, out = _ingest_in_thread(w)
+    record = _wait(lambda: read_health(client).get("ingest"), what="the pause")
+    assert record["state"] == "paused" and "CTP_MIN_FREE_BYTES" in record["reason"]
+    assert not client.exists("ctp:chunks") and not any((tmp_path / "chunks").iterdir())
+    time.sleep(random.uniform(0, 1))
+    w.min_free_bytes = 0
+    t.join(60)
+    assert "error" not in out, out.get("error")
+    assert sorted(_chunked_ids(client)) == sorted(f"pair-{i}" for i in range(60))
+    assert read_health(client) == {}
