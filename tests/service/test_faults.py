@@ -431,3 +431,47 @@ def test_ingest_pauses_on_low_disk_and_resumes_when_freed(kafka, redis_server, t
     assert "error" not in out, out.get("error")
     assert sorted(_chunked_ids(client)) == sorted(f"pair-{i}" for i in range(60))
     assert read_health(client) == {}
+
+
+# ------------------------------------------------------------------------------------------- status
+
+
+def test_status_names_the_store_that_failed_and_shows_disk_and_pauses(kafka, redis_server, tmp_path):
+    """Redis stopped with Kafka up: ``ctp status`` and ``/status`` say ``errors.redis`` (never
+    ``kafka``), and the error is gone within seconds of Redis answering again; a paused role and a
+    low disk are shown."""
+    from types import SimpleNamespace
+
+    from service.health import Health
+    from service.serve.dashboard import DashboardStatus, KafkaLag
+    from service.settings import load_settings
+    from service.status import collect_status, format_status, status_line
+
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    ensure_topics(kafka.bootstrap, {topic: 1, f"{topic}.dlq": 1})
+    s = load_settings(
+        redis_url=redis_server.url, kafka_bootstrap=kafka.bootstrap, topic=topic, data_dir=tmp_path
+    )
+    page = DashboardStatus(s, SimpleNamespace(source=None, snapshot=None), kafka=KafkaLag(s, every_s=0.1))
+    _wait(lambda: "ingest" in page.gather(), what="the first lag")
+    client = redis_server.client()
+    Health(client, "trainer").paused(OSError(errno.ENOSPC, "No space left on device"), 2.0)
+    ok = collect_status(s)
+    assert ok["errors"] == {} and ok["health"]["trainer"]["state"] == "paused" and not ok["disk"]["low"]
+    assert "trainer: PAUSED" in format_status(ok) and "No space left" in status_line(ok)
+
+    _stop_server(redis_server, random.choice([signal.SIGKILL, signal.SIGTERM]))
+    down = collect_status(s)
+    assert set(down["errors"]) == {"redis"}  # the lag's Redis read failed too: still Redis's error
+    seen = [page.gather()["errors"] for _ in range(3)]
+    seen.append(_wait(lambda: (e := page.gather()["errors"]) and page.kafka.error_from() == "redis" and e))
+    assert all(set(e) <= {"redis"} for e in seen) and "redis" in seen[-1]
+    time.sleep(random.uniform(0, 1))
+    redis_server.start()
+    t0 = time.monotonic()
+    _wait(lambda: (g := page.gather())["errors"] == {} and "ingest" in g, what="the errors to clear")
+    assert time.monotonic() - t0 < 10
+    assert collect_status(s)["errors"] == {}
+
+    low = collect_status(load_settings(**{**s.model_dump(), "min_free_bytes": free_bytes(tmp_path) + 2**50}))
+    assert low["disk"]["low"] and "LOW" in format_status(low) and "disk LOW" in status_line(low)
