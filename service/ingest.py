@@ -187,6 +187,7 @@ class IngestWorker:
                 try:
                     if self._rewind_needed:
                         self._rewind()
+                    check_free_space(self.store.root, self.min_free_bytes)  # read nothing it cannot write
                     if self._poll():
                         last_data = time.monotonic()
                     self._complete_done()
