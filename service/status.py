@@ -246,7 +246,11 @@ def status_line(s: dict[str, Any]) -> str:
         parts.append("no model version yet")
     if (d := s.get("disk")) and d["low"]:
         parts.append(f"disk LOW ({d['free_bytes'] / 2**30:.1f} GiB free)")
-    parts += [f"{role} {_paused(h)}" for role, h in (s.get("health") or {}).items()]
+    # no durations here: `ctp up` prints the line each time it changes
+    parts += [
+        f"{role} {str(h.get('state', '?')).upper()}: {h.get('reason')}"
+        for role, h in (s.get("health") or {}).items()
+    ]
     parts += [f"{part} UNAVAILABLE" for part in s["errors"]]
     return " | ".join(parts)
 

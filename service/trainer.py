@@ -285,7 +285,12 @@ class TrainerWorker:
 
     def run(self, *, burst: bool = False, block_ms: int = 1000) -> TrainerStats:
         """Train chunks until stopped; ``burst``: until the queue is empty. Rank 0 drives."""
-        if not self._until_healthy(self._start):
+        try:
+            if not self._until_healthy(self._start):
+                return self.stats
+        except Exception as e:  # stopped while waiting for Redis
+            if not (self._stop.is_set() and is_environment_fault(e)):
+                raise
             return self.stats
         try:
             self._loop(burst=burst, block_ms=block_ms)
