@@ -18,14 +18,16 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import redis
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEALTH_KEY = "ctp:health"  # hash: role -> JSON {state, reason, since, retry_in}; a role clears its own
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
@@ -125,6 +127,22 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def until_up(make: Callable[[], T], *, what: str, backoff: Backoff | None = None) -> T:
+    """``make()``, again after each environment fault (Redis or Kafka not up yet) until it succeeds:
+    a role started before its servers waits for them instead of exiting. Other errors raise."""
+    backoff = backoff or Backoff()
+    while True:
+        try:
+            return make()
+        except Exception as e:
+            if not is_environment_fault(e):
+                raise
+            delay = backoff.next()
+            log = logger.warning if backoff.attempt == 1 else logger.debug
+            log("%s: waiting for the servers (%s); retrying in %.1f s", what, describe(e), delay)
+            time.sleep(delay)
 
 
 class Health:

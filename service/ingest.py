@@ -34,6 +34,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
@@ -43,6 +44,9 @@ from ctp.data import Sample
 from service.chunks import ChunkQueue, ChunkStore, IngestProgress, chunk_id_for, ids_key, offsets_key
 from service.health import Backoff, Health, check_free_space, describe, is_environment_fault
 from service.messages import DEFAULT_LIMITS, InvalidMessage, Limits, ValidPair, validate_message
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -541,7 +545,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ingest_parser().parse_args(argv)
     s = load_settings()
     client = redis.Redis.from_url(s.redis_url)
-    worker = IngestWorker(
+    from service import effective
+    from service.health import until_up
+
+    def start() -> IngestWorker:
+        w = _make_worker(s, client)
+        effective.record(client, "ingest", s)  # the chunk size status and the dashboard show
+        return w
+
+    worker = until_up(start, what="ingest")
+    worker.install_signal_handlers()
+    stats = worker.run(burst=args.burst)
+    print(dict(stats))
+    return 0
+
+
+def _make_worker(s: Settings, client: redis.Redis) -> IngestWorker:
+    """The worker ``ctp ingest`` runs, from the settings (it connects to Kafka)."""
+    return IngestWorker(
         bootstrap=s.kafka_bootstrap,
         topic=s.topic,
         dlq_topic=s.dlq_topic,
@@ -557,10 +578,3 @@ def main(argv: list[str] | None = None) -> int:
         dlq_max_bytes=s.dlq_max_message_bytes,
         min_free_bytes=s.min_free_bytes,
     )
-    worker.install_signal_handlers()
-    from service import effective
-
-    effective.record(client, "ingest", s)  # the chunk size status and the dashboard show
-    stats = worker.run(burst=args.burst)
-    print(dict(stats))
-    return 0

@@ -25,14 +25,18 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctp.config import TrainConfig
 from ctp.data import load_classification_set, load_retrieval_set, read_chunk
 from ctp.strategies import get_strategy
 from service.chunks import DEAD_CHUNKS, ChunkQueue, ChunkTask
-from service.health import Backoff, Health, check_free_space, describe, is_environment_fault
+from service.health import Backoff, Health, check_free_space, describe, is_environment_fault, until_up
 from service.redis_memory import RedisMemory
-from service.registry import FencedOut, Registry
+from service.registry import FencedOut, Registry, VersionInfo
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -360,11 +364,14 @@ class TrainerWorker:
                     raise
                 self._pause(e)
 
-    def _publish(self, meta: dict):
+    def _publish(self, meta: dict) -> VersionInfo:
         """Check the disk, that the lineage is still the one trained on, then write and register."""
         check_free_space(self.registry.root, self.min_free_bytes)
-        if (latest := self.registry.latest_version()) != self.loaded_version:
-            raise FencedOut(f"version {latest} was published meanwhile, not on top of {self.loaded_version}")
+        latest = self.registry.latest()
+        if latest is not None and latest.version != self.loaded_version:
+            if latest.meta.get("chunk_ids") == meta["chunk_ids"]:
+                return latest  # this very publish landed before Redis went away (its reply was lost)
+            raise FencedOut(f"version {latest.version} was published meanwhile, not on top of ours")
         return self.registry.publish(self.bundle.model, meta, fence=self.lease.fence)
 
     def _train(self, task: ChunkTask) -> None:
@@ -441,7 +448,28 @@ def main(argv: list[str] | None = None) -> int:
     s = load_settings()
     rank, device = init_distributed(s.device)
     client = redis.Redis.from_url(s.redis_url)
-    worker = TrainerWorker(
+    worker = until_up(lambda: _make_worker(s, client, args.generator, rank, device), what="trainer")
+    worker.install_signal_handlers()
+    if rank == 0:  # what status, the API and the dashboard show as the trainer's settings
+        from service import effective
+
+        until_up(
+            lambda: effective.record(
+                client, "trainer", s, consumer=worker.consumer, generator=args.generator
+            ),
+            what="trainer",
+        )
+    stats = worker.run(burst=args.burst)
+    if rank == 0:
+        print(stats)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 3 if stats.fenced else 0
+
+
+def _make_worker(s: Settings, client, generator: str, rank: int, device: str) -> TrainerWorker:
+    """The worker ``ctp train`` runs, from the settings (Redis is asked for the latest version)."""
+    return TrainerWorker(
         queue=ChunkQueue(client),
         registry=Registry(client, root=s.data_dir / "checkpoints", keep=s.keep_checkpoints),
         memory=RedisMemory(
@@ -450,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         model=s.model,
         pretrained=s.pretrained,
         strategy=s.strategy,
-        generator=args.generator,
+        generator=generator,
         config=TrainConfig(
             epochs=s.epochs,
             batch_size=s.batch_size,
@@ -467,14 +495,3 @@ def main(argv: list[str] | None = None) -> int:
         lease_s=s.trainer_lease_s,
         min_free_bytes=s.min_free_bytes,
     )
-    worker.install_signal_handlers()
-    if rank == 0:  # what status, the API and the dashboard show as the trainer's settings
-        from service import effective
-
-        effective.record(client, "trainer", s, consumer=worker.consumer, generator=args.generator)
-    stats = worker.run(burst=args.burst)
-    if rank == 0:
-        print(stats)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 3 if stats.fenced else 0

@@ -285,6 +285,55 @@ def test_the_lease_and_the_chunk_survive_a_redis_restart_within_the_ttl(redis_se
     assert client.hlen(TRIES) == 0 and client.hlen(DEAD_CHUNKS) == 0 and queue.pending() == 0
 
 
+def test_redis_away_at_the_checkpoint_the_trained_model_waits(redis_server, tmp_path, monkeypatch):
+    """Redis stops right after the checkpoint files are written (before they are registered) and
+    comes back a random moment later: the publish is retried, no retraining, one version."""
+    stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
+    real = ctp.checkpoint.save_checkpoint
+    gone = threading.Event()
+
+    def then_redis_goes(*a, **k):
+        path = real(*a, **k)
+        if not gone.is_set():
+            _stop_server(redis_server, signal.SIGTERM)
+            gone.set()
+        return path
+
+    monkeypatch.setattr(ctp.checkpoint, "save_checkpoint", then_redis_goes)
+    trained = _count_training(monkeypatch)
+    t, out = _in_thread(_trainer(client, tmp_path / "ckpt"))
+    _wait(gone.is_set, timeout=60, what="the checkpoint write")
+    time.sleep(random.uniform(0.3, 1.5))
+    redis_server.start()  # from this thread: the server dies with the thread that started it
+    t.join(60)
+    assert "error" not in out, out.get("error")
+    stats = out["stats"]
+    assert stats.chunks == 1 and stats.paused >= 1 and not stats.fenced and len(trained) == 1
+    reg = Registry(client, root=tmp_path / "ckpt")
+    assert [v.meta["chunk_ids"] for v in reg.history()] == [["chunk_000"]]
+    assert client.hlen(TRIES) == 0 and client.hlen(DEAD_CHUNKS) == 0 and queue.pending() == 0
+
+
+def test_a_role_started_before_redis_waits_for_it(redis_server):
+    import redis
+
+    from service.health import until_up
+
+    client = redis_server.client()
+    _stop_server(redis_server, signal.SIGTERM)
+    out: dict = {}
+    fast = Backoff(first=0.05, cap=0.2)
+    t = threading.Thread(target=lambda: out.setdefault("ping", until_up(client.ping, what="t", backoff=fast)))
+    t.start()
+    time.sleep(random.uniform(0.3, 1.0))
+    assert t.is_alive() and not out  # still waiting
+    redis_server.start()
+    t.join(10)
+    assert out["ping"] is True
+    with pytest.raises(redis.ResponseError):  # not the environment: raised at once
+        until_up(lambda: client.execute_command("NO-SUCH-COMMAND"), what="t", backoff=fast)
+
+
 def test_a_redis_outage_while_idle_pauses_and_resumes(redis_server, tmp_path):
     """Redis goes away while the trainer waits for chunks: it pauses (no crash, health recorded
     once Redis answers) and, Redis back, trains the chunk queued then."""
