@@ -399,17 +399,32 @@ def _chunked_ids(client) -> list[str]:
 
 
 def _ingest_in_thread(worker: IngestWorker) -> tuple[threading.Thread, dict]:
+    """The worker running until stopped (not burst: a broker away means nothing arrives for a while)."""
     out: dict = {}
 
     def go():
         try:
-            out["stats"] = worker.run(burst=True, idle_s=6)
+            out["stats"] = worker.run()
         except BaseException as e:  # the test sees it
             out["error"] = e
 
     t = threading.Thread(target=go, daemon=True)
     t.start()
     return t, out
+
+
+def _stop_when_recorded(
+    worker: IngestWorker, client, t: threading.Thread, n: int, timeout: float = 90
+) -> None:
+    """Wait until ``n`` pair ids are recorded with chunks (or the worker died), then stop it."""
+    from service.chunks import ids_key
+
+    _wait(
+        lambda: client.scard(ids_key(worker.topic)) >= n or not t.is_alive(), timeout, "every pair recorded"
+    )
+    time.sleep(0.5)  # a duplicate chunk, were one to come, would be recorded by now
+    worker.stop()
+    t.join(30)
 
 
 def _stop_server(server, sig: int) -> None:
@@ -434,7 +449,7 @@ def test_ingest_rides_out_a_redis_restart(kafka, redis_server, tmp_path):
     _wait(lambda: w.stats["paused"] >= 1, what="ingest to pause")
     time.sleep(random.uniform(0.2, 2.0))
     redis_server.start()
-    t.join(90)
+    _stop_when_recorded(w, client, t, 250)
     assert not t.is_alive() and "error" not in out, out.get("error")
     ids = _chunked_ids(client)
     assert sorted(ids) == sorted(f"pair-{i}" for i in range(250))  # each valid pair in one chunk
@@ -457,7 +472,7 @@ def test_ingest_rides_out_a_kafka_broker_restart(kafka, redis_server, tmp_path):
     time.sleep(random.uniform(0.2, 2.0))
     kafka.start()  # same data dir and ports
     _produce(kafka.bootstrap, topic, range(150, 250))
-    t.join(120)
+    _stop_when_recorded(w, client, t, 250)
     assert not t.is_alive() and "error" not in out, out.get("error")
     ids = _chunked_ids(client)
     assert sorted(ids) == sorted(f"pair-{i}" for i in range(250))
@@ -476,7 +491,7 @@ def test_ingest_pauses_on_low_disk_and_resumes_when_freed(kafka, redis_server, t
     assert not client.exists("ctp:chunks") and not any((tmp_path / "chunks").iterdir())
     time.sleep(random.uniform(0, 1))
     w.min_free_bytes = 0
-    t.join(60)
+    _stop_when_recorded(w, client, t, 60)
     assert "error" not in out, out.get("error")
     assert sorted(_chunked_ids(client)) == sorted(f"pair-{i}" for i in range(60))
     assert read_health(client) == {}
