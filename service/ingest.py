@@ -42,7 +42,7 @@ from kafka import errors as Errors
 
 from ctp.data import Sample
 from service.chunks import ChunkQueue, ChunkStore, IngestProgress, chunk_id_for, ids_key, offsets_key
-from service.health import Backoff, Health, check_free_space, describe, is_environment_fault
+from service.health import Backoff, Health, check_free_space, describe, is_environment_fault, until_up
 from service.messages import DEFAULT_LIMITS, InvalidMessage, Limits, ValidPair, validate_message
 
 if TYPE_CHECKING:
@@ -546,15 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     s = load_settings()
     client = redis.Redis.from_url(s.redis_url)
     from service import effective
-    from service.health import until_up
 
-    def start() -> IngestWorker:
-        w = _make_worker(s, client)
-        effective.record(client, "ingest", s)  # the chunk size status and the dashboard show
-        return w
-
-    worker = until_up(start, what="ingest")
+    worker = until_up(lambda: _make_worker(s, client), what="ingest")
     worker.install_signal_handlers()
+    # the chunk size status and the dashboard show
+    until_up(lambda: effective.record(client, "ingest", s), what="ingest")
     stats = worker.run(burst=args.burst)
     print(dict(stats))
     return 0
