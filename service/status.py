@@ -246,18 +246,19 @@ def status_line(s: dict[str, Any]) -> str:
         parts.append("no model version yet")
     if (d := s.get("disk")) and d["low"]:
         parts.append(f"disk LOW ({d['free_bytes'] / 2**30:.1f} GiB free)")
-    # no durations here: `ctp up` prints the line each time it changes
-    parts += [
-        f"{role} {str(h.get('state', '?')).upper()}: {h.get('reason')}"
-        for role, h in (s.get("health") or {}).items()
-    ]
+    parts += [f"{role} {_paused(h, detail=False)}" for role, h in (s.get("health") or {}).items()]
     parts += [f"{part} UNAVAILABLE" for part in s["errors"]]
     return " | ".join(parts)
 
 
-def _paused(h: dict[str, Any]) -> str:
+def _paused(h: dict[str, Any], *, detail: bool = True) -> str:
+    """A role's health record in words; without ``detail`` no durations (``ctp up`` prints the
+    status line each time it changes)."""
+    state, reason = str(h.get("state", "?")).upper(), h.get("reason")
+    if not detail:
+        return f"{state}: {reason}"
     since = f" for {time.time() - h['since']:.0f} s" if isinstance(h.get("since"), int | float) else ""
-    return f"{str(h.get('state', '?')).upper()}{since}: {h.get('reason')} (retry in {h.get('retry_in')} s)"
+    return f"{state}{since}: {reason} (retry in {h.get('retry_in')} s)"
 
 
 def _dead_letter_count(dl: dict[str, Any]) -> str:
