@@ -32,6 +32,8 @@ from tests.service.test_ingest import _png
 from tests.service.test_trainer import ROOT, _queued
 
 pytestmark = pytest.mark.timeout(120)
+# Each randomised fault test runs once in CI; CTP_FAULT_TRIALS=20 runs each 20 times (a soak).
+trials = pytest.mark.parametrize("trial", range(int(os.environ.get("CTP_FAULT_TRIALS", "1"))))
 
 
 def _trainer(client, root: Path, *, epochs: int = 1, **kw) -> TrainerWorker:
@@ -130,7 +132,8 @@ def test_the_classifier_tells_environment_from_chunk_faults():
     assert b.next() <= 1
 
 
-def test_a_full_disk_at_the_checkpoint_pauses_and_spends_no_try(redis_server, tmp_path, monkeypatch):
+@trials
+def test_a_full_disk_at_the_checkpoint_pauses_and_spends_no_try(trial, redis_server, tmp_path, monkeypatch):
     """The checkpoint write fails with ENOSPC 1-3 times: the trained model waits, the chunk is
     neither retrained nor set aside, the health record says why, and it is published once."""
     stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
@@ -167,7 +170,10 @@ def test_a_full_disk_at_the_checkpoint_pauses_and_spends_no_try(redis_server, tm
     assert [v.meta["chunk_ids"] for v in reg.history()] == [["chunk_000"]]
 
 
-def test_low_disk_is_seen_before_the_checkpoint_and_heals_when_freed(redis_server, tmp_path, monkeypatch):
+@trials
+def test_low_disk_is_seen_before_the_checkpoint_and_heals_when_freed(
+    trial, redis_server, tmp_path, monkeypatch
+):
     """``min_free_bytes`` above the disk's free space: paused with a status, nothing written; the
     threshold lowered (space freed): it trains on by itself."""
     stream, client, queue = _queued(redis_server, tmp_path, chunks=2)
@@ -213,7 +219,8 @@ def test_a_corrupt_chunk_dies_after_its_tries_and_the_rest_train(redis_server, t
     assert Registry(client, root=tmp_path / "ckpt").latest().meta["chunk_ids"] == ["chunk_000"]
 
 
-def test_a_trainer_killed_mid_chunk_spends_no_try_and_trains_it_once(redis_server, tmp_path):
+@trials
+def test_a_trainer_killed_mid_chunk_spends_no_try_and_trains_it_once(trial, redis_server, tmp_path):
     """``ctp train`` killed (-9) at a random point of its first chunk, then started again under the
     same name: its pending chunk is re-read (Redis counts a second delivery), no try is spent, and
     the lineage has each chunk once."""
@@ -260,7 +267,10 @@ def test_a_trainer_killed_mid_chunk_spends_no_try_and_trains_it_once(redis_serve
     assert queue.pending() == 0 and client.hlen(TRIES) == 0
 
 
-def test_the_lease_and_the_chunk_survive_a_redis_restart_within_the_ttl(redis_server, tmp_path, monkeypatch):
+@trials
+def test_the_lease_and_the_chunk_survive_a_redis_restart_within_the_ttl(
+    trial, redis_server, tmp_path, monkeypatch
+):
     """Redis stopped while a chunk trains and started again (same port, same AOF) within the lease's
     TTL: the lease is kept, the chunk in progress is finished (not trained again), one version."""
     stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
@@ -285,7 +295,8 @@ def test_the_lease_and_the_chunk_survive_a_redis_restart_within_the_ttl(redis_se
     assert client.hlen(TRIES) == 0 and client.hlen(DEAD_CHUNKS) == 0 and queue.pending() == 0
 
 
-def test_redis_away_at_the_checkpoint_the_trained_model_waits(redis_server, tmp_path, monkeypatch):
+@trials
+def test_redis_away_at_the_checkpoint_the_trained_model_waits(trial, redis_server, tmp_path, monkeypatch):
     """Redis stops right after the checkpoint files are written (before they are registered) and
     comes back a random moment later: the publish is retried, no retraining, one version."""
     stream, client, queue = _queued(redis_server, tmp_path, chunks=1)
@@ -334,7 +345,8 @@ def test_a_role_started_before_redis_waits_for_it(redis_server):
         until_up(lambda: client.execute_command("NO-SUCH-COMMAND"), what="t", backoff=fast)
 
 
-def test_a_redis_outage_while_idle_pauses_and_resumes(redis_server, tmp_path):
+@trials
+def test_a_redis_outage_while_idle_pauses_and_resumes(trial, redis_server, tmp_path):
     """Redis goes away while the trainer waits for chunks: it pauses (no crash, health recorded
     once Redis answers) and, Redis back, trains the chunk queued then."""
     stream, client, queue = _queued(redis_server, tmp_path, chunks=0)
@@ -432,7 +444,8 @@ def _stop_server(server, sig: int) -> None:
     _wait(lambda: not server.running, what=f"{server!r} to stop")
 
 
-def test_ingest_rides_out_a_redis_restart(kafka, redis_server, tmp_path):
+@trials
+def test_ingest_rides_out_a_redis_restart(trial, kafka, redis_server, tmp_path):
     """Redis killed (-9 or TERM, at random) after a random number of chunks and started again on
     the same port and AOF a moment later, pairs arriving meanwhile: ingest keeps running and every
     valid pair lands in exactly one chunk."""
@@ -456,7 +469,8 @@ def test_ingest_rides_out_a_redis_restart(kafka, redis_server, tmp_path):
     assert read_health(client) == {} and out["stats"]["paused"] >= 1
 
 
-def test_ingest_rides_out_a_kafka_broker_restart(kafka, redis_server, tmp_path):
+@trials
+def test_ingest_rides_out_a_kafka_broker_restart(trial, kafka, redis_server, tmp_path):
     """The session's broker killed (-9 or TERM) after a random number of chunks and started again on
     the same ports and data: ingest reconnects, reads on from Redis's offsets, every valid pair in
     exactly one chunk."""
@@ -479,7 +493,8 @@ def test_ingest_rides_out_a_kafka_broker_restart(kafka, redis_server, tmp_path):
     assert read_health(client) == {}
 
 
-def test_ingest_pauses_on_low_disk_and_resumes_when_freed(kafka, redis_server, tmp_path):
+@trials
+def test_ingest_pauses_on_low_disk_and_resumes_when_freed(trial, kafka, redis_server, tmp_path):
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
     ensure_topics(kafka.bootstrap, {topic: 2, f"{topic}.dlq": 1})
     _produce(kafka.bootstrap, topic, range(0, 60))
