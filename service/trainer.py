@@ -168,6 +168,8 @@ class TrainerLease:
 
     def release(self) -> None:
         self._done.set()
+        if self._thread is not None:  # a renewal under way would set the key again after the DEL
+            self._thread.join(self.ttl_ms / 1000)
         try:
             self._release(keys=[self.KEY], args=[self.holder])
         except Exception as e:  # it expires on its own
