@@ -6,9 +6,10 @@ directory write and the enqueue are both idempotent on it.
 
 ``ChunkQueue`` owns the queue's whole Redis layout: the stream ``ctp:chunks`` and its consumer
 group, the ``ctp:chunks:enqueued:{chunk id}`` markers, the dead chunks, the trained chunks kept
-on disk, and the ingest progress recorded with each chunk (``offsets_key``, ``ids_key``). Ingest
-calls ``seen`` and ``record_chunk``, the trainer ``take``, ``ack``, ``bury`` and
-``retire_trained``, ``ctp status`` ``pending`` and ``enqueued``.
+on disk, the tries spent per chunk (``TRIES``: only the trainer's chunk faults count, never a
+redelivery or a restart), and the ingest progress recorded with each chunk (``offsets_key``,
+``ids_key``). Ingest calls ``seen`` and ``record_chunk``, the trainer ``take``, ``tried``,
+``ack``, ``bury`` and ``retire_trained``, ``ctp status`` ``pending`` and ``enqueued``.
 
 Everything it keeps is bounded, O(1) per chunk:
 
@@ -25,6 +26,7 @@ Everything it keeps is bounded, O(1) per chunk:
 - **Markers** (a chunk is queued once per id) get a TTL of ``marker_ttl_s`` when acked.
 - **Dead chunks**: the hash ``DEAD_CHUNKS`` (chunk id -> reason) holds the newest
   ``DEAD_CHUNKS_MAX``; ``DEAD_ORDER`` (sorted set, burial time) says which are oldest.
+- **Tries**: a chunk's entry in ``TRIES`` goes when it is acked or buried.
 - **Trained chunks** on disk: ``ack`` pushes the chunk on ``TRAINED`` (newest first, at most
   ``TRAINED_MAX``); ``retire_trained(keep)`` deletes the directories of all but the newest
   ``keep``. Chunks not yet acked, and dead ones, are never on that list, so never deleted.
@@ -53,9 +55,10 @@ logger = logging.getLogger(__name__)
 
 STREAM = "ctp:chunks"
 GROUP = "ctp-trainers"
-DEAD_CHUNKS = "ctp:chunks:dead"  # hash: chunk id -> reason, chunks the trainer gave up on after max attempts
+DEAD_CHUNKS = "ctp:chunks:dead"  # hash: chunk id -> reason, chunks the trainer gave up on after max tries
 DEAD_ORDER = "ctp:chunks:dead:order"  # sorted set: dead chunk id -> burial time (oldest trimmed first)
 DEAD_CHUNKS_MAX = 10_000  # dead chunks remembered
+TRIES = "ctp:chunks:tries"  # hash: chunk id -> chunk faults so far; removed when it is acked or buried
 TRAINED = "ctp:chunks:trained"  # list of "chunk id\tpath", newest first: trained chunks still on disk
 TRAINED_MAX = 100_000  # the list's cap (retention off: the newest ones, for turning it on later)
 DEDUP_BUCKETS = 8  # the dedup window is split into this many expiring buckets
@@ -114,7 +117,7 @@ class ChunkTask:
     chunk_id: str
     path: str
     pairs: int
-    deliveries: int = 1  # >1: a dead worker's chunk, claimed again
+    deliveries: int = 1  # Redis's delivery count (restarts raise it too: not a count of failures)
 
 
 # Redis server time in ms and the current dedup bucket; ARGV[1] = bucket_ms.
@@ -330,6 +333,13 @@ class ChunkQueue:
             deliveries=deliveries,
         )
 
+    def tried(self, task: ChunkTask) -> int:
+        """Count one failed try of the chunk (a fault of its own); returns the tries spent so far."""
+        return int(self.r.hincrby(TRIES, task.chunk_id, 1))
+
+    def tries(self, chunk_id: str) -> int:
+        return int(self.r.hget(TRIES, chunk_id) or 0)
+
     def ack(self, task: ChunkTask) -> None:
         """The chunk is trained: acked, on ``TRAINED``, its marker expiring; old entries trimmed."""
         with self.r.pipeline() as pipe:
@@ -337,6 +347,7 @@ class ChunkQueue:
             pipe.lpush(TRAINED, f"{task.chunk_id}\t{task.path}")
             pipe.ltrim(TRAINED, 0, TRAINED_MAX - 1)
             pipe.pexpire(self._marker(task.chunk_id), self.marker_ttl_ms)
+            pipe.hdel(TRIES, task.chunk_id)
             pipe.execute()
         self.trim()
 
@@ -359,6 +370,7 @@ class ChunkQueue:
                 self.marker_ttl_ms,
             ],
         )
+        self.r.hdel(TRIES, task.chunk_id)
         self.trim()
 
     def retire_trained(self, keep: int) -> list[str]:

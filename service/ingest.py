@@ -16,6 +16,13 @@ dead letter too large for the DLQ (``dlq_max_bytes``, or refused by the broker f
 sent truncated to ``TRUNCATED_BYTES`` with ``ctp-truncated`` (why), ``ctp-original-bytes``; one
 whose sends all fail is recorded in the bounded Redis stream ``dlq_fallback_key(topic)``. Every
 dead letter of a chunk's offset range is confirmed (sent or recorded) before the range is.
+
+Environment faults (``service.health``: Redis or Kafka away, the disk full or below
+``min_free_bytes`` before a chunk is written) never end the worker: it drops what is not recorded
+yet, pauses with backoff (``ctp:health`` says why), then seeks every partition back to the offset
+Redis recorded and reads on. Recorded chunks stay as they are and their pair ids are known, so
+nothing is lost and no pair lands in a second chunk (a dead letter of the dropped range may be
+sent twice). A failed Kafka commit is only logged: Redis holds the offsets that count.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
@@ -34,7 +42,11 @@ from kafka import errors as Errors
 
 from ctp.data import Sample
 from service.chunks import ChunkQueue, ChunkStore, IngestProgress, chunk_id_for, offsets_key
+from service.health import Backoff, Health, check_free_space, describe, is_environment_fault, until_up
 from service.messages import DEFAULT_LIMITS, InvalidMessage, Limits, ValidPair, validate_message
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +117,8 @@ class IngestWorker:
         poll_timeout_ms: int = 500,
         dlq_max_bytes: int = 10_485_760,
         dlq_timeout_s: float = 30.0,
+        min_free_bytes: int = 0,
+        backoff: Backoff | None = None,
     ):
         self.topic, self.dlq_topic, self.group = topic, dlq_topic, group
         self.r = redis_client
@@ -115,6 +129,10 @@ class IngestWorker:
         self.poll_timeout_ms = poll_timeout_ms
         self.dlq_max_bytes, self.dlq_timeout_s = dlq_max_bytes, dlq_timeout_s
         self._fallback_key = dlq_fallback_key(topic)
+        self.min_free_bytes = min_free_bytes
+        self.backoff = backoff or Backoff()
+        self.health = Health(redis_client, "ingest")
+        self._rewind_needed = False  # seek every partition to Redis's offsets before reading on
         self.stats: Counter[str] = Counter()
         self.buffers: dict[int, PartitionBuffer] = {}
         # cut chunks are written and recorded by one writer thread, in order, while consuming
@@ -169,19 +187,29 @@ class IngestWorker:
         started = last_data = time.monotonic()
         try:
             while not self._stop.is_set():
-                batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
-                for tp, records in batches.items():
-                    self._handle_batch(tp.partition, records)
-                    last_data = time.monotonic()
-                self._complete_done()
-                if burst and not self.consumer.assignment():
-                    if time.monotonic() - started > assign_timeout_s:
-                        raise TimeoutError(
-                            f"no partitions of {self.topic} assigned in {assign_timeout_s:.0f} s"
-                        )
+                try:
+                    if self._rewind_needed:
+                        self._rewind()
+                    check_free_space(self.store.root, self.min_free_bytes)  # read nothing it cannot write
+                    if self._poll():
+                        last_data = time.monotonic()
+                    self._complete_done()
+                    if burst and not self.consumer.assignment():
+                        if time.monotonic() - started > assign_timeout_s:
+                            raise TimeoutError(
+                                f"no partitions of {self.topic} assigned in {assign_timeout_s:.0f} s"
+                            )
+                        last_data = time.monotonic()
+                        continue
+                    self._cut_due(force=burst and time.monotonic() - last_data > idle_s / 2)
+                    self.health.clear()  # this round worked: a pause (if any) is over
+                    self.backoff.reset()
+                except Exception as e:
+                    if not is_environment_fault(e):
+                        raise
+                    self._recover(e)
                     last_data = time.monotonic()
                     continue
-                self._cut_due(force=burst and time.monotonic() - last_data > idle_s / 2)
                 if (
                     burst
                     and time.monotonic() - last_data > idle_s
@@ -189,14 +217,64 @@ class IngestWorker:
                     and not any(b.first_offset is not None for b in self.buffers.values())
                 ):
                     break
-            self._cut_due(force=True)  # graceful stop: nothing half-done stays in memory
-            self.drain()
+            self._stop_gracefully()
         finally:
             self._writer.shutdown(wait=True)  # a write under way finishes (recorded, not committed)
             self.producer.flush()
             self.consumer.close(autocommit=False)
             self.producer.close()
         return self.stats
+
+    def _poll(self) -> bool:
+        """One poll, its records buffered; whether any arrived."""
+        batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+        for tp, records in batches.items():
+            self._handle_batch(tp.partition, records)
+        return any(batches.values())
+
+    def _stop_gracefully(self) -> None:
+        """Cut and record what is buffered; with Redis or the disk away it is read again next time."""
+        try:
+            self._cut_due(force=True)
+            self.drain()
+        except Exception as e:
+            if not is_environment_fault(e):
+                raise
+            logger.warning("stopping with unrecorded pairs (read again at the next start): %s", describe(e))
+
+    # -- faults
+    def _recover(self, err: BaseException) -> None:
+        """An environment fault: drop what is not recorded, pause, then read again from Redis's offsets."""
+        delay = self.backoff.next()
+        self.stats["paused"] += 1
+        self.health.paused(err, delay)
+        self.abandon()
+        self._stop.wait(delay)
+        self._rewind_needed = True
+
+    def abandon(self) -> None:
+        """Forget every buffer and every cut not recorded yet (a write under way finishes first)."""
+        for job in self._inflight:
+            try:
+                job.future.result()
+            except Exception as e:  # not recorded: its range is read again
+                logger.debug("chunk of partition %d not recorded: %s", job.partition, describe(e))
+        self._inflight.clear()
+        self._batch_recorded = set()
+        self.buffers = {p: PartitionBuffer() for p in self.buffers}
+
+    def _rewind(self) -> None:
+        """Seek every assigned partition to the next offset Redis recorded (else Kafka's commit)."""
+        for tp in self.consumer.assignment():
+            stored = self.stored_offset(tp.partition)
+            if stored is None:
+                stored = self.consumer.committed(tp)
+            if stored is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, stored)
+            self.buffers[tp.partition] = PartitionBuffer()
+        self._rewind_needed = False
 
     # -- per message
     def _handle_batch(self, partition: int, records) -> None:
@@ -360,6 +438,7 @@ class IngestWorker:
         self._confirm_dead_letters(buf.dead)  # dead letters of this range are stored before it is recorded
         chunk_id, path, n = "", "", len(buf.pairs)
         if buf.pairs:
+            check_free_space(self.store.root, self.min_free_bytes)
             chunk_id = chunk_id_for({partition: (buf.first_offset, buf.last_offset)})
             samples = [
                 Sample(
@@ -383,10 +462,19 @@ class IngestWorker:
         chunk_id, n = job.future.result()  # a failed write raises here: nothing is committed
         self._batch_recorded |= job.ids
         if commit:
-            self.consumer.commit({TopicPartition(self.topic, job.partition): _offset_meta(job.next_offset)})
+            self._commit(job)
         if chunk_id:
             self.stats["chunks"] += 1
             logger.info("chunk %s: %d pairs", chunk_id, n)
+
+    def _commit(self, job: _Job) -> None:
+        """Tell Kafka too (the group's lag); Redis already has the offset, so a failure only logs."""
+        try:
+            self.consumer.commit(
+                {TopicPartition(self.topic, job.partition): _offset_meta(job.next_offset)}, timeout_ms=10_000
+            )
+        except Errors.KafkaError as e:
+            logger.warning("Kafka commit of partition %d failed (Redis has it): %s", job.partition, e)
 
     def _complete_done(self) -> None:
         while self._inflight and self._inflight[0].future.done():
@@ -420,17 +508,29 @@ class _Rebalance(ConsumerRebalanceListener):
         # recorded in Redis. (No Kafka commit here: kafka-python runs this callback on its IO
         # thread, where blocking calls are refused; Redis is the source of truth anyway.) What
         # is not chunked yet the next owner reads again.
-        self.w.drain(commit=False)
+        try:
+            self.w.drain(commit=False)
+        except Exception as e:  # Redis or the disk away: nothing more is recorded, all is read again
+            if not is_environment_fault(e):
+                raise
+            logger.warning("cuts not recorded before the rebalance: %s", describe(e))
+            self.w.abandon()
         for tp in revoked:
             self.w.buffers.pop(tp.partition, None)
 
     def on_partitions_assigned(self, assigned):
         logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
         for tp in assigned:
-            stored = self.w.stored_offset(tp.partition)
+            self.w.buffers[tp.partition] = PartitionBuffer()
+            try:
+                stored = self.w.stored_offset(tp.partition)
+            except Exception as e:  # Redis away: the main loop seeks once it answers
+                if not is_environment_fault(e):
+                    raise
+                self.w._rewind_needed = True
+                continue
             if stored is not None:
                 self.w.consumer.seek(tp, stored)
-            self.w.buffers[tp.partition] = PartitionBuffer()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,7 +541,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ingest_parser().parse_args(argv)
     s = load_settings()
     client = redis.Redis.from_url(s.redis_url)
-    worker = IngestWorker(
+    from service import effective
+
+    worker = until_up(lambda: _make_worker(s, client), what="ingest")
+    worker.install_signal_handlers()
+    # the chunk size status and the dashboard show
+    until_up(lambda: effective.record(client, "ingest", s), what="ingest")
+    stats = worker.run(burst=args.burst)
+    print(dict(stats))
+    return 0
+
+
+def _make_worker(s: Settings, client: redis.Redis) -> IngestWorker:
+    """The worker ``ctp ingest`` runs, from the settings (it connects to Kafka)."""
+    return IngestWorker(
         bootstrap=s.kafka_bootstrap,
         topic=s.topic,
         dlq_topic=s.dlq_topic,
@@ -455,11 +568,5 @@ def main(argv: list[str] | None = None) -> int:
         max_poll_interval_ms=s.kafka_max_poll_interval_ms,
         limits=s.message_limits(),
         dlq_max_bytes=s.dlq_max_message_bytes,
+        min_free_bytes=s.min_free_bytes,
     )
-    worker.install_signal_handlers()
-    from service import effective
-
-    effective.record(client, "ingest", s)  # the chunk size status and the dashboard show
-    stats = worker.run(burst=args.burst)
-    print(dict(stats))
-    return 0

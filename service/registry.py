@@ -117,7 +117,9 @@ class Registry:
 
         ``fence=(key, value)``: register only while Redis ``key`` still holds ``value`` (the
         trainer's lease), checked under WATCH in the same transaction; else ``FencedOut``
-        and nothing is registered (a trainer that lost its lease cannot fork the lineage).
+        and nothing is registered (a trainer that lost its lease cannot fork the lineage). The
+        connection lost meanwhile raises ``redis.ConnectionError`` (the version may or may not be
+        registered: ``latest()`` tells).
         """
         from ctp.checkpoint import save_checkpoint
 
@@ -141,7 +143,11 @@ class Registry:
                 pipe.set(f"{self.prefix}:latest", version)
                 pipe.publish(self.channel, version)
                 pipe.execute()
-            except (FencedOut, redis.WatchError):
+            except (FencedOut, redis.WatchError) as e:
+                if isinstance(e.__context__, redis.ConnectionError | redis.TimeoutError):
+                    # the connection died, not the lease: an environment fault to retry. EXEC may
+                    # have run, so the files stay (an unregistered dir is removed at the next start)
+                    raise redis.ConnectionError(f"Redis went away registering version {version}") from e
                 shutil.rmtree(path, ignore_errors=True)
                 raise FencedOut(
                     f"lease {fence[0] if fence else '?'} lost before version {version} was registered"

@@ -93,6 +93,15 @@ class Settings(BaseSettings):
         description="chunks (`chunks/`) and checkpoints (`checkpoints/`) live below; shared by the roles",
         json_schema_extra={"read_by": "ingest, train, api"},
     )
+    min_free_bytes: int = Field(
+        1_073_741_824,
+        ge=0,
+        description=(
+            "free bytes the data dir's disk must keep: below it ingest and the trainer pause (with a "
+            "status) instead of writing a chunk or a checkpoint; 0: no check"
+        ),
+        json_schema_extra={"read_by": "ingest, train, status"},
+    )
     # chunking
     chunk_size: int = Field(
         256,
@@ -228,6 +237,16 @@ class Settings(BaseSettings):
         description=(
             "one active trainer per registry: a standby (or a restart) takes over this long after the "
             "holder stops renewing"
+        ),
+        json_schema_extra={"read_by": "train"},
+    )
+    chunk_max_tries: int = Field(
+        3,
+        gt=0,
+        description=(
+            "a chunk whose training fails this often for a reason of its own (corrupt shards, decode "
+            "errors) is set aside in `ctp:chunks:dead`; disk full, Redis or Kafka away, CUDA OOM and "
+            "restarts spend no try"
         ),
         json_schema_extra={"read_by": "train"},
     )

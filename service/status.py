@@ -1,8 +1,12 @@
-"""``ctp status``: where the pipeline stands: topic lag, chunks pending, memory, model versions.
+"""``ctp status``: where the pipeline stands: topic lag, chunks pending, memory, model versions,
+the data dir's free space and the roles' pauses.
 
 ``collect_status(settings)`` returns one JSON-able dict (also served by the API for the
 dashboard). Each part is gathered on its own: Kafka down still shows Redis figures and says
-what failed, so the command is useful exactly when something is wrong.
+what failed, so the command is useful exactly when something is wrong. ``errors`` names the
+store that failed (``store_of``): a Redis error met while asking for the lag is ``errors.redis``.
+``disk`` is the data dir's free space against ``CTP_MIN_FREE_BYTES`` (``low``: ingest and the
+trainer pause rather than write); ``health`` is each paused role's record (``service.health``).
 
 Lag is the number of messages on the topic that are not yet in a chunk: the partition's end
 offset minus the next offset ingest recorded in Redis with its last chunk (the source of truth;
@@ -117,17 +121,31 @@ def dead_letters(
     return out
 
 
+def store_of(exc: BaseException) -> str:
+    """The store an error came from: ``redis`` for a Redis error, else ``kafka`` (the lag's other
+    source)."""
+    import redis
+
+    return "redis" if isinstance(exc, redis.RedisError) else "kafka"
+
+
 def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
     import redis
 
     from service.chunks import DEAD_CHUNKS, ChunkQueue
     from service.effective import recorded
+    from service.health import disk_status, read_health
     from service.redis_memory import RedisMemory
     from service.registry import Registry
 
     r = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     out: dict[str, Any] = {"time": time.time(), "errors": {}}
     try:
+        out["disk"] = disk_status(settings.data_dir, settings.min_free_bytes)
+    except OSError as e:
+        out["errors"]["disk"] = f"{type(e).__name__}: {e}"
+    try:
+        out["health"] = read_health(r)
         q = ChunkQueue(r)
         out["chunks"] = {
             "pending": q.pending(),
@@ -157,8 +175,8 @@ def collect_status(settings: Settings, *, kafka: bool = True) -> dict[str, Any]:
     if kafka:
         try:
             out["ingest"] = topic_lag(settings, r)
-        except Exception as e:  # broker down or unreachable: report it, show the rest
-            out["errors"]["kafka"] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # broker (or Redis) down or unreachable: report it, show the rest
+            out["errors"].setdefault(store_of(e), f"{type(e).__name__}: {e}")
     return out
 
 
@@ -181,6 +199,13 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(
             f"memory: {m['items']} of {m['capacity']} pairs ({m['policy']}), {m['bytes'] / 1e6:.1f} MB"
         )
+    if d := s.get("disk"):
+        low = (
+            f" LOW: below the minimum {d['min_free_bytes'] / 2**30:.1f} GiB, writes pause" if d["low"] else ""
+        )
+        lines.append(f"disk: {d['free_bytes'] / 2**30:.1f} GiB free on {d['path']}{low}")
+    for role, h in (s.get("health") or {}).items():
+        lines.append(f"{role}: {_paused(h)}")
     for role, rs in (s.get("settings") or {}).items():
         keys = ("chunk_size", "chunk_max_wait_s") if role == "ingest" else TRAINER_SHOWN
         shown = ", ".join(f"{k}={rs[k]}" for k in keys if k in rs)
@@ -219,8 +244,21 @@ def status_line(s: dict[str, Any]) -> str:
         parts.append(f"v{v['version']} after {v['chunks']} chunks{': ' + metrics if metrics else ''}")
     elif "versions" in s:
         parts.append("no model version yet")
+    if (d := s.get("disk")) and d["low"]:
+        parts.append(f"disk LOW ({d['free_bytes'] / 2**30:.1f} GiB free)")
+    parts += [f"{role} {_paused(h, detail=False)}" for role, h in (s.get("health") or {}).items()]
     parts += [f"{part} UNAVAILABLE" for part in s["errors"]]
     return " | ".join(parts)
+
+
+def _paused(h: dict[str, Any], *, detail: bool = True) -> str:
+    """A role's health record in words; without ``detail`` no durations (``ctp up`` prints the
+    status line each time it changes)."""
+    state, reason = str(h.get("state", "?")).upper(), h.get("reason")
+    if not detail:
+        return f"{state}: {reason}"
+    since = f" for {time.time() - h['since']:.0f} s" if isinstance(h.get("since"), int | float) else ""
+    return f"{state}{since}: {reason} (retry in {h.get('retry_in')} s)"
 
 
 def _dead_letter_count(dl: dict[str, Any]) -> str:

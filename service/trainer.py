@@ -10,6 +10,13 @@ What a version carries stays the same size however long the stream runs (``servi
 the newest chunk ids, its own eval row and the bounded ``StreamEvalTracker`` state; the curves
 are the registry's eval history. With ``chunk_retention`` the directories of all but the newest
 N trained chunks are deleted after each ack (never while the strategy is ``joint``).
+
+Faults (``service.health``): an environment fault (disk full or below ``min_free_bytes`` before a
+checkpoint is written, Redis away, CUDA out of memory) pauses the worker with backoff and a record
+in ``ctp:health``; the chunk stays pending and no try is spent. A checkpoint whose write or
+registration hit one is written again with the model already trained (no retraining). Only a
+chunk's own fault (unreadable shards, a decode error) spends a try (``ChunkQueue.tried``); after
+``max_attempts`` the chunk is set aside. A restart re-reads its own pending chunk and spends none.
 """
 
 from __future__ import annotations
@@ -21,16 +28,20 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctp.config import TrainConfig
 from ctp.data import load_classification_set, load_retrieval_set, read_chunk
 from ctp.strategies import get_strategy
 from service.chunks import DEAD_CHUNKS, ChunkQueue, ChunkTask
+from service.health import Backoff, Health, check_free_space, describe, is_environment_fault, until_up
 from service.redis_memory import RedisMemory
-from service.registry import FencedOut, Registry, eval_fields, recent_chunk_ids
+from service.registry import FencedOut, Registry, VersionInfo, eval_fields, recent_chunk_ids
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +62,9 @@ dist = _TorchDistributed()
 class TrainerStats:
     chunks: int = 0
     skipped: int = 0  # already in the latest checkpoint
-    failed: int = 0  # attempts that raised (the chunk stays pending and is tried again)
+    failed: int = 0  # tries that raised for the chunk's own fault (it stays pending, tried again)
     dead: int = 0  # chunks given up after max_attempts
+    paused: int = 0  # environment faults waited out (no try spent)
     fenced: bool = False  # stopped: the lease was lost, another trainer took over
     last_version: int | None = None
 
@@ -97,12 +109,17 @@ class TrainerLease:
     A second trainer (a standby, or a restart while the dead one's lease still runs) waits for
     the key to expire. The registry registers a version only while the key still names this
     holder (``Registry.publish(fence=...)``), so a trainer that lost its lease during a long
-    pause cannot fork the lineage.
+    pause cannot fork the lineage. Redis away: the keeper retries every second; when Redis answers
+    again the key is renewed if it still names this holder, or set again if it is gone (nobody
+    took it meanwhile; the worker checks before publishing that the lineage has not moved). Only
+    a key naming another holder means the lease is lost.
     """
 
     KEY = "ctp:trainer:lease"
     _RENEW = (
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
+        "local v = redis.call('GET', KEYS[1]) "
+        "if v == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
+        "if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end "
         "return 0"
     )
     _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -121,6 +138,8 @@ class TrainerLease:
 
     def acquire(self, stop: threading.Event) -> bool:
         """Wait until this holder has the lease (or ``stop``); then keep it renewed."""
+        if self._thread is not None and self._thread.is_alive():
+            return True  # held already (a start retried after Redis went away half-way)
         waited = False
         while not stop.is_set():
             if self.r.set(self.KEY, self.holder, nx=True, px=self.ttl_ms):
@@ -134,12 +153,19 @@ class TrainerLease:
         return False
 
     def _keep(self) -> None:
-        while not self._done.wait(self.ttl_ms / 3000):
+        every_s, failing = self.ttl_ms / 3000, False
+        while not self._done.wait(min(1.0, every_s) if failing else every_s):
             try:
                 ok = self._renew(keys=[self.KEY], args=[self.holder, self.ttl_ms])
-            except Exception as e:  # Redis away for a moment: try again; the TTL covers 2 misses
-                logger.warning("lease renewal failed: %s", e)
+            except Exception as e:  # Redis away: retry every second until it answers
+                if not failing:
+                    logger.warning("lease renewal failed (retrying): %s", describe(e))
+                failing = True
                 continue
+            if failing:
+                how = "set again (it had expired; nobody took it)" if ok == 2 else "renewed"
+                logger.info("Redis answers again: lease %s %s", self.KEY, how)
+                failing = False
             if not ok:
                 logger.error("lost the trainer lease %s; stopping after this chunk", self.KEY)
                 self.lost.set()
@@ -147,6 +173,8 @@ class TrainerLease:
 
     def release(self) -> None:
         self._done.set()
+        if self._thread is not None:  # a renewal under way would set the key again after the DEL
+            self._thread.join(self.ttl_ms / 1000)
         try:
             self._release(keys=[self.KEY], args=[self.holder])
         except Exception as e:  # it expires on its own
@@ -169,6 +197,8 @@ class TrainerWorker:
         claim_idle_ms: int = 600_000,
         max_attempts: int = 3,
         lease_s: float = 30.0,
+        min_free_bytes: int = 0,
+        backoff: Backoff | None = None,
         eval_classification: dict[str, Path] | None = None,
         eval_retrieval: dict[str, Path] | None = None,
         chunk_retention: int = 0,
@@ -184,8 +214,11 @@ class TrainerWorker:
         self.consumer = consumer or f"trainer-{socket.gethostname()}"
         self.claim_idle_ms, self.max_attempts = claim_idle_ms, max_attempts
         self.chunk_retention = chunk_retention
+        self.min_free_bytes = min_free_bytes
+        self.backoff = backoff or Backoff()
+        self.health = Health(queue.r, "trainer")
         self.stats = TrainerStats()
-        self._failures: Counter[str] = Counter()
+        self._reload = False  # the model may be half-trained: load the checkpoint before the next chunk
         self._stop = threading.Event()
         self._eval_sets = (
             {n: load_classification_set(d) for n, d in (eval_classification or {}).items()},
@@ -266,7 +299,12 @@ class TrainerWorker:
 
     def run(self, *, burst: bool = False, block_ms: int = 1000) -> TrainerStats:
         """Train chunks until stopped; ``burst``: until the queue is empty. Rank 0 drives."""
-        if not self._start():
+        try:
+            if not self._until_healthy(self._start):
+                return self.stats
+        except Exception as e:  # stopped while waiting for Redis
+            if not (self._stop.is_set() and is_environment_fault(e)):
+                raise
             return self.stats
         try:
             self._loop(burst=burst, block_ms=block_ms)
@@ -279,27 +317,73 @@ class TrainerWorker:
         while True:
             if self.lease.lost.is_set():
                 self._stop.set()
-            task = self._next(burst=burst, block_ms=block_ms)
-            if task == "stop":
-                break
-            if task is None:
-                continue
-            assert isinstance(task, ChunkTask)
-            if task.chunk_id in self.trained_ids:
-                logger.info("chunk %s is in the latest checkpoint already; acking", task.chunk_id)
-                if self.rank == 0:
-                    self.queue.ack(task)
-                    self._retire_chunks()
-                self.stats.skipped += 1
-                continue
             try:
-                self._train(task)
+                task = self._next(burst=burst, block_ms=block_ms)
+                if task == "stop":
+                    break
+                if isinstance(task, ChunkTask):
+                    self._handle(task)
+                self.health.clear()  # this round worked: a pause (if any) is over
+                self.backoff.reset()
             except FencedOut as e:  # another trainer holds the lineage now: leave the chunk to it
                 logger.error("%s; stopping", e)
                 self.stats.fenced = True
                 return
-            except Exception as e:  # a bad chunk must not stop the worker; its model state is reloaded
-                self._failed(task, e)
+            except Exception as e:
+                if not is_environment_fault(e):
+                    raise
+                self._pause(e)  # the chunk stays pending: the next round takes it again
+
+    def _handle(self, task: ChunkTask) -> None:
+        if self._reload:
+            self._load()  # the last try may have changed the model half-way
+            self._reload = False
+        if task.chunk_id in self.trained_ids:
+            logger.info("chunk %s is in the latest checkpoint already; acking", task.chunk_id)
+            if self.rank == 0:
+                self.queue.ack(task)
+                self._retire_chunks()
+            self.stats.skipped += 1
+            return
+        try:
+            self._train(task)
+        except FencedOut:
+            raise
+        except Exception as e:  # a bad chunk must not stop the worker; its model state is reloaded
+            self._reload = True
+            if is_environment_fault(e):
+                raise
+            self._failed(task, e)
+
+    def _pause(self, err: BaseException) -> None:
+        """Wait out an environment fault (backoff, status in ``ctp:health``); nothing is spent."""
+        delay = self.backoff.next()
+        self.stats.paused += 1
+        self.health.paused(err, delay)
+        self._stop.wait(delay)
+
+    def _until_healthy(self, op):
+        """``op()``, again after each environment fault (paused with backoff) until it succeeds; a
+        stop request or any other error raises."""
+        while True:
+            try:
+                return op()
+            except FencedOut:
+                raise
+            except Exception as e:
+                if self._stop.is_set() or self.lease.lost.is_set() or not is_environment_fault(e):
+                    raise
+                self._pause(e)
+
+    def _publish(self, meta: dict) -> VersionInfo:
+        """Check the disk, that the lineage is still the one trained on, then write and register."""
+        check_free_space(self.registry.root, self.min_free_bytes)
+        latest = self.registry.latest()
+        if latest is not None and latest.version != self.loaded_version:
+            if latest.meta.get("chunk_ids") == meta["chunk_ids"]:
+                return latest  # this very publish landed before Redis went away (its reply was lost)
+            raise FencedOut(f"version {latest.version} was published meanwhile, not on top of ours")
+        return self.registry.publish(self.bundle.model, meta, fence=self.lease.fence)
 
     def _train(self, task: ChunkTask) -> None:
         t0 = time.perf_counter()
@@ -328,7 +412,8 @@ class TrainerWorker:
             meta |= eval_fields(evals)
             meta["eval_state"] = self.tracker.state()
         meta["seconds"] = time.perf_counter() - t0
-        info = self.registry.publish(self.bundle.model, meta, fence=self.lease.fence)
+        info = self._until_healthy(lambda: self._publish(meta))  # the trained model waits for the disk
+        self.loaded_version = info.version
         self.trained_ids, self.chunks_done = chunk_ids, self.chunks_done + 1
         self.queue.ack(task)
         self._retire_chunks()
@@ -353,19 +438,18 @@ class TrainerWorker:
             logger.warning("chunk retention failed (tried again after the next chunk): %s", e)
 
     def _failed(self, task: ChunkTask, err: Exception) -> None:
-        self._failures[task.chunk_id] += 1
-        attempts = max(task.deliveries, self._failures[task.chunk_id])
+        """A fault of the chunk's own: one try spent; set aside once ``max_attempts`` are."""
         self.stats.failed += 1
-        logger.exception(
-            "chunk %s failed (attempt %d of %d): %s", task.chunk_id, attempts, self.max_attempts, err
-        )
-        if self.rank == 0 and attempts >= self.max_attempts:
-            self.queue.bury(task, f"{type(err).__name__}: {err}")
+        if self.rank != 0:
+            return
+        tries = self.queue.tried(task)
+        logger.exception("chunk %s failed (try %d of %d): %s", task.chunk_id, tries, self.max_attempts, err)
+        if tries >= self.max_attempts:
+            self.queue.bury(task, describe(err))
             self.stats.dead += 1
             logger.error(
-                "chunk %s given up after %d attempts; recorded in %s", task.chunk_id, attempts, DEAD_CHUNKS
+                "chunk %s given up after %d tries; recorded in %s", task.chunk_id, tries, DEAD_CHUNKS
             )
-        self._load()  # training may have changed the model half-way: start again from the checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,7 +464,28 @@ def main(argv: list[str] | None = None) -> int:
     s = load_settings()
     rank, device = init_distributed(s.device)
     client = redis.Redis.from_url(s.redis_url)
-    worker = TrainerWorker(
+    worker = until_up(lambda: _make_worker(s, client, args.generator, rank, device), what="trainer")
+    worker.install_signal_handlers()
+    if rank == 0:  # what status, the API and the dashboard show as the trainer's settings
+        from service import effective
+
+        until_up(
+            lambda: effective.record(
+                client, "trainer", s, consumer=worker.consumer, generator=args.generator
+            ),
+            what="trainer",
+        )
+    stats = worker.run(burst=args.burst)
+    if rank == 0:
+        print(stats)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 3 if stats.fenced else 0
+
+
+def _make_worker(s: Settings, client, generator: str, rank: int, device: str) -> TrainerWorker:
+    """The worker ``ctp train`` runs, from the settings (Redis is asked for the latest version)."""
+    return TrainerWorker(
         queue=ChunkQueue(client),
         registry=Registry(client, root=s.data_dir / "checkpoints", keep=s.keep_checkpoints),
         memory=RedisMemory(
@@ -389,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         model=s.model,
         pretrained=s.pretrained,
         strategy=s.strategy,
-        generator=args.generator,
+        generator=generator,
         config=TrainConfig(
             epochs=s.epochs,
             batch_size=s.batch_size,
@@ -402,17 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_retrieval=s.eval_retrieval_sets(),
         consumer=s.trainer_name,
         claim_idle_ms=int(s.claim_idle_s * 1000),
+        max_attempts=s.chunk_max_tries,
         lease_s=s.trainer_lease_s,
         chunk_retention=s.chunk_retention,
+        min_free_bytes=s.min_free_bytes,
     )
-    worker.install_signal_handlers()
-    if rank == 0:  # what status, the API and the dashboard show as the trainer's settings
-        from service import effective
-
-        effective.record(client, "trainer", s, consumer=worker.consumer, generator=args.generator)
-    stats = worker.run(burst=args.burst)
-    if rank == 0:
-        print(stats)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 3 if stats.fenced else 0

@@ -18,7 +18,9 @@ everything ``service.status.collect_status`` reports, and
 - ``version_metrics``: per eval set, one point per registry version: its chunks, score,
   forgetting and average accuracy from the version's ``metrics``.
 
-Non-finite floats become null (JSON has no NaN). Redis away: ``errors.redis`` and the rest.
+Non-finite floats become null (JSON has no NaN). Errors are keyed by the store that failed: Redis
+away is ``errors.redis`` (also when it failed the lag's check, which is then retried at once once
+Redis answers), a broker away ``errors.kafka``; each is gone with the first answer after.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from service.registry import Registry
 from service.serve.holder import ModelHolder
 from service.serve.sources import DirectorySource
 from service.settings import Settings
-from service.status import collect_status, topic_lag
+from service.status import collect_status, store_of, topic_lag
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +152,7 @@ class KafkaLag:
         self.rate = IngestRate(rate_window_s)
         self.ingest: dict[str, Any] | None = None
         self.error: str | None = None
+        self.error_store: str | None = None  # "kafka" or "redis": which one the last check failed on
         self.checked_at: float | None = None
         self._next_at = -math.inf  # monotonic time from which the next check may start
         self._thread: threading.Thread | None = None
@@ -165,6 +168,15 @@ class KafkaLag:
                 self._thread.start()
             return {"ingest": self.ingest, "error": self.error, "checked_at": self.checked_at}
 
+    def error_from(self) -> str | None:
+        """The store the last check failed on (None: it answered)."""
+        return self.error_store if self.error is not None else None
+
+    def retry_now(self) -> None:
+        """Let the next ``poll`` check again at once (the store that failed answers again)."""
+        with self._lock:
+            self._next_at = -math.inf
+
     def _check(self) -> None:
         r = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
         try:
@@ -173,11 +185,15 @@ class KafkaLag:
             with self._lock:
                 self.rate.add(now, int(lag["produced"]))
                 self.ingest = {**lag, "rate_per_s": self.rate.per_s()}
-                self.error, self.checked_at = None, now
+                self.error, self.error_store, self.checked_at = None, None, now
         except Exception as e:  # broker or Redis away: report it, keep the page up
             with self._lock:
                 self.ingest, self.error, self.checked_at = None, f"{type(e).__name__}: {e}", time.time()
-                self._next_at = time.monotonic() + self.retry_s
+                self.error_store = store_of(e)
+                # the long pause spares the log kafka-python fills while a broker is away
+                self._next_at = time.monotonic() + (
+                    self.retry_s if self.error_store == "kafka" else self.every_s
+                )
         finally:
             r.close()
 
@@ -196,8 +212,10 @@ class DashboardStatus:
         k = self.kafka.poll()
         if k["ingest"] is not None:
             out["ingest"] = k["ingest"]
-        elif k["error"] is not None:
-            out["errors"]["kafka"] = k["error"]
+        elif (store := self.kafka.error_from()) == "redis" and "redis" not in out["errors"]:
+            self.kafka.retry_now()  # Redis answers again: the lag's Redis error is stale
+        elif store is not None:
+            out["errors"].setdefault(store, k["error"])
         out["ingest_pending"] = k["checked_at"] is None
         out["ingest_checked_at"] = k["checked_at"]
         if isinstance(self.holder.source, DirectorySource):  # no registry: versions are the dir's

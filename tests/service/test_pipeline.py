@@ -259,9 +259,15 @@ def test_trainer_killed_mid_chunk_resumes_from_the_last_good_checkpoint(kafka, r
     queue = ChunkQueue(r)
     for d in stream.chunks:
         queue.record_chunk(d.name, d, 80)
-    env = _env(
-        kafka, redis_server, tmp_path, "unused", CTP_EPOCHS="80", CTP_MEMORY_SIZE="30"
-    )  # ~10 s a chunk
+    env = _env(  # 360 steps a chunk (5-20 s): longer than the wait before each kill
+        kafka,
+        redis_server,
+        tmp_path,
+        "unused",
+        CTP_EPOCHS="120",
+        CTP_EPOCHS_FOLLOW_CHUNK_SIZE="false",
+        CTP_MEMORY_SIZE="30",
+    )
     reg = Registry(r, root=tmp_path / "data" / "checkpoints")
     rng = random.Random(3)
     for trial in range(

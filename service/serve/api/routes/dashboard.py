@@ -72,11 +72,17 @@ class StatusBody(BaseModel):
 
     time: float
     errors: dict[str, str] = Field(
-        description="part -> what failed (redis, kafka, ...); empty when all answered"
+        description="store -> what failed (redis, kafka, ...); empty when all answered"
     )
     chunks: dict[str, int] | None = Field(None, description="pending, enqueued, dead")
     memory: dict[str, int] | None = Field(None, description="items, bytes, capacity")
     ingest: dict[str, Any] | None = Field(None, description="topic, partitions, lag, produced, rate_per_s")
+    disk: dict[str, Any] | None = Field(
+        None, description="the data dir's disk: path, free_bytes, min_free_bytes, low (writes pause)"
+    )
+    health: dict[str, dict[str, Any]] = Field(
+        {}, description="role -> its pause (state, reason, since, retry_in); empty when all work"
+    )
     ingest_pending: bool = Field(description="true until Kafka has answered once")
     versions: list[dict[str, Any]] = Field(
         [], description="registry history: version, created, chunks, metrics"

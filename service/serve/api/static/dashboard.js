@@ -176,10 +176,18 @@ function renderSpark(values) {
 }
 
 function render(s) {
-  const errors = Object.entries(s.errors || {});
+  const notes = [
+    ...Object.entries(s.errors || {}).map(([part, e]) => `${part} unavailable: ${e}`),
+    ...Object.entries(s.health || {}).map(
+      ([role, h]) => `${role} paused: ${h.reason} (retrying in ${h.retry_in} s)`,
+    ),
+    ...(s.disk && s.disk.low
+      ? [`disk low: ${(s.disk.free_bytes / 2 ** 30).toFixed(1)} GiB free on ${s.disk.path}, writes paused`]
+      : []),
+  ];
   const banner = $("errors");
-  banner.replaceChildren(...errors.map(([part, e]) => el("div", {}, `${part} unavailable: ${e}`)));
-  banner.hidden = !errors.length;
+  banner.replaceChildren(...notes.map((text) => el("div", {}, text)));
+  banner.hidden = !notes.length;
 
   const sv = s.serving;
   setText("version", sv ? String(sv.model_version) : "–");
