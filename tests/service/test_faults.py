@@ -431,9 +431,10 @@ def _stop_when_recorded(
     """Wait until ``n`` pair ids are recorded with chunks (or the worker died), then stop it."""
     from service.chunks import ids_key
 
-    _wait(
-        lambda: client.scard(ids_key(worker.topic)) >= n or not t.is_alive(), timeout, "every pair recorded"
-    )
+    def recorded() -> int:  # ids live in the dedup window's time buckets (ChunkQueue)
+        return sum(client.scard(k) for k in client.scan_iter(f"{ids_key(worker.topic)}:*"))
+
+    _wait(lambda: recorded() >= n or not t.is_alive(), timeout, "every pair recorded")
     time.sleep(0.5)  # a duplicate chunk, were one to come, would be recorded by now
     worker.stop()
     t.join(30)
