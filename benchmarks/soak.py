@@ -16,7 +16,9 @@ Writes ``OUT/soak.json`` (settings, command, samples, verdicts) and ``OUT/soak.p
 series) and prints, per series, the value after warm-up (the first ``--warmup`` of the run), at
 the end, and the fitted slope after warm-up, with a verdict: **flat** when the fitted line moves by
 at most ``TOLERANCE`` of the series' median over the post-warm-up window, **bounded** when it
-moves more but stays under the bound its retention setting gives, else **GROWING**.
+moves more but stays under the bound its retention setting gives (printed with it: a run shorter
+than the retention has not reached that bound yet), else **GROWING**. ``ctp up``'s own output goes
+to ``<data dir>-up.log`` beside the data dir.
 
 Settings (``SOAK_SETTINGS``; a ``CTP_`` variable set in the environment wins), chosen so that
 ~100 k pairs flow through in 30 minutes on a 2-core CPU box:
@@ -31,7 +33,7 @@ Settings (``SOAK_SETTINGS``; a ``CTP_`` variable set in the environment wins), c
   500-pair replay memory, logs rotated at 1 MB with 2 backups.
 - Kafka: the topics get ``retention.ms`` of ``KAFKA_RETENTION_MS`` (3 min) and 1-minute segments
   (the broker checks retention every 5 minutes), so Kafka's own log holds at most ~9 minutes of
-  stream. Redis: ``auto-aof-rewrite-min-size`` ``REDIS_AOF_REWRITE_MIN`` (16 MB, default 64 MB),
+  stream. Redis: ``auto-aof-rewrite-min-size`` ``REDIS_AOF_REWRITE_MIN`` (16 MiB, default 64),
   so the AOF, which grows with every replay-memory write, is rewritten within the run and its
   bound (about twice the rewritten size, at least that minimum) shows. Both are set on the
   running servers (``bound_servers``), as an operator would.
@@ -82,7 +84,8 @@ SOAK_SETTINGS = {
     "CTP_WATCH_INTERVAL_S": "5",
 }
 KAFKA_RETENTION_MS = 3 * 60_000
-REDIS_AOF_REWRITE_MIN = "16mb"
+KAFKA_RETENTION_CHECK_MS = 5 * 60_000  # the broker's log.retention.check.interval.ms (default)
+REDIS_AOF_REWRITE_MIN = 16 * 2**20
 KAFKA_SEGMENT_MS = 60_000
 BAD_EVERY = 100  # one bad message in this many
 IMAGE_SIZE = 32
@@ -185,7 +188,9 @@ def bound_servers(record: dict, topics: list[str]) -> None:
     import redis
     from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
-    redis.Redis.from_url(record["redis_url"]).config_set("auto-aof-rewrite-min-size", REDIS_AOF_REWRITE_MIN)
+    redis.Redis.from_url(record["redis_url"]).config_set(
+        "auto-aof-rewrite-min-size", str(REDIS_AOF_REWRITE_MIN)
+    )
     bootstrap = record["kafka_bootstrap"]
     configs = {"retention.ms": str(KAFKA_RETENTION_MS), "segment.ms": str(KAFKA_SEGMENT_MS)}
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
@@ -350,11 +355,30 @@ class Series:
     title: str
     unit: str = "MB"
     scale: float = 1e6
-    bound: Callable[[dict[str, str]], float | None] = lambda settings: None  # from retention settings
+    bound: Callable[[dict], float | None] = lambda result: None  # from the retention settings
 
 
-def _log_bound(s: dict[str, str]) -> float:
+def _log_bound(result: dict) -> float:
+    """Each role's log and its backups: (backups + 1) x max bytes (+5 %: a line past the limit)."""
+    s = result["settings"]
     return ROLES_WITH_LOGS * (int(s["CTP_LOG_BACKUPS"]) + 1) * int(s["CTP_LOG_MAX_BYTES"]) * 1.05
+
+
+def _kafka_bound(result: dict) -> float | None:
+    """What the topics can hold before retention deletes: the stream of retention + one segment
+    + one retention check, at the bytes per message measured up to warm-up (+25 %)."""
+    after = [r for r in result["samples"] if r["t"] >= result["warmup_s"] and r["produced"]]
+    if not after:
+        return None
+    per_message = after[0]["kafka_dir_bytes"] / after[0]["produced"]
+    window_s = (KAFKA_RETENTION_MS + KAFKA_SEGMENT_MS + KAFKA_RETENTION_CHECK_MS) / 1000
+    return 1.25 * per_message * result["rate"] * (1 + 1 / BAD_EVERY) * window_s
+
+
+def _aof_bound(result: dict) -> float:
+    """Redis rewrites the AOF once it doubled since the last rewrite and passed the minimum: the
+    dataset here is a few MB, so the minimum is the bound (+25 %)."""
+    return 1.25 * REDIS_AOF_REWRITE_MIN
 
 
 BOUNDED = [
@@ -362,8 +386,8 @@ BOUNDED = [
     Series("redis_dbsize", "Redis DBSIZE (keys)", unit="keys", scale=1.0),
     Series("api_rss", "API RSS"),
     Series("data_dir_bytes", "data dir (without Kafka)"),
-    Series("kafka_dir_bytes", "Kafka log dir"),
-    Series("redis_dir_bytes", "Redis AOF dir"),
+    Series("kafka_dir_bytes", "Kafka log dir", bound=_kafka_bound),
+    Series("redis_dir_bytes", "Redis AOF dir", bound=_aof_bound),
     Series("meta_json_bytes", "newest meta.json", unit="KB", scale=1e3),
     Series("log_dir_bytes", "log dir", bound=_log_bound),
 ]
@@ -376,9 +400,13 @@ PROGRESS = [
 ]
 
 
-def verdict(samples: list[dict], series: Series, settings: dict[str, str], warmup_s: float) -> dict:
+def verdict(result: dict, series: Series) -> dict:
     """Value after warm-up and at the end, slope after warm-up, and flat / bounded / GROWING."""
-    points = [(r["t"], r[series.key]) for r in samples if r["t"] >= warmup_s and r[series.key] is not None]
+    points = [
+        (r["t"], r[series.key])
+        for r in result["samples"]
+        if r["t"] >= result["warmup_s"] and r[series.key] is not None
+    ]
     if len(points) < 3:
         return {"verdict": "too few samples after warm-up", "samples": len(points)}
     t = np.array([p[0] for p in points])
@@ -386,7 +414,7 @@ def verdict(samples: list[dict], series: Series, settings: dict[str, str], warmu
     slope = float(np.polyfit(t, v, 1)[0])  # per second
     median = statistics.median(v)
     moved = abs(slope) * (t[-1] - t[0])
-    bound = series.bound(settings)
+    bound = series.bound(result)
     if moved <= TOLERANCE * max(median, 1e-9):
         word = "flat"
     elif bound is not None and v.max() <= bound:
@@ -419,6 +447,7 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(
             f"  {s.title:28s} {v['after_warmup'] * f:10.2f} -> {v['end'] * f:10.2f} {s.unit:5s} "
             f"slope {v['slope_per_min'] * f:+9.3f} {s.unit}/min  {v['verdict']}"
+            + (f" (bound {v['bound'] * f:.1f} {s.unit})" if v["bound"] is not None else "")
         )
     last = result["samples"][-1]
     lines.append(
@@ -481,7 +510,7 @@ def run(args: argparse.Namespace, command: list[str]) -> dict:
     data_dir = args.data_dir.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     env = soak_env(data_dir)
-    log = args.out / "ctp-up.log"
+    log = data_dir.parent / f"{data_dir.name}-up.log"  # ctp up's own output, beside its data dir
     up = start_stack(data_dir, env, log)
     samples: list[dict] = []
     producer = None
@@ -517,25 +546,25 @@ def run(args: argparse.Namespace, command: list[str]) -> dict:
         if producer is not None:
             producer.stop.set()
         rc = stop_stack(up)
-    settings = {k: env[k] for k in sorted(env) if k.startswith("CTP_")}
-    warmup_s = args.warmup * args.minutes * 60
-    return {
+    result = {
         "command": command,
         "minutes": args.minutes,
         "rate": args.rate,
         "every_s": args.every,
-        "warmup_s": warmup_s,
+        "warmup_s": args.warmup * args.minutes * 60,
         "tolerance": TOLERANCE,
         "bad_every": BAD_EVERY,
         "image_size": IMAGE_SIZE,
         "kafka_topic_config": {"retention.ms": KAFKA_RETENTION_MS, "segment.ms": KAFKA_SEGMENT_MS},
         "redis_config": {"auto-aof-rewrite-min-size": REDIS_AOF_REWRITE_MIN},
-        "settings": settings,
+        "settings": {k: env[k] for k in sorted(env) if k.startswith("CTP_")},
         "cpus": os.cpu_count(),
         "ctp_up_exit": rc,
+        "ctp_up_log": str(log),
         "samples": samples,
-        "verdicts": {s.key: verdict(samples, s, settings, warmup_s) for s in BOUNDED},
     }
+    result["verdicts"] = {s.key: verdict(result, s) for s in BOUNDED}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
