@@ -24,10 +24,11 @@ Settings (``SOAK_SETTINGS``; a ``CTP_`` variable set in the environment wins), c
 ~100 k pairs flow through in 30 minutes on a 2-core CPU box:
 
 - 32 px JPEGs (``benchmarks/ingest.make_image``, ~1 KB a message) and the smallest model preset,
-  ``ctp-vit-micro-32``, one epoch a chunk, 1024-pair chunks: the trainer's cost is per chunk,
-  so large chunks let it come close to the stream; it need not keep up (a CPU cannot train 60
-  pairs/s of CLIP): the queue of untrained chunks is reported (``pending``), and what is
-  measured is that each part's state stays bounded while it lags.
+  ``ctp-vit-micro-32``, one epoch a chunk, 1024-pair chunks: the trainer's cost is mostly per
+  chunk (checkpoint, registry, gallery re-embedding in the API), so large chunks let it come
+  close to the stream. It need not keep up: the chunks waiting for it are recorded
+  (``chunks_pending``), and what is measured is that each part's state stays bounded either way
+  (in the 3-minute smoke run on a loaded 2-core machine it did keep up).
 - a 120 s dedup window (the ids of ~135-150 s of stream stay in Redis, then expire), chunk
   retention 4 (the newest 4 trained chunk dirs), a 2,048-pair gallery, 3 checkpoints, a
   500-pair replay memory, logs rotated at 1 MB with 2 backups.
@@ -107,8 +108,9 @@ def bad_messages() -> Iterator[tuple[str, bytes]]:
 
 
 class Producer(threading.Thread):
-    """Sends valid pairs at ``rate`` per second (paced against the start), one bad message in
-    ``BAD_EVERY``, until ``stop`` is set; counts what it sent."""
+    """Sends ``rate`` messages per second (paced against the start), valid pairs but for one bad
+    message in ``BAD_EVERY``, until ``stop`` is set; counts what it sent, and in ``failed`` the
+    sends refused or not delivered."""
 
     def __init__(self, bootstrap: str, topic: str, rate: float, *, run_id: str):
         super().__init__(daemon=True, name="soak-producer")
@@ -138,16 +140,20 @@ class Producer(threading.Thread):
                     id=key, text=f"a photo of thing {c}", image=images[i % len(images)], label=f"thing {c}"
                 )
             try:
-                producer.send(self.topic, value=value, key=key.encode() if key else None)
+                sent = producer.send(self.topic, value=value, key=key.encode() if key else None)
             except Exception:  # broker away: counted, the stream goes on
-                self.failed += 1
+                self._failed()
                 continue
+            sent.add_errback(self._failed)
             if key is None:
                 self.bad += 1
             else:
                 self.valid += 1
         producer.flush(timeout=30)
         producer.close(timeout=10)
+
+    def _failed(self, *_: object) -> None:
+        self.failed += 1
 
 
 # ---------------------------------------------------------------------------------------- the stack
@@ -274,6 +280,14 @@ def dir_bytes(path: Path, *, exclude: Path | None = None) -> int:
     return total
 
 
+def file_bytes(path: Path) -> int | None:
+    """A file's size; None when it is gone (a checkpoint retention deleted meanwhile)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 @dataclass
 class Sampler:
     """One row of figures per call; keeps the pairs trained so far from the eval history."""
@@ -293,11 +307,22 @@ class Sampler:
         from service.status import collect_status
 
         settings = load_settings(data_dir=self.data_dir)
-        s = collect_status(settings)
+        s = collect_status(settings)  # a store that is away: its part is missing, named in errors
         r = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         reg = Registry(r, root=self.data_dir / "checkpoints")
-        latest = reg.latest()
-        meta = latest.path / "meta.json" if latest else None
+        try:
+            latest = reg.latest()
+            redis_figures = {
+                "trained_pairs": self._trained(reg),
+                "redis_used_memory": int(r.info("memory")["used_memory"]),
+                "redis_dbsize": int(r.dbsize()),
+            }
+        except redis.RedisError as e:
+            latest, redis_figures = (
+                None,
+                dict.fromkeys(("trained_pairs", "redis_used_memory", "redis_dbsize")),
+            )
+            s["errors"].setdefault("redis", f"{type(e).__name__}: {e}")
         ingest = s.get("ingest") or {}
         chunks = s.get("chunks") or {}
         dead_letters = (ingest.get("dead_letters") or {}).get("count")
@@ -315,17 +340,15 @@ class Sampler:
             "chunks_pending": chunks.get("pending"),
             "chunks_dead": chunks.get("dead"),
             "versions": s.get("latest"),
-            "trained_pairs": self._trained(reg),
             "memory_items": (s.get("memory") or {}).get("items"),
-            "redis_used_memory": int(r.info("memory")["used_memory"]),
-            "redis_dbsize": int(r.dbsize()),
+            **redis_figures,
             "api_rss": rss_bytes(api_pid(self.up_pid)),
             "data_dir_bytes": dir_bytes(self.data_dir, exclude=kafka_dir),
             "kafka_dir_bytes": dir_bytes(kafka_dir),
             "chunk_dirs_bytes": dir_bytes(self.data_dir / "chunks"),
             "checkpoints_bytes": dir_bytes(self.data_dir / "checkpoints"),
             "redis_dir_bytes": dir_bytes(self.data_dir / "redis"),
-            "meta_json_bytes": meta.stat().st_size if meta and meta.exists() else None,
+            "meta_json_bytes": file_bytes(latest.path / "meta.json") if latest else None,
             "log_dir_bytes": dir_bytes(self.data_dir / "logs"),
             "load1": os.getloadavg()[0],
             "errors": s["errors"],
@@ -506,6 +529,21 @@ def soak_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
+def progress(row: dict) -> dict[str, Any]:
+    """The progress bar's figures from a sample."""
+
+    def mb(x: int | None) -> str:
+        return "?" if x is None else f"{x / 1e6:.1f}MB"
+
+    return {
+        "sent": row["sent_valid"],
+        "chunked": row["messages_chunked"],
+        "v": row["versions"],
+        "redis": mb(row["redis_used_memory"]),
+        "api": mb(row["api_rss"]),
+    }
+
+
 def run(args: argparse.Namespace, command: list[str]) -> dict:
     data_dir = args.data_dir.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -527,15 +565,7 @@ def run(args: argparse.Namespace, command: list[str]) -> dict:
                 if up.poll() is not None:
                     raise RuntimeError(f"ctp up exited with {up.returncode}:\n{log.read_text()[-3000:]}")
                 samples.append(sampler.sample())
-                row = samples[-1]
-                bar.set_postfix(
-                    sent=row["sent_valid"],
-                    chunked=row["messages_chunked"],
-                    v=row["versions"],
-                    redis=f"{row['redis_used_memory'] / 1e6:.1f}MB",
-                    api=f"{(row['api_rss'] or 0) / 1e6:.0f}MB",
-                    refresh=False,
-                )
+                bar.set_postfix(progress(samples[-1]), refresh=False)
                 bar.update(round(min(elapsed, duration)) - bar.n)
                 time.sleep(max(0.0, sampler.t0 + len(samples) * args.every - time.monotonic()))
             producer.stop.set()
@@ -570,7 +600,7 @@ def run(args: argparse.Namespace, command: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=30.0)
-    p.add_argument("--rate", type=float, default=60.0, help="valid pairs per second")
+    p.add_argument("--rate", type=float, default=60.0, help=f"messages per second (1 in {BAD_EVERY} bad)")
     p.add_argument("--every", type=float, default=30.0, help="seconds between samples")
     p.add_argument("--warmup", type=float, default=1 / 3, help="share of the run counted as warm-up")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak")
