@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup servers test-tools test test-fast lint demo experiment bench-continual bench-step bench-ingest clean
+.PHONY: setup servers test-tools test test-fast lint demo experiment bench-continual bench-step bench-ingest soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,6 +58,12 @@ bench-step: $(STAMP)
 
 bench-ingest: $(STAMP) servers
 	$(BIN)/python benchmarks/ingest.py --out runs/bench-ingest
+
+# ~30 min: the whole stack (ctp up) fed ~100 k small pairs; Redis memory, API RSS, data dir,
+# meta.json and log sizes sampled; benchmarks/results/soak/soak.{json,png}. MINUTES=3: a smoke run
+MINUTES ?= 30
+soak: $(STAMP) servers
+	$(BIN)/python benchmarks/soak.py --minutes $(MINUTES)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -17,6 +17,10 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.messages import Limits
 
 
 def pairs_from_shards(dirs: list[Path]) -> Iterator[tuple[str, bytes]]:
@@ -44,6 +48,19 @@ def pairs_from_jsonl(path: Path) -> Iterator[tuple[str | None, bytes]]:
             yield key if isinstance(key, str) else None, line
 
 
+def kafka_producer(bootstrap: str, limits: Limits):
+    """The producer every ctp sender uses: ``acks=all``, a short linger, and room for the largest
+    message ingest accepts (``limits.max_message_bytes``) with its key and headers."""
+    from kafka import KafkaProducer
+
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=10,
+        max_request_size=limits.max_message_bytes + 64 * 1024,
+    )
+
+
 SHOW_REFUSED = 20  # reasons printed; the rest are counted
 
 
@@ -66,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         help="send every message as it is (ingest dead-letters the bad ones) instead of refusing them here",
     )
     args = p.parse_args(argv)
-    from kafka import KafkaProducer
     from tqdm.auto import tqdm
 
     from service.messages import InvalidMessage, validate_message
@@ -86,12 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         source = pairs_from_shards(args.shards)
     else:
         source = pairs_from_jsonl(args.jsonl)
-    producer = KafkaProducer(
-        bootstrap_servers=args.bootstrap,
-        acks="all",
-        linger_ms=10,
-        max_request_size=limits.max_message_bytes + 64 * 1024,  # what ingest accepts, with key and headers
-    )
+    producer = kafka_producer(args.bootstrap, limits)
     sent, n, t0 = 0, 0, time.monotonic()
     refused: list[str] = []  # "message N: code: reason", as ingest would put it in the DLQ
     failed: list[str] = []  # sends the broker refused
