@@ -32,8 +32,9 @@ from tests.service.test_ingest import _png
 from tests.service.test_trainer import ROOT, _queued
 
 pytestmark = pytest.mark.timeout(120)
-# Each randomised fault test runs once in CI; CTP_FAULT_TRIALS=20 runs each 20 times (a soak).
-trials = pytest.mark.parametrize("trial", range(int(os.environ.get("CTP_FAULT_TRIALS", "1"))))
+# Each randomised fault test runs 5 times in CI (fault point drawn anew each trial);
+# CTP_FAULT_TRIALS=20 runs each 20 times (a soak).
+trials = pytest.mark.parametrize("trial", range(int(os.environ.get("CTP_FAULT_TRIALS", "5"))))
 
 
 def _trainer(client, root: Path, *, epochs: int = 1, **kw) -> TrainerWorker:

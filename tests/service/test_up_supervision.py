@@ -3,7 +3,7 @@ with SIGKILL at random moments, and each comes back on the same port with its da
 record, a Redis key, the registry), while ``ctp up`` and its roles keep running and the API
 answers ``/healthz`` and ``/classify`` (HTTP 200, the model it loaded) throughout.
 
-Two kills per server by default; ``CTP_TEST_KILLS=N`` (read by this test only) makes it N each,
+Five kills per server by default (CI); ``CTP_TEST_KILLS=N`` (read by this test only) makes it N each,
 in a random order, for a longer soak (the pauses double while a server keeps dying: 1, 2, 4 s ...).
 
 The registry's one version is published beforehand into the Redis data dir ``ctp up`` will use
@@ -36,7 +36,7 @@ from service.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "ctp-vit-micro-32"
-KILLS = int(os.environ.get("CTP_TEST_KILLS", "2"))  # per server
+KILLS = int(os.environ.get("CTP_TEST_KILLS", "5"))  # per server (CI: 5 each)
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180 + 60 * KILLS)]
 
 
