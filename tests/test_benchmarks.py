@@ -99,12 +99,21 @@ def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
     assert "## Acceptance targets" in text
 
 
-def test_is_done_reruns_results_of_another_budget(tmp_path, monkeypatch):
+def test_is_done_reruns_results_of_another_budget_or_strategy_default(tmp_path, monkeypatch):
     monkeypatch.setattr(continual, "RESULTS", tmp_path)
     cell = continual.Cell("s", 0, "er", 0.01)
     assert not continual.is_done(cell, "t")
     cell.path("t").parent.mkdir(parents=True)
     cell.path("t").write_text(json.dumps({"cell": {"common": ["--epochs", "99"]}}))
     assert not continual.is_done(cell, "t")
-    cell.path("t").write_text(json.dumps({"cell": {"common": continual.COMMON}}))
+    today = continual.expected_strategy(cell)
+    cell.path("t").write_text(json.dumps({"cell": {"common": continual.COMMON}, "strategy_config": today}))
     assert continual.is_done(cell, "t")
+    # a strategy default changed since the file was made: rerun
+    stale = {**today, "kd_weight": today["kd_weight"] + 1}
+    cell.path("t").write_text(json.dumps({"cell": {"common": continual.COMMON}, "strategy_config": stale}))
+    assert not continual.is_done(cell, "t")
+    # a variant's --set overrides are part of what it expects
+    kd2 = continual.Cell("s", 0, "incclip", 0.01, variant="kd2", sets=("kd_weight=2",))
+    assert continual.expected_strategy(kd2)["kd_weight"] == 2.0
+    assert continual.expected_strategy(kd2)["kd_scope"] == "replay"
