@@ -231,7 +231,7 @@ def test_a_trainer_killed_mid_chunk_spends_no_try_and_trains_it_once(trial, redi
         "CTP_REDIS_URL": redis_server.url,
         "CTP_DATA_DIR": str(tmp_path / "data"),
         "CTP_MODEL": "ctp-vit-micro-32",
-        "CTP_EPOCHS": "30",
+        "CTP_EPOCHS": "2000",  # a chunk outlasts the kill point (0-2 s after taking it), on any machine
         "CTP_BATCH_SIZE": "16",
         "CTP_MEMORY_SIZE": "30",
         "CTP_TRAINER_NAME": "trainer-x",
