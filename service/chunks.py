@@ -13,13 +13,17 @@ redelivery or a restart), and the ingest progress recorded with each chunk (``of
 
 Everything it keeps is bounded, O(1) per chunk:
 
-- **Pair ids** (dropping resent pairs) live in time buckets, ``ids_key(topic):<n>``: bucket n
-  holds the ids recorded during ``[n, n+1) * bucket_ms`` (Redis server time), ``bucket_ms`` is
-  ``dedup_window_s / DEDUP_BUCKETS``, and each bucket expires once its newest id is
-  ``dedup_window_s`` old. ``seen`` checks the live buckets, so a resend within the window is
-  dropped, one older than the window plus one bucket is accepted as a new pair (chunked and
-  trained again), in between either. The set ``ids_key(topic)`` of earlier releases (no
-  window) is still consulted and is given the window as its TTL by the first record.
+- **Pair ids** (dropping resent pairs) live in time buckets, ``pairs_key(topic):<n>``: bucket n is
+  a hash of the ids recorded during ``[n, n+1) * bucket_ms`` (Redis server time), each with an
+  8-byte digest of its content (``service.messages.pair_digest``: text and image bytes).
+  ``bucket_ms`` is ``dedup_window_s / DEDUP_BUCKETS``, and each bucket expires once its newest id
+  is ``dedup_window_s`` old. ``seen`` checks the live buckets and returns each id's digest, so a
+  resend within the window is dropped, a different pair under an id already used is told apart
+  (ingest dead-letters it, ``id_conflict``), and an id older than the window plus one bucket is
+  accepted as a new pair (chunked and trained again), in between either. The id sets of earlier
+  releases (``ids_key(topic)`` and its set buckets ``ids_key(topic):<n>``, no digests) are still
+  consulted until they expire; the unbounded one is given the window as its TTL by the first
+  record.
 - **The stream** keeps every entry not yet acked (pending or not yet delivered) and the newest
   ``keep_acked`` acked ones; older acked entries are trimmed on each ack (``XTRIM MINID``).
   ``enqueued()`` is the stream's ``entries-added``: every chunk ever queued.
@@ -130,9 +134,10 @@ local bucket = math.floor(now / bucket_ms)
 
 # One script records a chunk whole: the stream entry (once per chunk id: the marker and the entry
 # are written together or not at all) and, for ingest, the partition's next offset and the pair
-# ids (into the current bucket). KEYS: stream, enqueued marker[, offsets hash, ids key prefix].
-# ARGV: bucket_ms, buckets, chunk id ("" = no chunk, only the offset advances: every message was
-# bad), path, pairs[, partition, next offset, ids...].
+# ids with their digests (into the current bucket). KEYS: stream, enqueued marker[, offsets hash,
+# pairs key prefix, ids set of earlier releases]. ARGV: bucket_ms, buckets, chunk id ("" = no
+# chunk, only the offset advances: every message was bad), path, pairs[, partition, next offset,
+# id, digest, id, digest...].
 _RECORD = (
     _NOW
     + """
@@ -140,38 +145,47 @@ local entry = false
 if ARGV[3] ~= '' and redis.call('SET', KEYS[2], ARGV[3], 'NX') then
   entry = redis.call('XADD', KEYS[1], '*', 'chunk_id', ARGV[3], 'path', ARGV[4], 'pairs', ARGV[5])
 end
-if #KEYS == 4 then
+if #KEYS == 5 then
   local cur = tonumber(redis.call('HGET', KEYS[3], ARGV[6]) or '-1')
   if tonumber(ARGV[7]) > cur then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
-  if #ARGV >= 8 then
+  if #ARGV >= 9 then
     local key = KEYS[4] .. ':' .. bucket
-    for i = 8, #ARGV do redis.call('SADD', key, ARGV[i]) end
+    for i = 8, #ARGV - 1, 2 do redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
     redis.call('PEXPIREAT', key, (bucket + 1 + tonumber(ARGV[2])) * bucket_ms)
   end
-  if redis.call('PTTL', KEYS[4]) == -1 then  -- the unbounded set of earlier releases
-    redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[2]) * bucket_ms)
+  if redis.call('PTTL', KEYS[5]) == -1 then  -- the unbounded set of earlier releases
+    redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[2]) * bucket_ms)
   end
 end
 return entry
 """
 )
 
-# Which ids are in a live bucket (or the old unbounded set). KEYS: ids key prefix. ARGV: bucket_ms,
-# buckets, ids... Returns 0/1 per id.
+# Which ids are in a live bucket, with their digests. KEYS: pairs key prefix, ids key prefix of
+# earlier releases (sets, no digest). ARGV: bucket_ms, buckets, ids... Returns per id: 0 (not
+# seen), the digest, or '' (seen by an earlier release: content unknown).
 _SEEN = (
     _NOW
     + """
 local out = {}
 for i = 3, #ARGV do out[i - 2] = 0 end
-local function check(key)
+local function check(key, hashed)
   if redis.call('EXISTS', key) == 1 then
     for i = 3, #ARGV do
-      if out[i - 2] == 0 and redis.call('SISMEMBER', key, ARGV[i]) == 1 then out[i - 2] = 1 end
+      if out[i - 2] == 0 then
+        if hashed then
+          local d = redis.call('HGET', key, ARGV[i])
+          if d then out[i - 2] = d end
+        elseif redis.call('SISMEMBER', key, ARGV[i]) == 1 then
+          out[i - 2] = ''
+        end
+      end
     end
   end
 end
-check(KEYS[1])
-for b = bucket - tonumber(ARGV[2]), bucket do check(KEYS[1] .. ':' .. b) end
+for b = bucket, bucket - tonumber(ARGV[2]), -1 do check(KEYS[1] .. ':' .. b, true) end
+check(KEYS[2], false)
+for b = bucket - tonumber(ARGV[2]), bucket do check(KEYS[2] .. ':' .. b, false) end
 return out
 """
 )
@@ -228,20 +242,28 @@ def offsets_key(topic: str) -> str:
     return f"ctp:ingest:{topic}:offsets"
 
 
+def pairs_key(topic: str) -> str:
+    """Prefix of the dedup buckets ``{pairs_key}:<n>``: hashes pair id -> content digest, of the ids
+    recorded with a chunk."""
+    return f"ctp:ingest:{topic}:pairs"
+
+
 def ids_key(topic: str) -> str:
-    """Prefix of the dedup buckets ``{ids_key}:<n>`` (sets of pair ids recorded with a chunk);
-    the key itself is the unbounded set of earlier releases, read until it expires."""
+    """The dedup sets of earlier releases (ids without digests), read until they expire: the key
+    itself (unbounded, given the window as its TTL) and its buckets ``{ids_key}:<n>``."""
     return f"ctp:ingest:{topic}:ids"
 
 
 @dataclass(frozen=True)
 class IngestProgress:
-    """What ingest records with a chunk: the partition's next offset to read and the chunk's pair ids."""
+    """What ingest records with a chunk: the partition's next offset to read and the chunk's pair ids,
+    each with its content digest (``digests``, parallel to ``ids``; none given: empty digests)."""
 
     topic: str
     partition: int
     next_offset: int
     ids: Sequence[str] = ()
+    digests: Sequence[bytes] = ()
 
 
 class ChunkQueue:
@@ -290,17 +312,21 @@ class ChunkQueue:
         keys = [self.stream, self._marker(chunk_id)]
         args: list[str | int] = [self.bucket_ms, DEDUP_BUCKETS, chunk_id, str(path), pairs]
         if progress is not None:
-            keys += [offsets_key(progress.topic), ids_key(progress.topic)]
-            args += [progress.partition, progress.next_offset, *progress.ids]
+            keys += [offsets_key(progress.topic), pairs_key(progress.topic), ids_key(progress.topic)]
+            args += [progress.partition, progress.next_offset]
+            digests = progress.digests or [b""] * len(progress.ids)
+            for pair_id, digest in zip(progress.ids, digests, strict=True):
+                args += [pair_id, digest]
         entry = self._record(keys=keys, args=args)
         return entry.decode() if entry else None
 
-    def seen(self, topic: str, ids: Sequence[str]) -> list[bool]:
-        """Per id: recorded with a chunk of ``topic`` within the dedup window (a resend to drop)."""
+    def seen(self, topic: str, ids: Sequence[str]) -> list[bytes | None]:
+        """Per id recorded with a chunk of ``topic`` within the dedup window, its content digest
+        (``b""`` when an earlier release recorded it: content unknown); None for a new id."""
         if not ids:
             return []
-        hits = self._seen(keys=[ids_key(topic)], args=[self.bucket_ms, DEDUP_BUCKETS, *ids])
-        return [bool(h) for h in hits]
+        hits = self._seen(keys=[pairs_key(topic), ids_key(topic)], args=[self.bucket_ms, DEDUP_BUCKETS, *ids])
+        return [None if h == 0 else bytes(h) for h in hits]
 
     def take(self, consumer: str, *, block_ms: int = 1000, min_idle_ms: int = 60_000) -> ChunkTask | None:
         """The next chunk for ``consumer``: first one idle too long at a dead worker, else a new one."""

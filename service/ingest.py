@@ -43,7 +43,14 @@ from kafka import errors as Errors
 from ctp.data import Sample
 from service.chunks import ChunkQueue, ChunkStore, IngestProgress, chunk_id_for, offsets_key
 from service.health import Backoff, Health, check_free_space, describe, is_environment_fault, until_up
-from service.messages import DEFAULT_LIMITS, InvalidMessage, Limits, ValidPair, validate_message
+from service.messages import (
+    DEFAULT_LIMITS,
+    InvalidMessage,
+    Limits,
+    ValidPair,
+    pair_digest,
+    validate_message,
+)
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -56,7 +63,7 @@ class _Job:
     future: Future
     partition: int
     next_offset: int
-    ids: set[str]
+    ids: dict[str, bytes]  # pair id -> content digest
 
 
 TRUNCATED_BYTES = 64 * 1024  # what a dead letter too large for the DLQ keeps of its value
@@ -87,7 +94,7 @@ class PartitionBuffer:
     last_offset: int | None = None
     started: float = 0.0  # monotonic time of the first message
     pairs: list[tuple[int, ValidPair]] = field(default_factory=list)
-    ids: set[str] = field(default_factory=set)
+    ids: dict[str, bytes] = field(default_factory=dict)  # pair id -> content digest
     dead: list[_DeadLetter] = field(default_factory=list)  # sent, confirmed when the range is recorded
 
     def note(self, offset: int) -> None:
@@ -139,7 +146,7 @@ class IngestWorker:
         # goes on; the main thread commits each to Kafka once it is recorded
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctp-chunk-writer")
         self._inflight: deque[_Job] = deque()
-        self._batch_recorded: set[str] = set()
+        self._batch_recorded: dict[str, bytes] = {}
         self.max_inflight = 2
         self._stop = threading.Event()
         self._offsets_key = offsets_key(topic)
@@ -260,7 +267,7 @@ class IngestWorker:
             except Exception as e:  # not recorded: its range is read again
                 logger.debug("chunk of partition %d not recorded: %s", job.partition, describe(e))
         self._inflight.clear()
-        self._batch_recorded = set()
+        self._batch_recorded = {}
         self.buffers = {p: PartitionBuffer() for p in self.buffers}
 
     def _rewind(self) -> None:
@@ -283,31 +290,47 @@ class IngestWorker:
         ids = [pair.id for _, pair in checked if isinstance(pair, ValidPair)]
         # An id seen before is in Redis (recorded with a chunk within the dedup window: one script
         # for the batch, ChunkQueue.seen), in a chunk being written, in an open buffer, or recorded
-        # during this batch.
-        self._batch_recorded = set()
-        known = {i for i, hit in zip(ids, self.queue.seen(self.topic, ids), strict=True) if hit}
+        # during this batch. The same content again is a resend (dropped); other content under a
+        # used id is dead-lettered (id_conflict): the first pair stays the one trained.
+        self._batch_recorded = {}
+        known = {i: d for i, d in zip(ids, self.queue.seen(self.topic, ids), strict=True) if d is not None}
         for rec, pair in checked:
             buf = self.buffers.setdefault(partition, PartitionBuffer())
             buf.note(rec.offset)
             if isinstance(pair, InvalidMessage):
                 self._dead_letter(buf, rec, pair)
                 continue
-            # Ids in any of this worker's open buffers, or recorded with an earlier chunk. (Another
-            # worker's open buffer is not visible: producers should key messages by id, so resent
-            # pairs land in the same partition and so in the same worker.)
-            if (
-                pair.id in known
-                or pair.id in self._batch_recorded
-                or any(pair.id in j.ids for j in self._inflight)
-                or any(pair.id in b.ids for b in self.buffers.values())
-            ):
-                self.stats["duplicates"] += 1
+            digest = pair_digest(pair)
+            before = self._digest_before(pair.id, known)
+            if before is not None:
+                if before in (b"", digest):  # b"": recorded by an earlier release, content unknown
+                    self.stats["duplicates"] += 1
+                else:
+                    conflict = InvalidMessage(
+                        "id_conflict",
+                        f"id {pair.id!r} was taken by a pair with other content within the dedup window "
+                        "(CTP_DEDUP_WINDOW_S); the first one is kept: send new content under a new id",
+                    )
+                    self._dead_letter(buf, rec, conflict)
                 continue
-            buf.ids.add(pair.id)
+            buf.ids[pair.id] = digest
             buf.pairs.append((rec.offset, pair))
             self.stats["valid"] += 1
             if len(buf.pairs) >= self.chunk_size:
                 self._cut(partition)
+
+    def _digest_before(self, pair_id: str, known: dict[str, bytes]) -> bytes | None:
+        """The content digest of an earlier pair under ``pair_id``, or None. Looks in Redis's answer
+        for this batch, the cuts recorded during it, the cuts being written and every open buffer
+        of this worker. (Another worker's open buffer is not visible: producers should key
+        messages by id, so resent pairs land in the same partition and so in the same worker.)"""
+        for ids in (known, self._batch_recorded, *(j.ids for j in self._inflight)):
+            if pair_id in ids:
+                return ids[pair_id]
+        for b in self.buffers.values():
+            if pair_id in b.ids:
+                return b.ids[pair_id]
+        return None
 
     def _validate(self, partition: int, rec) -> ValidPair | InvalidMessage:
         self.stats["messages"] += 1
@@ -452,7 +475,13 @@ class IngestWorker:
                 for off, p in buf.pairs
             ]
             path = str(self.store.write(chunk_id, samples))
-        progress = IngestProgress(self.topic, partition, buf.last_offset + 1, [p.id for _, p in buf.pairs])
+        progress = IngestProgress(
+            self.topic,
+            partition,
+            buf.last_offset + 1,
+            [p.id for _, p in buf.pairs],
+            [buf.ids[p.id] for _, p in buf.pairs],
+        )
         self.queue.record_chunk(chunk_id, path, n, progress=progress)
         return chunk_id, n
 
@@ -460,7 +489,7 @@ class IngestWorker:
         """Main thread: wait for the oldest cut to be recorded, then commit its offset to Kafka."""
         job = self._inflight.popleft()
         chunk_id, n = job.future.result()  # a failed write raises here: nothing is committed
-        self._batch_recorded |= job.ids
+        self._batch_recorded.update(job.ids)
         if commit:
             self._commit(job)
         if chunk_id:

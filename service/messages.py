@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import json
 import unicodedata
 from dataclasses import dataclass, field
@@ -58,6 +59,17 @@ class ValidPair:
     ext: str  # "jpg" | "png" | "webp"
     label: str | None = None
     meta: dict = field(default_factory=dict)
+
+
+def pair_digest(pair: ValidPair) -> bytes:
+    """8 bytes naming a pair's content (its text and image bytes; not its label or meta): ingest
+    tells a resend (same id, same digest: dropped) from a different pair under a used id
+    (``id_conflict``)."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (pair.text.encode(), pair.image):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
 
 
 def clean_text(value: str, *, what: str, max_chars: int, allow: str = "\t\n") -> str:

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import time
 
@@ -14,6 +15,7 @@ from service.chunks import (
     IngestProgress,
     chunk_id_for,
     ids_key,
+    pairs_key,
 )
 
 
@@ -82,23 +84,25 @@ def test_a_restarted_worker_resumes_its_own_pending_chunk(redis_server):
 
 
 def _progress(ids, *, offset=0, topic="t"):
-    return IngestProgress(topic, 0, offset, ids)
+    digests = [hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids]  # as ingest's are
+    return IngestProgress(topic, 0, offset, ids, digests)
 
 
 def _dedup_keys(r, topic="t"):
-    return sorted(k.decode() for k in r.scan_iter(f"{ids_key(topic)}:*"))
+    return sorted(k.decode() for k in r.scan_iter(f"{pairs_key(topic)}:*"))
 
 
 def test_a_resend_is_dropped_within_the_window_and_accepted_after_it(redis_server):
     r = redis_server.client()
     q = ChunkQueue(r, dedup_window_s=2.0)  # 8 buckets of 250 ms
-    q.record_chunk("p0-0-2", "/d", 3, progress=_progress(["a", "b", "c"], offset=3))
-    assert q.seen("t", ["a", "x", "c"]) == [True, False, True]
-    assert q.seen("other-topic", ["a"]) == [False]
+    digests = [b"\x01" * 8, b"\x02" * 8, b"\x03" * 8]
+    q.record_chunk("p0-0-2", "/d", 3, progress=IngestProgress("t", 0, 3, ["a", "b", "c"], digests))
+    assert q.seen("t", ["a", "x", "c"]) == [digests[0], None, digests[2]]  # each id's content digest
+    assert q.seen("other-topic", ["a"]) == [None]
     time.sleep(1.0)
-    assert q.seen("t", ["a", "b"]) == [True, True]  # half the window later: still a resend
+    assert q.seen("t", ["a", "b"]) == digests[:2]  # half the window later: still a resend
     time.sleep(1.0 + 0.25 + 0.1)  # past the window plus one bucket
-    assert q.seen("t", ["a", "b", "c"]) == [False, False, False]  # a new pair now
+    assert q.seen("t", ["a", "b", "c"]) == [None, None, None]  # a new pair now
     assert _dedup_keys(r) == []  # the bucket expired with its ids
 
 
@@ -106,11 +110,13 @@ def test_the_set_of_earlier_releases_is_read_and_expires(redis_server):
     r = redis_server.client()
     r.sadd(ids_key("t"), "old-id")  # an unbounded set left by an earlier release
     q = ChunkQueue(r, dedup_window_s=1.0)
-    assert q.seen("t", ["old-id", "new"]) == [True, False]
+    now_bucket = int(r.time()[0] * 1000 // q.bucket_ms)
+    r.sadd(f"{ids_key('t')}:{now_bucket}", "bucketed-id")  # and a set bucket of the last release
+    assert q.seen("t", ["old-id", "bucketed-id", "new"]) == [b"", b"", None]  # seen, content unknown
     q.record_chunk("p0-0-0", "/d", 1, progress=_progress(["new"], offset=1))
     assert 0 < r.pttl(ids_key("t")) <= 1000  # given the window as its TTL
     time.sleep(1.4)
-    assert not r.exists(ids_key("t")) and q.seen("t", ["old-id", "new"]) == [False, False]
+    assert not r.exists(ids_key("t")) and q.seen("t", ["old-id", "new"]) == [None, None]
 
 
 def test_dedup_state_stays_bounded_as_pairs_pass(redis_server):
@@ -129,7 +135,7 @@ def test_dedup_state_stays_bounded_as_pairs_pass(redis_server):
         )
         time.sleep(0.1)
         keys = _dedup_keys(r)
-        live.append(sum(r.scard(k) for k in keys))
+        live.append(sum(r.hlen(k) for k in keys))
         used.append(sum(r.memory_usage(k) or 0 for k in keys))
         assert len(keys) <= DEDUP_BUCKETS + 1
         ttls = [r.pttl(k) for k in keys]  # -2: expired since the scan, 0: expiring this ms

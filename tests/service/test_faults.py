@@ -430,10 +430,10 @@ def _stop_when_recorded(
     worker: IngestWorker, client, t: threading.Thread, n: int, timeout: float = 90
 ) -> None:
     """Wait until ``n`` pair ids are recorded with chunks (or the worker died), then stop it."""
-    from service.chunks import ids_key
+    from service.chunks import pairs_key
 
     def recorded() -> int:  # ids live in the dedup window's time buckets (ChunkQueue)
-        return sum(client.scard(k) for k in client.scan_iter(f"{ids_key(worker.topic)}:*"))
+        return sum(client.hlen(k) for k in client.scan_iter(f"{pairs_key(worker.topic)}:*"))
 
     _wait(lambda: recorded() >= n or not t.is_alive(), timeout, "every pair recorded")
     time.sleep(0.5)  # a duplicate chunk, were one to come, would be recorded by now

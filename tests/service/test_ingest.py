@@ -110,6 +110,46 @@ def test_end_to_end_chunks_dead_letters_and_duplicates(kafka, redis_server, tmp_
     assert w2.run(burst=True, idle_s=3)["chunks"] == 0
 
 
+def test_other_content_under_a_used_id_is_dead_lettered_the_first_pair_kept(kafka, redis_server, tmp_path):
+    """A resend (same id, same text and image; label and meta may differ) is dropped; a different
+    pair under an id already taken is dead-lettered as ``id_conflict``, whether the first one is
+    still in this worker's buffer or already recorded in Redis; the first pair is the one chunked."""
+    topic = f"pairs-{uuid.uuid4().hex[:6]}"
+    ensure_topics(kafka.bootstrap, {topic: 1, f"{topic}.dlq": 1})
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+
+    def send(pair_id, text, image, **kw):
+        producer.send(topic, encode_message(id=pair_id, text=text, image=image, **kw))
+
+    for i in range(5):
+        send(f"c-{i}", f"first {i}", _png(i), label="a")
+    send("c-0", "first 0", _png(0), label="b", meta={"retry": 1})  # a resend: dropped
+    send("c-1", "other text", _png(1))  # conflicts with a pair in the open buffer
+    send("c-2", "first 2", _png(200))  # same text, other image
+    producer.flush()
+    run = lambda: _worker(  # noqa: E731
+        kafka, redis_server, tmp_path, topic, "ingest-c", chunk_size=100, chunk_max_wait_s=1
+    ).run(burst=True, idle_s=3)
+    first = run()
+    assert (first["valid"], first["duplicates"], first["dead_letters"]) == (5, 1, 2)
+    assert first["dlq:id_conflict"] == 2
+    send("c-3", "first 3", _png(3))  # recorded in Redis by now: a resend
+    send("c-4", "a new pair, reusing an id", _png(4))  # recorded in Redis: a conflict
+    send("c-5", "new", _png(5))
+    producer.flush()
+    second = run()
+    assert (second["valid"], second["duplicates"], second["dead_letters"]) == (1, 1, 1)
+
+    chunks = [read_chunk(p) for p in sorted((tmp_path / "chunks").iterdir())]
+    texts = {s.meta["id"]: s.text for c in chunks for s in c}
+    assert sum(len(c) for c in chunks) == len(texts) == 6
+    assert texts == {**{f"c-{i}": f"first {i}" for i in range(5)}, "c-5": "new"}  # the first ones kept
+    dead = _dlq(kafka, topic, 3)
+    assert [dict(r.headers)["ctp-error"] for r in dead] == [b"id_conflict"] * 3
+    assert all(b"dedup window" in dict(r.headers)["ctp-reason"] for r in dead)
+    assert [json.loads(r.value)["id"] for r in dead] == ["c-1", "c-2", "c-4"]
+
+
 def test_a_resend_older_than_the_dedup_window_is_a_new_pair(kafka, redis_server, tmp_path):
     """Window 2 s: a pair resent after it is chunked again (documented: trained again)."""
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
