@@ -53,11 +53,12 @@ def _prepare(data: Path) -> dict[str, int]:
 
 
 class Prober(threading.Thread):
-    """Asks /healthz and /classify without pause; every answer that is not 200 is kept."""
+    """Asks /healthz and /classify without pause; every answer that is not 200 (or, with ``version``,
+    not from that model version) is kept."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, version: str | None = "1"):
         super().__init__(daemon=True)
-        self.url = url
+        self.url, self.version = url, version
         self.stop = threading.Event()
         self.ok = 0
         self.failures: list[str] = []
@@ -70,7 +71,8 @@ class Prober(threading.Thread):
                 for method, path, kw in (("GET", "/healthz", {}), ("POST", "/classify", {"json": self.body})):
                     try:
                         r = c.request(method, path, **kw)
-                        ok = r.status_code == 200 and r.json().get("model_version", "1") == "1"
+                        got = r.json().get("model_version", self.version)
+                        ok = r.status_code == 200 and (self.version is None or got == self.version)
                         detail = f"{r.status_code} {r.text[:200]}"
                     except httpx.HTTPError as e:
                         ok, detail = False, repr(e)
