@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 RECENT_CHUNK_IDS = 32  # chunk ids a version's meta keeps (newest last)
+EVAL_HISTORY_MAX = 100_000  # eval rows kept (one per version; CTP_EVAL_HISTORY_MAX)
 
 
 def recent_chunk_ids(ids: list[str], new: str) -> list[str]:
@@ -97,13 +98,22 @@ def version_summary(version: int | str, meta: dict[str, Any], created: float | N
 
 
 class Registry:
-    def __init__(self, client: redis.Redis, *, root: str | Path, prefix: str = "ctp:registry", keep: int = 5):
-        if keep < 1:
-            raise ValueError("keep must be at least 1")
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        root: str | Path,
+        prefix: str = "ctp:registry",
+        keep: int = 5,
+        eval_max: int = EVAL_HISTORY_MAX,
+    ):
+        if keep < 1 or eval_max < 0:
+            raise ValueError("keep must be at least 1 and eval_max at least 0")
         self.r = client
         self.root = Path(root)
         self.prefix = prefix
         self.keep = keep
+        self.eval_max = eval_max  # eval rows kept (the oldest trimmed with each XADD); 0: all
         self.channel = f"{prefix}:updates"
         self.eval_key = f"{prefix}:eval"
 
@@ -139,7 +149,12 @@ class Registry:
                 )
                 pipe.zadd(f"{self.prefix}:history", {str(version): version})
                 row = eval_row(version, meta, created)
-                pipe.xadd(self.eval_key, {"row": json.dumps(row, default=str)})
+                pipe.xadd(
+                    self.eval_key,
+                    {"row": json.dumps(row, default=str)},
+                    maxlen=self.eval_max or None,
+                    approximate=False,
+                )
                 pipe.set(f"{self.prefix}:latest", version)
                 pipe.publish(self.channel, version)
                 pipe.execute()

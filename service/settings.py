@@ -215,6 +215,15 @@ class Settings(BaseSettings):
         description="retention: the newest N versions are kept on disk and in the registry",
         json_schema_extra={"read_by": "train, api"},
     )
+    eval_history_max: int = Field(
+        100_000,
+        ge=0,
+        description=(
+            "retention: rows kept in the eval history `ctp:registry:eval`, one per version, the oldest "
+            "trimmed (0: all)"
+        ),
+        json_schema_extra={"read_by": "train"},
+    )
     chunk_retention: int = Field(
         0,
         ge=0,

@@ -487,7 +487,9 @@ def _make_worker(s: Settings, client, generator: str, rank: int, device: str) ->
     """The worker ``ctp train`` runs, from the settings (Redis is asked for the latest version)."""
     return TrainerWorker(
         queue=ChunkQueue(client),
-        registry=Registry(client, root=s.data_dir / "checkpoints", keep=s.keep_checkpoints),
+        registry=Registry(
+            client, root=s.data_dir / "checkpoints", keep=s.keep_checkpoints, eval_max=s.eval_history_max
+        ),
         memory=RedisMemory(
             client=client, max_items=s.memory_size, max_bytes=s.memory_max_bytes, policy=s.memory_policy
         ),

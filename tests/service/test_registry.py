@@ -76,3 +76,6 @@ def test_eval_history_has_one_row_per_registered_version_past_retention(redis_se
     ]
     assert [r["metrics"]["s"]["acc1"] for r in rows] == [0, 1, 2, 3]
     assert [r["version"] for r in reg.eval_history(count=2)] == [3, 4]
+    trimmed = Registry(client, root=reg.root, keep=2, eval_max=3)  # CTP_EVAL_HISTORY_MAX=3
+    trimmed.publish(model, {"model": "ctp-vit-micro-32", "chunks": 5, "chunk_id": "c4"})
+    assert [r["version"] for r in reg.eval_history()] == [3, 4, 6]  # the oldest go (5: the fenced one)
