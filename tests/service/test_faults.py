@@ -446,11 +446,11 @@ def _stop_server(server, sig: int) -> None:
     _wait(lambda: not server.running, what=f"{server!r} to stop")
 
 
-@trials
-def test_ingest_rides_out_a_redis_restart(trial, kafka, redis_server, tmp_path):
-    """Redis killed (-9 or TERM, at random) after a random number of chunks and started again on
-    the same port and AOF a moment later, pairs arriving meanwhile: ingest keeps running and every
-    valid pair lands in exactly one chunk."""
+def _ingest_through_a_restart(kafka, redis_server, tmp_path, server, *, send_while_away: bool) -> dict:
+    """150 pairs (10 of them resent) under ingest; ``server`` (Redis or the broker) killed (-9 or TERM,
+    at random) after 1-4 chunks and started again on the same port and data a moment later; 100
+    more pairs sent while it is away (``send_while_away``, then ingest must have paused) or once it
+    is back. Ingest keeps running and every valid pair lands in exactly one chunk; its stats."""
     topic = f"pairs-{uuid.uuid4().hex[:6]}"
     ensure_topics(kafka.bootstrap, {topic: 2, f"{topic}.dlq": 1})
     _produce(kafka.bootstrap, topic, range(0, 150), resend=10)
@@ -459,40 +459,32 @@ def test_ingest_rides_out_a_redis_restart(trial, kafka, redis_server, tmp_path):
     t, out = _ingest_in_thread(w)
     after = random.randint(1, 4)
     _wait(lambda: client.exists("ctp:chunks") and client.xlen("ctp:chunks") >= after, what="chunks")
-    _stop_server(redis_server, random.choice([signal.SIGKILL, signal.SIGTERM]))
-    _produce(kafka.bootstrap, topic, range(150, 250))
-    _wait(lambda: w.stats["paused"] >= 1, what="ingest to pause")
+    _stop_server(server, random.choice([signal.SIGKILL, signal.SIGTERM]))
+    if send_while_away:
+        _produce(kafka.bootstrap, topic, range(150, 250))
+        _wait(lambda: w.stats["paused"] >= 1, what="ingest to pause")
     time.sleep(random.uniform(0.2, 2.0))
-    redis_server.start()
+    server.start()  # same port(s) and data
+    if not send_while_away:
+        _produce(kafka.bootstrap, topic, range(150, 250))
     _stop_when_recorded(w, client, t, 250)
     assert not t.is_alive() and "error" not in out, out.get("error")
-    ids = _chunked_ids(client)
-    assert sorted(ids) == sorted(f"pair-{i}" for i in range(250))  # each valid pair in one chunk
-    assert read_health(client) == {} and out["stats"]["paused"] >= 1
+    assert sorted(_chunked_ids(client)) == sorted(f"pair-{i}" for i in range(250))  # each in one chunk
+    assert read_health(client) == {}
+    return out["stats"]
+
+
+@trials
+def test_ingest_rides_out_a_redis_restart(trial, kafka, redis_server, tmp_path):
+    """Redis away while pairs arrive: ingest pauses, then carries on from what Redis recorded."""
+    stats = _ingest_through_a_restart(kafka, redis_server, tmp_path, redis_server, send_while_away=True)
+    assert stats["paused"] >= 1
 
 
 @trials
 def test_ingest_rides_out_a_kafka_broker_restart(trial, kafka, redis_server, tmp_path):
-    """The session's broker killed (-9 or TERM) after a random number of chunks and started again on
-    the same ports and data: ingest reconnects, reads on from Redis's offsets, every valid pair in
-    exactly one chunk."""
-    topic = f"pairs-{uuid.uuid4().hex[:6]}"
-    ensure_topics(kafka.bootstrap, {topic: 2, f"{topic}.dlq": 1})
-    _produce(kafka.bootstrap, topic, range(0, 150), resend=10)
-    client = redis_server.client()
-    w = _ingest(kafka, redis_server, tmp_path, topic)
-    t, out = _ingest_in_thread(w)
-    after = random.randint(1, 4)
-    _wait(lambda: client.exists("ctp:chunks") and client.xlen("ctp:chunks") >= after, what="chunks")
-    _stop_server(kafka, random.choice([signal.SIGKILL, signal.SIGTERM]))
-    time.sleep(random.uniform(0.2, 2.0))
-    kafka.start()  # same data dir and ports
-    _produce(kafka.bootstrap, topic, range(150, 250))
-    _stop_when_recorded(w, client, t, 250)
-    assert not t.is_alive() and "error" not in out, out.get("error")
-    ids = _chunked_ids(client)
-    assert sorted(ids) == sorted(f"pair-{i}" for i in range(250))
-    assert read_health(client) == {}
+    """The session's broker away: ingest reconnects and reads on from Redis's offsets."""
+    _ingest_through_a_restart(kafka, redis_server, tmp_path, kafka, send_while_away=False)
 
 
 @trials
