@@ -75,22 +75,35 @@ def measure_row(
     return out
 
 
-class EvalTracker:
+class _EvalSets:
+    """The eval sets a tracker measures after each chunk, by name, and each one's kind."""
+
+    def __init__(
+        self,
+        classification: dict[str, ClassificationSet] | None = None,
+        retrieval: dict[str, RetrievalSet] | None = None,
+    ):
+        self.cls_sets = dict(classification or {})
+        self.ret_sets = dict(retrieval or {})
+        self.kinds = {n: "classification" for n in self.cls_sets} | {n: "retrieval" for n in self.ret_sets}
+
+    def __bool__(self) -> bool:
+        return bool(self.kinds)
+
+
+class EvalTracker(_EvalSets):
     def __init__(
         self,
         classification: dict[str, ClassificationSet] | None = None,
         retrieval: dict[str, RetrievalSet] | None = None,
         state: dict[str, Any] | None = None,
     ):
-        self.cls_sets = dict(classification or {})
-        self.ret_sets = dict(retrieval or {})
+        super().__init__(classification, retrieval)
         state = state or {}
         self.chunk_labels: list[set[str]] = [set(x) for x in state.get("chunk_labels", [])]
         old = state.get("results", {})
         self.results: dict[str, dict[str, Any]] = {}
-        for name, kind in [(n, "classification") for n in self.cls_sets] + [
-            (n, "retrieval") for n in self.ret_sets
-        ]:
+        for name, kind in self.kinds.items():
             prev = old.get(name)
             if prev and prev.get("kind") == kind and len(prev["rows"]) == len(self.chunk_labels):
                 self.results[name] = {
@@ -104,9 +117,6 @@ class EvalTracker:
                     "after_chunk": [None] * len(self.chunk_labels),
                     "rows": [[None] * len(self.chunk_labels) for _ in self.chunk_labels],
                 }
-
-    def __bool__(self) -> bool:
-        return bool(self.cls_sets or self.ret_sets)
 
     def after_chunk(
         self, bundle: ClipBundle, labels: Iterable[str | None], *, device: str
@@ -196,7 +206,7 @@ class RunningSummary:
         return {"rows": self.rows, "best": self.best, "diag": self.diag}
 
 
-class StreamEvalTracker:
+class StreamEvalTracker(_EvalSets):
     """``EvalTracker``'s measurements and summary in bounded state (see the module docstring).
 
     ``after_chunk`` returns, per set, ``{"kind", "score", "metrics", "row", "avg_accuracy",
@@ -212,8 +222,7 @@ class StreamEvalTracker:
         retrieval: dict[str, RetrievalSet] | None = None,
         state: dict[str, Any] | None = None,
     ):
-        self.cls_sets = dict(classification or {})
-        self.ret_sets = dict(retrieval or {})
+        super().__init__(classification, retrieval)
         state = _from_matrix_state(state) if state and "results" in state else (state or {})
         self.chunks = int(state.get("chunks", 0))
         self.labelled = bool(state.get("labelled", False))
@@ -221,14 +230,10 @@ class StreamEvalTracker:
         seen = state.get("first_seen") or {}
         self.first_seen: dict[str, int] = {c: int(j) for c, j in seen.items() if c in self._classes}
         old = state.get("sets") or {}
-        self.kinds = {n: "classification" for n in self.cls_sets} | {n: "retrieval" for n in self.ret_sets}
         self.summaries = {
             n: RunningSummary(old[n]["summary"] if old.get(n, {}).get("kind") == kind else None)
             for n, kind in self.kinds.items()
         }
-
-    def __bool__(self) -> bool:
-        return bool(self.kinds)
 
     def after_chunk(
         self, bundle: ClipBundle, labels: Iterable[str | None], *, device: str
