@@ -1,10 +1,11 @@
 # One virtual environment in .venv; every target installs what it needs first.
+SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup servers test-tools test test-fast lint demo experiment bench-continual bench-step bench-ingest soak clean
+.PHONY: setup servers test-tools test test-fast lint demo experiment bench-continual bench-step bench-ingest soak faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -64,6 +65,17 @@ bench-ingest: $(STAMP) servers
 MINUTES ?= 30
 soak: $(STAMP) servers
 	$(BIN)/python benchmarks/soak.py --minutes $(MINUTES)
+
+# the randomised fault tests TRIALS times each (CI: 5): Kafka and Redis killed and restarted,
+# the disk full then freed, ingest and the trainer killed -9, the fuzzed mix; ctp up's recovery
+# times and each fuzz round's counts are printed (-s) and kept in runs/faults-TRIALS.log
+TRIALS ?= 20
+FAULT_TESTS := tests/service/test_faults.py tests/service/test_fuzz_stack.py tests/service/test_up_supervision.py \
+	"tests/service/test_pipeline.py::test_ingest_killed_at_random_points_loses_and_doubles_nothing"
+faults: $(STAMP) servers
+	mkdir -p runs
+	set -o pipefail; CTP_FAULT_TRIALS=$(TRIALS) CTP_TEST_KILLS=$(TRIALS) $(BIN)/python -m pytest -q -s \
+		--durations=0 $(FAULT_TESTS) 2>&1 | tee runs/faults-$(TRIALS).log
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
