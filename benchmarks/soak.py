@@ -325,7 +325,7 @@ class Sampler:
             s["errors"].setdefault("redis", f"{type(e).__name__}: {e}")
         ingest = s.get("ingest") or {}
         chunks = s.get("chunks") or {}
-        dead_letters = (ingest.get("dead_letters") or {}).get("count")
+        dl = ingest.get("dead_letters") or {}
         kafka_dir = self.data_dir / "kafka"
         return {
             "t": round(time.monotonic() - self.t0, 1),
@@ -335,7 +335,8 @@ class Sampler:
             "produced": ingest.get("produced"),
             "lag": ingest.get("lag"),
             "messages_chunked": sum(p["chunked"] for p in (ingest.get("partitions") or {}).values()),
-            "dead_letters": dead_letters,
+            "dead_letters": dl.get("written"),  # every one sent to the DLQ topic
+            "dead_letters_kept": dl.get("count"),  # those its retention still keeps
             "chunks_enqueued": chunks.get("enqueued"),
             "chunks_pending": chunks.get("pending"),
             "chunks_dead": chunks.get("dead"),
@@ -475,7 +476,8 @@ def summary_lines(result: dict) -> list[str]:
     last = result["samples"][-1]
     lines.append(
         f"  through the stack: {last['sent_valid']} pairs sent ({last['sent_bad']} bad), "
-        f"{last['messages_chunked']} messages chunked, {last['dead_letters']} dead letters, "
+        f"{last['messages_chunked']} messages chunked, {last['dead_letters']} dead letters "
+        f"({last.get('dead_letters_kept')} still on the DLQ topic), "
         f"{last['trained_pairs']} pairs trained in {last['versions']} versions, "
         f"{last['chunks_pending']} chunks waiting for the trainer"
     )

@@ -76,6 +76,7 @@ def dead_letters(
     timeout_ms: int = 5000,
 ) -> dict[str, Any]:
     """What ingest refused: ``count`` (messages on the DLQ topic, its retention allowing),
+    ``written`` (every dead letter the topic ever took: its end offsets, retention not counting),
     ``fallback`` (dead letters kept in Redis because the DLQ took none) and ``last``: the newest
     ``last`` reasons (``source`` topic/partition/offset, ``error`` code, ``reason``, ``time``), read
     from the DLQ's headers; ``previous``'s when the count has not moved (no re-read)."""
@@ -91,8 +92,9 @@ def dead_letters(
     begins = consumer.beginning_offsets(tps) if tps else {}
     count = sum(ends[tp] - begins[tp] for tp in tps)
     fallback = int(r.xlen(dlq_fallback_key(settings.topic)))
-    out = {"topic": settings.dlq_topic, "count": count, "fallback": fallback, "last": []}
-    if previous and previous.get("count") == count and previous.get("topic") == settings.dlq_topic:
+    written = sum(ends.values())
+    out = {"topic": settings.dlq_topic, "count": count, "written": written, "fallback": fallback, "last": []}
+    if previous and previous.get("written") == written and previous.get("topic") == settings.dlq_topic:
         return {**out, "last": previous.get("last", [])}
     want = {tp: max(begins[tp], ends[tp] - last) for tp in tps if ends[tp] > begins[tp]}
     if want:

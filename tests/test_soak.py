@@ -16,8 +16,8 @@ import soak  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(480)]
 
 # Redis may grow by the replay memory (500 pairs of ~1.2 KB), registry, scripts and allocator slack
-# (~2 MB measured on ~3,000 messages), plus a dedup id per pair (48-69 B while its bucket lives): a
-# per-pair leak of an image (~1 KB base64) or of a message would pass this bound within the run.
+# (~2 MB measured on ~3,000 messages), plus a dedup id and digest per pair (~60-100 B while its
+# bucket lives): a per-pair leak of an image (~1 KB base64) or of a message would pass this bound.
 REDIS_BASE_BYTES = 4_000_000
 REDIS_BYTES_PER_PAIR = 100
 
@@ -40,6 +40,7 @@ def test_a_short_soak_records_bounded_state(tmp_path, monkeypatch):
     assert last["messages_chunked"] >= 0.5 * (last["sent_valid"] + last["sent_bad"])
     assert last["chunks_enqueued"] >= 2 and last["chunks_dead"] == 0
     assert last["dead_letters"] > 0  # the bad messages went to the DLQ topic
+    assert last["dead_letters_kept"] <= last["dead_letters"] <= last["sent_bad"]
     assert all(r["api_rss"] for r in samples[1:])  # the API process was found and measured
     assert all(r["redis_used_memory"] > 0 and r["data_dir_bytes"] > 0 for r in samples)
     assert max(r["log_dir_bytes"] for r in samples) <= soak._log_bound(result)
