@@ -324,12 +324,14 @@ class IngestWorker:
         for this batch, the cuts recorded during it, the cuts being written and every open buffer
         of this worker. (Another worker's open buffer is not visible: producers should key
         messages by id, so resent pairs land in the same partition and so in the same worker.)"""
-        for ids in (known, self._batch_recorded, *(j.ids for j in self._inflight)):
+        for ids in (
+            known,
+            self._batch_recorded,
+            *(j.ids for j in self._inflight),
+            *(b.ids for b in self.buffers.values()),
+        ):
             if pair_id in ids:
                 return ids[pair_id]
-        for b in self.buffers.values():
-            if pair_id in b.ids:
-                return b.ids[pair_id]
         return None
 
     def _validate(self, partition: int, rec) -> ValidPair | InvalidMessage:

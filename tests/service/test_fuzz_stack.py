@@ -142,7 +142,7 @@ def test_the_stack_survives_a_fuzzed_mix_and_trains_every_valid_pair_once(kafka,
                     expected_dlq[f"{topic}/{meta.partition}/{meta.offset}"] = code
 
             def settled() -> bool:
-                entries = [f[b"chunk_id"].decode() for _, f in r.xrange(ChunkQueue(r).stream)]
+                entries = [f[b"chunk_id"].decode() for f in _queued(r)]
                 latest = reg.latest()
                 return (
                     sum(_queued_ids(r).values()) == len(first)
@@ -153,17 +153,17 @@ def test_the_stack_survives_a_fuzzed_mix_and_trains_every_valid_pair_once(kafka,
 
             _wait(settled, 180, f"trial {trial} chunked and trained", list(procs.values()))
             if trial == 0:
-                _wait(lambda: prober.ok or _ready(port), 60, "the API serving", list(procs.values()))
+                _wait(lambda: _ready(port), 60, "the API serving", list(procs.values()))
                 prober.start()
 
             # every valid pair in exactly one chunk, with the first content sent under its id
             assert _queued_ids(r) == Counter(first.keys())
-            chunks = [f[b"path"].decode() for _, f in r.xrange(ChunkQueue(r).stream)]
-            texts = {s.meta["id"]: s.text for p in chunks for s in read_chunk(p)}
+            queued = _queued(r)
+            texts = {s.meta["id"]: s.text for f in queued for s in read_chunk(f[b"path"].decode())}
             assert texts == {i: json.loads(v)["text"] for i, v in first.items()}
             # every chunk trained once, in order of the versions
             latest = reg.latest()
-            entries = [f[b"chunk_id"].decode() for _, f in r.xrange(ChunkQueue(r).stream)]
+            entries = [f[b"chunk_id"].decode() for f in queued]
             lineage = latest.meta["chunk_ids"]  # the newest 32, in the order they were trained
             assert latest.meta["chunks"] == len(entries), "a chunk trained twice or never"
             assert lineage == entries[-len(lineage) :] and len(lineage) == min(len(entries), 32)
@@ -199,6 +199,11 @@ def test_the_stack_survives_a_fuzzed_mix_and_trains_every_valid_pair_once(kafka,
         codes = {role: p.wait(60) for role, p in procs.items()}
     # uvicorn re-raises SIGTERM once its graceful shutdown is done, so serve ends "by" it
     assert codes["ingest"] == codes["train"] == 0 and codes["serve"] in (0, -signal.SIGTERM), codes
+
+
+def _queued(r) -> list[dict]:
+    """The fields of every chunk entry on the queue's stream, oldest first."""
+    return [f for _, f in r.xrange(ChunkQueue(r).stream)]
 
 
 def _ready(port: int) -> bool:
