@@ -96,6 +96,7 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "batchkd": ("incclip", ("kd_scope=batch",), ()),
     "share": ("incclip", ("kd_rule=share",), ()),
     "conf": ("incclip", ("kd_gate=confidence",), ()),
+    "cutoff": ("incclip", ("kd_rule=cutoff",), ()),
     "fkd": ("incclip", ("feature_kd_weight=1",), ()),
     "wise": ("incclip", ("merge_alpha=0.8",), ()),
     "random": ("incclip", (), ("--generator", "random")),
@@ -110,7 +111,7 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 ABLATION_SHARES = (0.01, 0.03)  # the operating point: the memory holds a few % of the stream
 # Knobs meant to make incclip follow the memory's share of the stream are measured at 12 % too,
 # where distillation can hold back what replay alone already keeps.
-ABLATION_SHARES_FOR = {"share": SHARES, "conf": SHARES}
+ABLATION_SHARES_FOR = {"share": SHARES, "conf": SHARES, "cutoff": SHARES}
 
 
 # CPU-sized streams (5 and 4 chunks, ~1,400 pairs) and the longer ones (8 chunks) for a GPU

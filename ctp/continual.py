@@ -61,6 +61,8 @@ def kd_weight_for_chunk(strategy: Strategy, *, memory_items: int, seen: int) -> 
     ``kd_rule="share"`` scales the weight by (1 - rho): while the memory still holds much of the
     past, replay keeps it and the teacher would only hold new learning back; as the stream
     grows past the memory (the service's operating point, rho -> 0) the KD term takes over.
+    ``kd_rule="cutoff"`` scales it by max(0, 1 - rho / kd_share_cutoff): no KD at all while the
+    memory holds that share of the stream or more.
     """
     rho = min(1.0, memory_items / seen) if seen > 0 else None  # None: nothing seen (or no memory)
     if not strategy.distill:
@@ -69,7 +71,11 @@ def kd_weight_for_chunk(strategy: Strategy, *, memory_items: int, seen: int) -> 
         return strategy.kd_weight, rho
     if strategy.kd_rule == "share":
         return strategy.kd_weight * (1.0 - (rho or 0.0)), rho  # nothing in memory: all KD
-    raise ValueError(f"unknown kd_rule {strategy.kd_rule!r}; expected 'constant' or 'share'")
+    if strategy.kd_rule == "cutoff":
+        if strategy.kd_share_cutoff <= 0:
+            raise ValueError(f"kd_share_cutoff must be > 0, got {strategy.kd_share_cutoff}")
+        return strategy.kd_weight * max(0.0, 1.0 - (rho or 0.0) / strategy.kd_share_cutoff), rho
+    raise ValueError(f"unknown kd_rule {strategy.kd_rule!r}; expected 'constant', 'share' or 'cutoff'")
 
 
 def memory_items_from(samples: Sequence[Sample], *, chunk: int, chunk_id: str) -> list[MemoryItem]:

@@ -29,8 +29,12 @@ class Strategy:
     # How the KD weight is set per chunk (ctp.continual.kd_weight_for_chunk):
     #   "constant": kd_weight;
     #   "share": kd_weight * (1 - rho), rho = memory size / pairs seen before the chunk (capped
-    #   at 1): the more of the past the memory still holds, the less the teacher is needed.
+    #   at 1): the more of the past the memory still holds, the less the teacher is needed;
+    #   "cutoff": kd_weight * max(0, 1 - rho / kd_share_cutoff): no KD at all while the memory
+    #   holds kd_share_cutoff or more of the stream (replay alone keeps the past there), full KD
+    #   as rho -> 0, the service's operating point.
     kd_rule: str = "constant"
+    kd_share_cutoff: float = 0.1
     # Per-row KD weight from the teacher itself: "none" (all rows 1), or "confidence": each row
     # weighted by the teacher's probability of the true match, so a teacher that is unsure of
     # a pair (a weak model early in a stream from scratch) is not copied on it.

@@ -99,6 +99,13 @@ def test_kd_weight_rules():
     assert kd_weight_for_chunk(share, memory_items=400, seen=400) == (0.0, 1.0)  # memory holds the whole past
     assert kd_weight_for_chunk(share, memory_items=0, seen=0) == (2.0, None)  # pretrained base, empty memory
     assert kd_weight_for_chunk(get_strategy("er"), memory_items=10, seen=100) == (0.0, 0.1)
+    cutoff = replace(inc, kd_rule="cutoff", kd_share_cutoff=0.1)
+    assert kd_weight_for_chunk(cutoff, memory_items=10, seen=1000)[0] == pytest.approx(2.0 * 0.9)
+    assert kd_weight_for_chunk(cutoff, memory_items=100, seen=1000)[0] == 0.0  # at the cutoff: no KD
+    assert kd_weight_for_chunk(cutoff, memory_items=300, seen=1000)[0] == 0.0  # above: still none
+    assert kd_weight_for_chunk(cutoff, memory_items=0, seen=0) == (2.0, None)
+    with pytest.raises(ValueError, match="kd_share_cutoff"):
+        kd_weight_for_chunk(replace(cutoff, kd_share_cutoff=0.0), memory_items=1, seen=2)
     with pytest.raises(ValueError, match="kd_rule"):
         kd_weight_for_chunk(replace(inc, kd_rule="sometimes"), memory_items=1, seen=2)
 
