@@ -236,12 +236,23 @@ def expected_strategy(cell: Cell) -> dict:
     return asdict(get_strategy(cell.strategy, **split_overrides(list(cell.sets))[0]))
 
 
+def same_strategy(recorded: dict, expected: dict) -> bool:
+    """Whether a recorded strategy config is today's. A field added to ``Strategy`` after the
+    file was written counts as its default there: a new knob defaults to the old behaviour."""
+    from dataclasses import MISSING, fields
+
+    from ctp.strategies import Strategy
+
+    defaults = {f.name: f.default for f in fields(Strategy) if f.default is not MISSING}
+    return all(recorded.get(k, defaults.get(k, MISSING)) == v for k, v in expected.items())
+
+
 def is_done(cell: Cell, sweep: str) -> bool:
     """The cell's result file exists and was made under today's budget (``COMMON``) and with
     today's strategy defaults (a changed default reruns that strategy's cells)."""
     try:
         data = json.loads(cell.path(sweep).read_text())
-        return data["cell"]["common"] == COMMON and data["strategy_config"] == expected_strategy(cell)
+        return data["cell"]["common"] == COMMON and same_strategy(data["strategy_config"], expected_strategy(cell))
     except (OSError, ValueError, KeyError):
         return False
 

@@ -113,6 +113,10 @@ def test_is_done_reruns_results_of_another_budget_or_strategy_default(tmp_path, 
     stale = {**today, "kd_weight": today["kd_weight"] + 1}
     cell.path("t").write_text(json.dumps({"cell": {"common": continual.COMMON}, "strategy_config": stale}))
     assert not continual.is_done(cell, "t")
+    # a knob added to Strategy after the file was written counts as its default there
+    older = {k: v for k, v in today.items() if k != "kd_share_cutoff"}
+    cell.path("t").write_text(json.dumps({"cell": {"common": continual.COMMON}, "strategy_config": older}))
+    assert continual.is_done(cell, "t")
     # a variant's --set overrides are part of what it expects
     kd2 = continual.Cell("s", 0, "incclip", 0.01, variant="kd2", sets=("kd_weight=2",))
     assert continual.expected_strategy(kd2)["kd_weight"] == 2.0
