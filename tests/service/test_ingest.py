@@ -14,6 +14,7 @@ from service.chunks import ChunkQueue, ChunkStore
 from service.ingest import IngestWorker
 from service.local.infra import ensure_topics
 from service.messages import encode_message
+from tests.service.test_messages import bomb_png
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -239,20 +240,6 @@ def test_produce_command_feeds_ingest(kafka, redis_server, tmp_path, monkeypatch
     assert f"dead letters: 2 on {topic}.dlq" in text and "not_json: value is not JSON" in text
 
 
-def _bomb_png(side: int = 30_000) -> bytes:
-    """A PNG of a few kB that decodes to side x side pixels (900 M at 30,000: 2.7 GB as RGB)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\0" + b"\0" * side  # filter byte + one grey byte per pixel
-    idat = zlib.compress(row * 64, 9)  # only the first rows: the header's size is what counts
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 def _hostile() -> dict[str, tuple[bytes, str]]:
     """name -> (value, code): what a producer can send that must not stop ingest."""
     import os
@@ -269,7 +256,7 @@ def _hostile() -> dict[str, tuple[bytes, str]]:
             "number_too_large",
         ),
         "random bytes": (os.urandom(4096), "not_utf8"),
-        "decompression bomb": (encode_message(text="bomb", image=_bomb_png()), "bad_image"),
+        "decompression bomb": (encode_message(text="bomb", image=bomb_png(30_000, 30_000)), "bad_image"),
         "truncated json": (encode_message(text="cut short", image=_png(3))[:40], "not_json"),
     }
 
