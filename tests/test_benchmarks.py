@@ -27,7 +27,11 @@ def test_sweeps_pair_seeds_and_keep_memory_free_strategies_once():
     by = {(c.strategy, c.share) for c in cells}
     assert ("finetune", None) in by and ("joint", None) in by and ("lwf", None) in by
     assert {s for (st, s) in by if st == "incclip"} == set(continual.SHARES)
-    assert len(cells) == 3 + 4 * len(continual.SHARES)
+    # incclip's default and its constant-KD predecessor ([const]) beside it, at every share
+    const = [c for c in cells if c.variant == "const"]
+    assert {(c.strategy, c.share) for c in const} == {("incclip", s) for s in continual.SHARES}
+    assert all(c.sets == ("kd_rule=constant",) for c in const)
+    assert len(cells) == 3 + 4 * len(continual.SHARES) + len(const)
     assert {c.seed for c in test.cells} == set(range(5))
     # knobs are tuned on their own seeds, never on the test seeds
     assert not {c.seed for c in continual.sweeps()["validation"].cells} & {c.seed for c in test.cells}

@@ -8,9 +8,9 @@ from ctp.pseudo_texts import TokenEditGenerator
 from ctp.strategies import STRATEGIES, get_strategy
 
 
-def _learner(strategy, memory_size=40, **cfg):
+def _learner(strategy, memory_size=40, strategy_kw=None, **cfg):
     bundle = create_model("ctp-vit-micro-32", seed=0)
-    strat = get_strategy(strategy)
+    strat = get_strategy(strategy, **(strategy_kw or {}))
     return ContinualLearner(
         bundle=bundle,
         strategy=strat,
@@ -21,7 +21,8 @@ def _learner(strategy, memory_size=40, **cfg):
 
 
 def test_incclip_over_two_chunks(tiny_chunks):
-    learner = _learner("incclip")
+    # a memory of 40 after an 80-pair chunk holds 50 % of the stream: a cutoff of 1.0 keeps KD on
+    learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0})
     r0 = learner.learn_chunk(tiny_chunks[0])
     assert r0.train.loss_kd == 0  # nothing learned before chunk 0: no teacher
     assert r0.memory_items == 40 and r0.pseudo == {}
@@ -31,11 +32,19 @@ def test_incclip_over_two_chunks(tiny_chunks):
     # pseudo texts were made for the memory snapshot with the pre-chunk model, then replayed
     assert r1.pseudo["items"] == 40 and r1.pseudo["kept"] > 0
     assert r1.train.negatives_per_step > 0
-    assert r1.train.loss_kd > 0
+    assert r1.train.loss_kd > 0 and r1.kd_weight == pytest.approx(0.5) and r1.memory_share == 0.5
     cached = [it for it in learner.memory.get(learner.memory.keys()) if it.chunk == 0]
     assert cached and all(it.pseudo_version == 1 for it in cached)
     # class-balanced memory now holds both chunks' classes
     assert set(learner.memory.label_counts()) == labels0 | {s.label for s in tiny_chunks[1]}
+
+
+def test_incclip_default_has_no_kd_while_memory_holds_a_large_share(tiny_chunks):
+    learner = _learner("incclip")  # kd_rule=cutoff at 10 %; the memory holds 50 % here
+    learner.learn_chunk(tiny_chunks[0])
+    r1 = learner.learn_chunk(tiny_chunks[1])
+    assert r1.kd_weight == 0 and r1.train.loss_kd == 0
+    assert r1.pseudo["kept"] > 0 and r1.train.negatives_per_step > 0  # pseudo texts stay on
 
 
 def test_refresh_schedule_amortises_generation(tiny_chunks):
@@ -91,8 +100,10 @@ def test_kd_weight_rules():
 
     from ctp.continual import kd_weight_for_chunk
 
-    inc = get_strategy("incclip", kd_weight=2.0)
+    inc = get_strategy("incclip_constkd", kd_weight=2.0)
+    assert inc.kd_rule == "constant"
     assert kd_weight_for_chunk(inc, memory_items=10, seen=1000) == (2.0, 0.01)
+    assert get_strategy("incclip").kd_rule == "cutoff"  # the default (docs/results.md)
     share = replace(inc, kd_rule="share")
     w, rho = kd_weight_for_chunk(share, memory_items=10, seen=1000)
     assert rho == 0.01 and w == pytest.approx(2.0 * 0.99)
