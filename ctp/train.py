@@ -149,7 +149,10 @@ def train_on_chunk(
     per_rank = len(texts) // world
     if per_rank == 0:
         raise ValueError(f"chunk of {len(texts)} pairs cannot be split over {world} ranks")
-    steps_per_epoch = max(1, math.ceil(per_rank / n_new))
+    # A batch needs two rows: one pair has no negative, and a BatchNorm tower (the ModifiedResNet
+    # presets) cannot train on one. A lone last pair joins the batch before it.
+    bounds = batch_bounds(per_rank, n_new, min_last=2 - n_rep)
+    steps_per_epoch = len(bounds)
     total_steps = steps_per_epoch * epochs
     # fused: one kernel for all parameters; the per-tensor loop costs more than the model's own
     # step on the tiny CPU presets (the 49,408-token embedding is most of their parameters)
@@ -170,8 +173,8 @@ def train_on_chunk(
     for _epoch in range(epochs):
         perm = torch.randperm(len(texts), generator=order_gen)[rank::world][:per_rank]
         sums = {"loss": 0.0, "clip": 0.0, "kd": 0.0}
-        for i in range(steps_per_epoch):
-            idx = perm[i * n_new : (i + 1) * n_new]  # new pairs of this step
+        for start, end in bounds:
+            idx = perm[start:end]  # new pairs of this step
             batch_img, batch_tok = images[idx], tokens[idx]
             neg_tok, neg_owner = [], []
             if use_replay:
@@ -249,7 +252,18 @@ def train_on_chunk(
     result.seconds = time.perf_counter() - t0
     result.steps = step
     result.negatives_per_step /= max(step, 1)
-    result.loss = sums["loss"] / steps_per_epoch
-    result.loss_clip = sums["clip"] / steps_per_epoch
-    result.loss_kd = sums["kd"] / steps_per_epoch
+    result.loss = sums["loss"] / max(steps_per_epoch, 1)
+    result.loss_clip = sums["clip"] / max(steps_per_epoch, 1)
+    result.loss_kd = sums["kd"] / max(steps_per_epoch, 1)
     return result
+
+
+def batch_bounds(n: int, size: int, *, min_last: int = 1) -> list[tuple[int, int]]:
+    """[start, end) of each batch of ``size`` over ``n`` rows; a last batch under ``min_last``
+    rows joins the one before it, and a single batch under it is dropped (nothing to train)."""
+    bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+    if bounds and bounds[-1][1] - bounds[-1][0] < min_last:
+        last = bounds.pop()
+        if bounds:
+            bounds[-1] = (bounds[-1][0], last[1])
+    return bounds

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from ctp.continual import memory_items_from
 from ctp.models import create_model
 from ctp.strategies import get_strategy
-from ctp.train import preprocess_images, train_on_chunk
+from ctp.train import batch_bounds, preprocess_images, train_on_chunk
 
 
 def _inputs(chunk, bundle):
@@ -152,6 +152,42 @@ def test_kd_scopes_distill_different_similarities(tiny_chunks):
             replay_images=rimg,
             progress=False,
         )
+
+
+def test_batch_bounds_never_leave_a_lone_last_row():
+    assert batch_bounds(130, 64) == [(0, 64), (64, 128), (128, 130)]
+    assert batch_bounds(129, 64, min_last=2) == [(0, 64), (64, 129)]  # the lone row joins
+    assert batch_bounds(129, 64, min_last=1) == [(0, 64), (64, 128), (128, 129)]
+    assert batch_bounds(1, 64, min_last=2) == []  # one pair alone: nothing to contrast
+    assert batch_bounds(0, 64) == []
+
+
+def test_a_chunk_one_pair_over_the_batch_trains_a_batchnorm_tower(tiny_chunks):
+    """ModifiedResNet (the default preset) has BatchNorm, which cannot train on a batch of one:
+    a chunk of 33 pairs at batch 32 once crashed joint training on emoji-ci-10, seed 0."""
+    bundle = create_model("ctp-rn-tiny-32", seed=0)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bundle.model.modules())
+    chunk = tiny_chunks[0][:33]
+    images, texts = _inputs(chunk, bundle)
+    res = train_on_chunk(
+        bundle.model,
+        images=images,
+        texts=texts,
+        tokenizer=bundle.tokenizer,
+        strategy=get_strategy("finetune"),
+        batch_size=32,
+        progress=False,
+    )
+    assert res.steps == 1 and res.pairs == 33 and math.isfinite(res.loss)
+    one = train_on_chunk(
+        bundle.model,
+        images=images[:1],
+        texts=texts[:1],
+        tokenizer=bundle.tokenizer,
+        strategy=get_strategy("finetune"),
+        progress=False,
+    )
+    assert one.steps == 0 and one.pairs == 0  # a lone pair is skipped, not a crash
 
 
 def test_replay_needs_images(tiny_chunks):
