@@ -99,6 +99,8 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     # incclip's KD weight before the cutoff rule became its default: the same at every share
     "const": ("incclip", ("kd_rule=constant",), ()),
     "fkd": ("incclip", ("feature_kd_weight=1",), ()),
+    # augmented replay: replayed images cropped (side 0.6-1) and flipped anew in every step
+    "crop": ("incclip", ("replay_crop=0.6",), ()),
     "wise": ("incclip", ("merge_alpha=0.8",), ()),
     "random": ("incclip", (), ("--generator", "random")),
     "captioner": ("incclip", (), ("--generator", "captioner")),
@@ -112,7 +114,7 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 ABLATION_SHARES = (0.01, 0.03)  # the operating point: the memory holds a few % of the stream
 # Knobs meant to make incclip follow the memory's share of the stream are measured at 12 % too,
 # where distillation can hold back what replay alone already keeps.
-ABLATION_SHARES_FOR = {"share": SHARES, "conf": SHARES, "const": SHARES}
+ABLATION_SHARES_FOR = {"share": SHARES, "conf": SHARES, "const": SHARES, "crop": SHARES}
 
 
 # CPU-sized streams (5 and 4 chunks, ~1,400 pairs) and the longer ones (8 chunks) for a GPU
@@ -135,6 +137,15 @@ def sweeps() -> dict[str, Sweep]:
             sets=sets,
             extra=extra,
         )
+    # the same augmentation on plain replay: how much of a gain is the augmentation's own
+    val.cells += grid(
+        SYNTHETIC,
+        val_seeds,
+        strategies=("er",),
+        shares=(0.01, 0.03),
+        variant="crop",
+        sets=("replay_crop=0.6",),
+    )
     test = Sweep("test", grid(SYNTHETIC, range(5)) + grid(EMOJI, range(5)))
     # the default before kd_rule=cutoff, kept beside it on the test streams
     for stream in (SYNTHETIC, EMOJI):

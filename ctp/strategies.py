@@ -19,6 +19,10 @@ class Strategy:
     pseudo_texts: bool = False  # hard-negative texts for replayed images
     joint: bool = False  # train on all chunks so far (upper bound; needs all data kept)
     replay_fraction: float = 0.5  # share of each batch taken from memory when replaying
+    # Augmented replay: below 1, each replayed image is drawn anew in every step as a random
+    # square crop of side uniform in [replay_crop, 1] of the image (resized back) and flipped
+    # left-right half the time, so a memory of a few pairs per class is not learnt by heart.
+    replay_crop: float = 1.0
     kd_weight: float = 1.0  # weight of the KD term against the contrastive term
     kd_temperature: float = 2.0  # softmax temperature of KD (loss scaled by T^2)
     # KD over the whole batch ("batch"), the replayed pairs only ("replay"), or every image of

@@ -7,7 +7,10 @@ its own replay draws, gradients are averaged by DDP).
 
 Images are decoded and preprocessed once per chunk (``preprocess_val``, no augmentation): the
 tiny CPU presets are input-bound otherwise, and fixed inputs let the teacher's embeddings be
-computed once per chunk instead of once per step (exact, since the teacher is frozen).
+computed once per chunk instead of once per step (exact, since the teacher is frozen). The one
+exception is ``Strategy.replay_crop``: replayed images are cropped and flipped on the
+preprocessed tensor each step (``augment_replay``, one batched resampling), while KD keeps the
+teacher's embeddings of the unaugmented images.
 """
 
 from __future__ import annotations
@@ -165,6 +168,9 @@ def train_on_chunk(
     )
     order_gen = torch.Generator().manual_seed(seed)  # same permutation on every rank
     rep_rng = random.Random(seed * 7919 + rank)  # own replay draws per rank
+    aug_gen = torch.Generator().manual_seed(seed * 7919 + rank)  # own replay crops per rank
+    if not 0 < strategy.replay_crop <= 1:
+        raise ValueError(f"replay_crop must be in (0, 1], got {strategy.replay_crop}")
     result = ChunkResult(prepare_seconds=time.perf_counter() - t_prep)
     model.train()
     t0 = time.perf_counter()
@@ -179,7 +185,10 @@ def train_on_chunk(
             neg_tok, neg_owner = [], []
             if use_replay:
                 ridx = torch.tensor(rep_rng.sample(range(len(replay)), n_rep))
-                batch_img = torch.cat([batch_img, replay_images[ridx]])
+                rep_img = replay_images[ridx]
+                if strategy.replay_crop < 1:
+                    rep_img = augment_replay(rep_img, min_scale=strategy.replay_crop, generator=aug_gen)
+                batch_img = torch.cat([batch_img, rep_img])
                 batch_tok = torch.cat([batch_tok, rep_tokens[ridx]])
                 for row, r in enumerate(ridx.tolist()):  # pseudo-text negatives of replayed images
                     pt = pseudo_tokens[r]
@@ -256,6 +265,25 @@ def train_on_chunk(
     result.loss_clip = sums["clip"] / max(steps_per_epoch, 1)
     result.loss_kd = sums["kd"] / max(steps_per_epoch, 1)
     return result
+
+
+def augment_replay(images: torch.Tensor, *, min_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Random square crop of side uniform in [min_scale, 1] (anywhere inside the image), resized
+    back, and a left-right flip with probability 1/2, per image: [n, C, H, W] -> [n, C, H, W]."""
+    n = len(images)
+    if n == 0:
+        return images
+    scale = min_scale + (1 - min_scale) * torch.rand(n, generator=generator)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    shift = (1 - scale)[:, None] * (2 * torch.rand(n, 2, generator=generator) - 1)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
+    theta[:, :, 2] = shift
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(
+        images.float(), grid.to(images.device), mode="bilinear", align_corners=False
+    )
+    return out.to(images.dtype)
 
 
 def batch_bounds(n: int, size: int, *, min_last: int = 1) -> list[tuple[int, int]]:

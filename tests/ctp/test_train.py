@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from ctp.continual import memory_items_from
 from ctp.models import create_model
 from ctp.strategies import get_strategy
-from ctp.train import batch_bounds, preprocess_images, train_on_chunk
+from ctp.train import augment_replay, batch_bounds, preprocess_images, train_on_chunk
 
 
 def _inputs(chunk, bundle):
@@ -114,6 +114,52 @@ def test_a_small_memory_is_replayed_once_per_batch_and_new_pairs_fill_the_rest(t
     # 5 replayed rows (each memory pair once, no duplicate columns) + 27 new pairs per step
     assert res.steps == 3  # ceil(80 / 27)
     assert res.pairs == 80 + 3 * 5  # every new pair once, 5 replayed rows per step
+
+
+def test_augment_replay_crops_and_flips_each_image_its_own_way():
+    x = torch.randn(16, 3, 32, 32)
+    flips = augment_replay(x, min_scale=1.0, generator=torch.Generator().manual_seed(0))
+    # scale 1: each image is itself or its mirror image, and both happen
+    same = [torch.allclose(a, b, atol=1e-5) for a, b in zip(flips, x, strict=True)]
+    mirror = [torch.allclose(a, b.flip(-1), atol=1e-5) for a, b in zip(flips, x, strict=True)]
+    assert all(s or m for s, m in zip(same, mirror, strict=True)) and any(same) and any(mirror)
+    a = augment_replay(x, min_scale=0.6, generator=torch.Generator().manual_seed(1))
+    b = augment_replay(x, min_scale=0.6, generator=torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)  # seeded: the same crops again
+    assert not torch.allclose(a, x, atol=1e-3) and not torch.allclose(a, x.flip(-1), atol=1e-3)
+    # a crop zooms in: a smooth ramp along the width spans less of its range afterwards
+    ramp = torch.linspace(-1, 1, 32).expand(4, 3, 32, 32).contiguous()
+    z = augment_replay(ramp, min_scale=0.5, generator=torch.Generator().manual_seed(2))
+    assert (z.amax(-1) - z.amin(-1)).mean() < (ramp.amax(-1) - ramp.amin(-1)).mean()
+
+
+def test_replay_crop_changes_the_replayed_rows_only(tiny_chunks):
+    bundle = create_model("ctp-vit-micro-32", seed=0)
+    images, texts = _inputs(tiny_chunks[1], bundle)
+    replay = memory_items_from(tiny_chunks[0][:20], chunk=0, chunk_id="c0")
+    rimg = preprocess_images([it.image for it in replay], [it.key for it in replay], bundle.preprocess_val)
+
+    def run(**kw):
+        model = create_model("ctp-vit-micro-32", seed=0).model
+        res = train_on_chunk(
+            model,
+            images=images,
+            texts=texts,
+            tokenizer=bundle.tokenizer,
+            strategy=get_strategy("er", **kw),
+            replay=replay,
+            replay_images=rimg,
+            batch_size=32,
+            progress=False,
+        )
+        return res, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain, w_plain = run()
+    crop, w_crop = run(replay_crop=0.6)
+    assert crop.steps == plain.steps and crop.pairs == plain.pairs  # same batches, other pixels
+    assert not torch.allclose(w_plain, w_crop)
+    with pytest.raises(ValueError, match="replay_crop"):
+        run(replay_crop=0.0)
 
 
 def test_kd_scopes_distill_different_similarities(tiny_chunks):
