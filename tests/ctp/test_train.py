@@ -20,6 +20,14 @@ def _inputs(chunk, bundle):
     return images, [s.text for s in chunk]
 
 
+def _fit(model, tokenizer, images, texts, strategy="finetune", **kw):
+    """train_on_chunk with a named strategy and no progress bar."""
+    strat = strategy if not isinstance(strategy, str) else get_strategy(strategy)
+    return train_on_chunk(
+        model, images=images, texts=texts, tokenizer=tokenizer, strategy=strat, progress=False, **kw
+    )
+
+
 def _train(chunk, strategy="finetune", seed=0, **kw):
     bundle = create_model("ctp-vit-micro-32", seed=0)
     images, texts = _inputs(chunk, bundle)
@@ -141,16 +149,9 @@ def test_replay_crop_changes_the_replayed_rows_only(tiny_chunks):
 
     def run(**kw):
         model = create_model("ctp-vit-micro-32", seed=0).model
-        res = train_on_chunk(
-            model,
-            images=images,
-            texts=texts,
-            tokenizer=bundle.tokenizer,
-            strategy=get_strategy("er", **kw),
-            replay=replay,
-            replay_images=rimg,
-            batch_size=32,
-            progress=False,
+        strategy = get_strategy("er", **kw)
+        res = _fit(
+            model, bundle.tokenizer, images, texts, strategy, replay=replay, replay_images=rimg, batch_size=32
         )
         return res, torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -215,24 +216,9 @@ def test_a_chunk_one_pair_over_the_batch_trains_a_batchnorm_tower(tiny_chunks):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bundle.model.modules())
     chunk = tiny_chunks[0][:33]
     images, texts = _inputs(chunk, bundle)
-    res = train_on_chunk(
-        bundle.model,
-        images=images,
-        texts=texts,
-        tokenizer=bundle.tokenizer,
-        strategy=get_strategy("finetune"),
-        batch_size=32,
-        progress=False,
-    )
+    res = _fit(bundle.model, bundle.tokenizer, images, texts, batch_size=32)
     assert res.steps == 1 and res.pairs == 33 and math.isfinite(res.loss)
-    one = train_on_chunk(
-        bundle.model,
-        images=images[:1],
-        texts=texts[:1],
-        tokenizer=bundle.tokenizer,
-        strategy=get_strategy("finetune"),
-        progress=False,
-    )
+    one = _fit(bundle.model, bundle.tokenizer, images[:1], texts[:1])
     assert one.steps == 0 and one.pairs == 0  # a lone pair is skipped, not a crash
 
 
@@ -264,16 +250,7 @@ def _ddp_worker(rank, world, port, images, texts, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         bundle = create_model("ctp-vit-micro-32", seed=0)
-        res = train_on_chunk(
-            bundle.model,
-            images=images,
-            texts=texts,
-            tokenizer=bundle.tokenizer,
-            strategy=get_strategy("finetune"),
-            epochs=1,
-            batch_size=16,
-            progress=False,
-        )
+        res = _fit(bundle.model, bundle.tokenizer, images, texts, epochs=1, batch_size=16)
         out[rank] = ({k: v.clone() for k, v in bundle.model.state_dict().items()}, res.steps, res.pairs)
     finally:
         dist.destroy_process_group()
