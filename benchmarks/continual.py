@@ -99,6 +99,9 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     # incclip's KD weight before the cutoff rule became its default: the same at every share
     "const": ("incclip", ("kd_rule=constant",), ()),
     "fkd": ("incclip", ("feature_kd_weight=1",), ()),
+    # pseudo texts only while the memory holds < 10 % of the stream (as the KD cutoff); at 1 %
+    # memory the share is under 10 % from the first replayed chunk on, so that point is incclip's
+    "ptcut": ("incclip", ("pt_share_cutoff=0.1",), ()),
     # augmented replay: replayed images cropped (side 0.6-1) and flipped anew in every step
     "crop": ("incclip", ("replay_crop=0.6",), ()),
     "wise": ("incclip", ("merge_alpha=0.8",), ()),
@@ -114,7 +117,13 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 ABLATION_SHARES = (0.01, 0.03)  # the operating point: the memory holds a few % of the stream
 # Knobs meant to make incclip follow the memory's share of the stream are measured at 12 % too,
 # where distillation can hold back what replay alone already keeps.
-ABLATION_SHARES_FOR = {"share": SHARES, "conf": SHARES, "const": SHARES, "crop": SHARES}
+ABLATION_SHARES_FOR = {
+    "share": SHARES,
+    "conf": SHARES,
+    "const": SHARES,
+    "crop": SHARES,
+    "ptcut": (0.03, 0.12),
+}
 
 
 # CPU-sized streams (5 and 4 chunks, ~1,400 pairs) and the longer ones (8 chunks) for a GPU

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -76,6 +76,15 @@ def kd_weight_for_chunk(strategy: Strategy, *, memory_items: int, seen: int) -> 
             raise ValueError(f"kd_share_cutoff must be > 0, got {strategy.kd_share_cutoff}")
         return strategy.kd_weight * max(0.0, 1.0 - (rho or 0.0) / strategy.kd_share_cutoff), rho
     raise ValueError(f"unknown kd_rule {strategy.kd_rule!r}; expected 'constant', 'share' or 'cutoff'")
+
+
+def pseudo_texts_for_chunk(strategy: Strategy, share: float | None) -> bool:
+    """Whether this chunk replays pseudo texts: always, unless ``pt_share_cutoff`` is set and the
+    memory holds that share of the stream or more (``share`` as ``kd_weight_for_chunk`` gives it)."""
+    if not strategy.pseudo_texts:
+        return False
+    cutoff = strategy.pt_share_cutoff
+    return cutoff is None or share is None or share < cutoff
 
 
 def memory_items_from(samples: Sequence[Sample], *, chunk: int, chunk_id: str) -> list[MemoryItem]:
@@ -141,6 +150,16 @@ class ContinualLearner:
         ):
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
+        mem = self.memory if strategy.replay else None
+        kd_weight, share = kd_weight_for_chunk(
+            strategy,
+            memory_items=len(mem) if mem is not None else 0,
+            seen=mem.seen() if mem is not None else 0,
+        )
+        if strategy.pseudo_texts and not pseudo_texts_for_chunk(strategy, share):
+            strategy = replace(strategy, pseudo_texts=False)  # this chunk only; the generator still learns
+            if self.generator is not None:
+                self.generator.fit(texts, images, bundle=self.bundle)
         pseudo_stats, pseudo_seconds = {}, 0.0
         replay: list[MemoryItem] = []
         replay_images = None
@@ -178,12 +197,6 @@ class ContinualLearner:
         elif strategy.pseudo_texts and self.generator is not None:
             self.generator.fit(texts, images, bundle=self.bundle)  # first chunk: learn, nothing to replay
 
-        mem = self.memory if strategy.replay else None
-        kd_weight, share = kd_weight_for_chunk(
-            strategy,
-            memory_items=len(mem) if mem is not None else 0,
-            seen=mem.seen() if mem is not None else 0,
-        )
         result = train_on_chunk(
             model,
             images=images,

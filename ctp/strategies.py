@@ -39,6 +39,9 @@ class Strategy:
     #   as rho -> 0, the service's operating point.
     kd_rule: str = "constant"
     kd_share_cutoff: float = 0.1
+    # Pseudo texts only while the memory holds less than this share of the stream (None: in
+    # every chunk). Above it replay alone keeps the past, as for kd_rule="cutoff".
+    pt_share_cutoff: float | None = None
     # Per-row KD weight from the teacher itself: "none" (all rows 1), or "confidence": each row
     # weighted by the teacher's probability of the true match, so a teacher that is unsure of
     # a pair (a weak model early in a stream from scratch) is not copied on it.

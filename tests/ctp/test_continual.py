@@ -47,6 +47,16 @@ def test_incclip_default_has_no_kd_while_memory_holds_a_large_share(tiny_chunks)
     assert r1.pseudo["kept"] > 0 and r1.train.negatives_per_step > 0  # pseudo texts stay on
 
 
+@pytest.mark.parametrize("cutoff, on", [(None, True), (1.0, True), (0.1, False)])
+def test_pt_share_cutoff_drops_pseudo_texts_while_memory_holds_a_large_share(tiny_chunks, cutoff, on):
+    learner = _learner("incclip", strategy_kw={"pt_share_cutoff": cutoff})  # memory share 50 %
+    learner.learn_chunk(tiny_chunks[0])
+    r1 = learner.learn_chunk(tiny_chunks[1])
+    assert r1.memory_share == 0.5
+    assert (r1.train.negatives_per_step > 0) is on and bool(r1.pseudo) is on
+    assert learner.strategy.pseudo_texts  # switched off for that chunk only
+
+
 def test_refresh_schedule_amortises_generation(tiny_chunks):
     learner = _learner("incclip", refresh_every=5)
     learner.learn_chunk(tiny_chunks[0])
