@@ -22,6 +22,8 @@ reported.
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -174,7 +176,11 @@ def sweeps() -> dict[str, Sweep]:
             pretrained="base",
         ),
     )
-    return {s.name: s for s in (val, test, long, warm)}
+    # The validation references again, in the environment that made the crop and ptcut cells:
+    # runs repeat bitwise only within one environment (docs/results.md), so same-environment
+    # pairs for those knobs, and a measure of how far another environment moves a cell.
+    rerun = Sweep("validation-rerun", grid(SYNTHETIC, val_seeds, strategies=("er", "incclip")))
+    return {s.name: s for s in (val, test, long, warm, rerun)}
 
 
 def stream_pairs(stream: str, data_dir: Path) -> int:
@@ -184,6 +190,34 @@ def stream_pairs(stream: str, data_dir: Path) -> int:
 
     paths = make_named_stream(stream, data_dir / f"{stream}-seed0", seed=0)
     return sum(1 for d in paths.chunks for _ in iter_chunk(d))
+
+
+@functools.cache
+def environment() -> dict:
+    """What a cell's figures depend on besides its seed. Runs are bitwise repeatable on one
+    machine and environment, not across them: another CPU's kernels or another image library
+    move a from-scratch run by as much as another seed does (docs/results.md)."""
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+
+    def line(key: str) -> str:
+        return next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith(key)), "")
+
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": line("model name") or platform.processor(),
+        "cpu_flags": hashlib.sha1(line("flags").encode()).hexdigest()[:12],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{p: md.version(p) for p in ("torch", "numpy", "pillow", "open_clip_torch")},
+    }
 
 
 def trim(metrics: dict) -> dict:
@@ -311,6 +345,7 @@ def run_cell(cell: Cell, sweep: str, args, sizes: dict[str, int]) -> tuple[Cell,
         "common": COMMON,
         "stream_pairs": sizes[cell.stream],
     }
+    metrics["env"] = environment()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics, indent=1))

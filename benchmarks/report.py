@@ -226,6 +226,7 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
             f"![accuracy against compute]({sweep}-{stream}-compute.png)",
             "",
         ]
+    lines += _environment_lines(runs)
     accept = acceptance_table(runs, streams)
     lines[4:4] = ["## Acceptance targets", "", accept, ""]
     path = out_dir / f"{sweep}.md"
@@ -234,6 +235,24 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
     _update_results_md(sweep, accept, out_dir.parent / "results.md", block="acceptance")
     print(f"wrote {path}")
     return path
+
+
+def _environment_lines(runs) -> list[str]:
+    """How many cells each recorded environment made. Paired cells made in different
+    environments differ by more than their seed: only same-environment pairs are exact."""
+    count: dict[str, int] = defaultdict(int)
+    for v in runs.values():
+        for m in v.values():
+            env = m.get("env")
+            key = (
+                ", ".join(f"{k} {env[k]}" for k in ("cpu", "cpu_capability", "torch", "pillow", "numpy"))
+                if env
+                else "not recorded (made before environments were kept)"
+            )
+            count[key] += 1
+    lines = ["## Environments", "", "| environment | cells |", "|---|---|"]
+    lines += [f"| {k} | {n} |" for k, n in sorted(count.items(), key=lambda kv: -kv[1])]
+    return [*lines, ""]
 
 
 def _mem_table_head(title: str, first: str, runs, stream, ms) -> list[str]:

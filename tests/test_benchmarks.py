@@ -83,7 +83,10 @@ def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
         ):
             f = root / label / mem / f"seed{seed}.json"
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(json.dumps(_fake(label, seed, value)))
+            fake = _fake(label, seed, value)
+            if label == "er":  # cells made with the environment kept, the others before
+                fake["env"] = continual.environment()
+            f.write_text(json.dumps(fake))
     runs = report.load("s")
     m, h, n = report.paired(runs[("stream", "incclip", "mem1")], runs[("stream", "er", "mem1")])
     assert n == 3 and m == pytest.approx(0.06) and h == pytest.approx(4.303 * 0.01 / math.sqrt(3))
@@ -101,6 +104,11 @@ def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
     # forgetting 0.1 for both: 0.1 > 0.6 x 0.1
     assert "| forgetting ≤ 0.6 × finetune's (6.0) | 10.0 | **not met** |" in accept
     assert "## Acceptance targets" in text
+    # which environment made how many cells: runs repeat bitwise only within one
+    env = continual.environment()
+    assert set(env) >= {"cpu", "cpu_capability", "torch", "pillow", "numpy"} and env["torch"]
+    assert f"| cpu {env['cpu']}, cpu_capability {env['cpu_capability']}, torch {env['torch']}" in text
+    assert "| not recorded (made before environments were kept) | 9 |" in text
 
 
 def test_is_done_reruns_results_of_another_budget_or_strategy_default(tmp_path, monkeypatch):
