@@ -40,6 +40,15 @@ def test_sweeps_pair_seeds_and_keep_memory_free_strategies_once():
     ]
 
 
+def test_validation_rerun_repeats_the_validation_references_cell_for_cell():
+    sw = continual.sweeps()
+    rerun = {(c.stream, c.seed, c.label, c.share) for c in sw["validation-rerun"].cells}
+    val = {
+        (c.stream, c.seed, c.label, c.share) for c in sw["validation"].cells if c.label in ("er", "incclip")
+    }
+    assert rerun == val and {s for (_, _, _, s) in rerun} == set(continual.SHARES)
+
+
 def _fake(strategy, seed, avg, *, memory=16, share=0.01):
     R = [[avg]]
     return {
