@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -124,9 +125,19 @@ def test_meta_stays_the_same_size_as_versions_pile_up(redis_server, tmp_path):
     hashes = [len(client.hget(f"ctp:registry:v:{v}", "meta")) for v in range(1, n + 1)]
     # ids and numbers vary by a few digits; the per-set cells stop at one per class group
     assert sizes[-1] - sizes[1] < 1500 and hashes[-1] - hashes[1] < 1500, (sizes, hashes)
-    # past the newest RECENT_CHUNK_IDS ids, flat once every class is seen (numbers vary in digits)
-    rest = [len(json.dumps({k: v for k, v in i.meta.items() if k != "chunk_ids"})) for i in reg.history()]
-    assert max(rest[len(stream.chunks) :]) - min(rest[len(stream.chunks) :]) < 100, rest
+    # past the newest RECENT_CHUNK_IDS ids, flat once every class is seen; every number counts
+    # as one character (a loss or a KD weight of 0.0 or 0.7333333333333334 is the same field)
+    rest = [
+        len(
+            re.sub(
+                r"-?\d+(\.\d+)?(e-?\d+)?",
+                "0",
+                json.dumps({k: v for k, v in i.meta.items() if k != "chunk_ids"}),
+            )
+        )
+        for i in reg.history()
+    ]
+    assert max(rest[len(stream.chunks) :]) - min(rest[len(stream.chunks) :]) < 20, rest
     history = reg.eval_history()
     assert [h["version"] for h in history] == list(range(1, n + 1))
     assert [h["chunk_id"] for h in history] == [f"c{i:03d}" for i in range(n)]  # the whole lineage
