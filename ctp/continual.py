@@ -156,10 +156,6 @@ class ContinualLearner:
             memory_items=len(mem) if mem is not None else 0,
             seen=mem.seen() if mem is not None else 0,
         )
-        if strategy.pseudo_texts and not pseudo_texts_for_chunk(strategy, share):
-            strategy = replace(strategy, pseudo_texts=False)  # this chunk only; the generator still learns
-            if self.generator is not None:
-                self.generator.fit(texts, images, bundle=self.bundle)
         pseudo_stats, pseudo_seconds = {}, 0.0
         replay: list[MemoryItem] = []
         replay_images = None
@@ -167,9 +163,14 @@ class ContinualLearner:
         if strategy.replay and self.memory is not None and len(self.memory) > 0:
             replay = self.memory.sample(min(len(self.memory), cfg.replay_pool), rng=rng)
             replay_images = self._preprocess([it.image for it in replay], [it.key for it in replay])
-            if strategy.pseudo_texts:
-                t0 = time.perf_counter()
-                self.generator.fit(texts, images, bundle=self.bundle)
+        if strategy.pseudo_texts:
+            # The generator learns from every chunk, also one that replays no pseudo texts (the
+            # first, or one above pt_share_cutoff) so that it is ready when they come back.
+            t0 = time.perf_counter()
+            self.generator.fit(texts, images, bundle=self.bundle)
+            if not pseudo_texts_for_chunk(strategy, share):
+                strategy = replace(strategy, pseudo_texts=False)  # this chunk only
+            elif replay:
                 stale = [
                     i
                     for i, it in enumerate(replay)
@@ -194,8 +195,6 @@ class ContinualLearner:
                         replay[i].pseudo_version = index
                     pseudo_stats = asdict(stats)
                 pseudo_seconds = time.perf_counter() - t0
-        elif strategy.pseudo_texts and self.generator is not None:
-            self.generator.fit(texts, images, bundle=self.bundle)  # first chunk: learn, nothing to replay
 
         result = train_on_chunk(
             model,

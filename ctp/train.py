@@ -117,6 +117,8 @@ def train_on_chunk(
     use_kd = strategy.distill and teacher is not None and kd_weight > 0  # no teacher: nothing to keep
     if strategy.kd_scope not in KD_SCOPES:
         raise ValueError(f"unknown kd_scope {strategy.kd_scope!r}; expected one of {KD_SCOPES}")
+    if not 0 < strategy.replay_crop <= 1:
+        raise ValueError(f"replay_crop must be in (0, 1], got {strategy.replay_crop}")
     use_fkd = strategy.feature_kd_weight > 0 and teacher is not None and use_replay
     tokens = tokenizer(list(texts))  # [N, L]
     # Replayed rows are drawn without replacement: a pair twice in one batch is its own false
@@ -169,8 +171,6 @@ def train_on_chunk(
     order_gen = torch.Generator().manual_seed(seed)  # same permutation on every rank
     rep_rng = random.Random(seed * 7919 + rank)  # own replay draws per rank
     aug_gen = torch.Generator().manual_seed(seed * 7919 + rank)  # own replay crops per rank
-    if not 0 < strategy.replay_crop <= 1:
-        raise ValueError(f"replay_crop must be in (0, 1], got {strategy.replay_crop}")
     result = ChunkResult(prepare_seconds=time.perf_counter() - t_prep)
     model.train()
     t0 = time.perf_counter()
