@@ -107,6 +107,8 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     # augmented replay: replayed images cropped (side 0.6-1) and flipped anew in every step
     "crop": ("incclip", ("replay_crop=0.6",), ()),
     "wise": ("incclip", ("merge_alpha=0.8",), ()),
+    # ER-ACE's asymmetric loss: new pairs contrast only among themselves (ctp.losses)
+    "ace": ("incclip", ("contrast=asymmetric",), ()),
     "random": ("incclip", (), ("--generator", "random")),
     "captioner": ("incclip", (), ("--generator", "captioner")),
     "pt4": ("incclip", ("pseudo_keep=4", "pseudo_per_image=2"), ()),
@@ -125,6 +127,7 @@ ABLATION_SHARES_FOR = {
     "const": SHARES,
     "crop": SHARES,
     "ptcut": (0.03, 0.12),
+    "ace": SHARES,
 }
 
 
@@ -148,7 +151,8 @@ def sweeps() -> dict[str, Sweep]:
             sets=sets,
             extra=extra,
         )
-    # the same augmentation on plain replay: how much of a gain is the augmentation's own
+    # the same on plain replay: how much of a gain is the knob's own
+    val.cells += grid(SYNTHETIC, val_seeds, strategies=("er",), variant="ace", sets=("contrast=asymmetric",))
     val.cells += grid(
         SYNTHETIC,
         val_seeds,

@@ -18,6 +18,7 @@ def contrastive_loss(
     negative_text_features: torch.Tensor | None = None,  # [P, D]
     negative_owner: torch.Tensor | None = None,  # [P] long: image a negative was made for
     negative_weight: float = 1.0,
+    new_rows: int | None = None,  # rows [0, new_rows) are new pairs, the rest replayed
 ) -> torch.Tensor:
     """CLIP InfoNCE, both directions, with extra negative texts on the image->text side.
 
@@ -26,15 +27,31 @@ def contrastive_loss(
     the other images of the batch. ``negative_owner`` is accepted so a caller can restrict a
     negative to its own image (entries of other rows masked out); None keeps it for every row.
     Text->image rows are unchanged: a pseudo text has no matching image to be classified to.
+
+    ``new_rows`` makes the loss asymmetric (ER-ACE's rule, Caccia et al. 2022, in CLIP's
+    in-batch form): a new image's softmax runs over the new texts only and a new text's over
+    the new images only, so new pairs never push the replayed (old) pairs or their pseudo texts
+    away; replayed rows keep every column, and that is where old and new are told apart. None,
+    0 or B is the ordinary loss.
     """
     logits_per_image = logit_scale * image_features @ text_features.T  # [B, B]
-    labels = torch.arange(image_features.shape[0], device=image_features.device)
-    loss_t2i = F.cross_entropy(logits_per_image.T, labels)
+    b = image_features.shape[0]
+    labels = torch.arange(b, device=image_features.device)
+    logits_per_text = logits_per_image.T
+    new = None
+    if new_rows is not None and 0 < new_rows < b:
+        new = labels < new_rows  # [B]
+        new_vs_old = new[:, None] & ~new[None, :]  # [B, B]: a new row against a replayed column
+        logits_per_image = logits_per_image.masked_fill(new_vs_old, float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(new_vs_old, float("-inf"))
+    loss_t2i = F.cross_entropy(logits_per_text, labels)
     if negative_text_features is not None and negative_text_features.shape[0] > 0:
         neg_logits = logit_scale * image_features @ negative_text_features.T  # [B, P]
         if negative_owner is not None:
             own = negative_owner[None, :] == labels[:, None]  # [B, P]
             neg_logits = neg_logits.masked_fill(~own, float("-inf"))
+        if new is not None:  # pseudo texts are old concepts' negatives: out of new rows' softmax
+            neg_logits = neg_logits.masked_fill(new[:, None], float("-inf"))
         if negative_weight != 1.0:
             # log(w) added to a logit weighs that negative's exp() term by w in the partition sum.
             neg_logits = neg_logits + torch.log(torch.tensor(negative_weight, device=neg_logits.device))

@@ -23,6 +23,10 @@ class Strategy:
     # square crop of side uniform in [replay_crop, 1] of the image (resized back) and flipped
     # left-right half the time, so a memory of a few pairs per class is not learnt by heart.
     replay_crop: float = 1.0
+    # "full": every row of the batch contrasts against every column (CLIP's loss); "asymmetric"
+    # (ER-ACE): new pairs contrast only among themselves, replayed pairs against everything,
+    # so learning the new does not push the old pairs' embeddings away (ctp.losses)
+    contrast: str = "full"
     kd_weight: float = 1.0  # weight of the KD term against the contrastive term
     kd_temperature: float = 2.0  # softmax temperature of KD (loss scaled by T^2)
     # KD over the whole batch ("batch"), the replayed pairs only ("replay"), or every image of

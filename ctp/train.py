@@ -36,6 +36,7 @@ from ctp.strategies import Strategy
 logger = logging.getLogger(__name__)
 
 KD_SCOPES = ("batch", "replay", "anchor")  # Strategy.kd_scope: which similarities KD keeps
+CONTRASTS = ("full", "asymmetric")  # Strategy.contrast: which rows see which columns
 
 
 @dataclass
@@ -117,6 +118,8 @@ def train_on_chunk(
     use_kd = strategy.distill and teacher is not None and kd_weight > 0  # no teacher: nothing to keep
     if strategy.kd_scope not in KD_SCOPES:
         raise ValueError(f"unknown kd_scope {strategy.kd_scope!r}; expected one of {KD_SCOPES}")
+    if strategy.contrast not in CONTRASTS:
+        raise ValueError(f"unknown contrast {strategy.contrast!r}; expected one of {CONTRASTS}")
     if not 0 < strategy.replay_crop <= 1:
         raise ValueError(f"replay_crop must be in (0, 1], got {strategy.replay_crop}")
     use_fkd = strategy.feature_kd_weight > 0 and teacher is not None and use_replay
@@ -209,6 +212,7 @@ def train_on_chunk(
                     scale,
                     negative_text_features=txt_f[b:] if neg_tok else None,
                     negative_owner=torch.tensor(neg_owner, device=device) if neg_tok else None,
+                    new_rows=len(idx) if strategy.contrast == "asymmetric" else None,
                 )
                 loss = loss_clip
                 loss_kd = torch.zeros((), device=device)

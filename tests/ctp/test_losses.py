@@ -60,6 +60,32 @@ def test_negative_owner_masks_other_rows():
     assert_close(got, (i2t + t2i) / 2)
 
 
+def test_asymmetric_contrast_new_rows_see_only_new_columns():
+    g = torch.Generator().manual_seed(2)
+    img = F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    txt = F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    neg = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    owner = torch.tensor([3, 4, 4, 0])  # the last is a new image's: masked on both counts
+    scale = torch.tensor(5.0)
+    got = contrastive_loss(img, txt, scale, negative_text_features=neg, negative_owner=owner, new_rows=3)
+    s = scale * img @ txt.T
+    rows_i2t, rows_t2i = [], []
+    for i in range(5):
+        new = i < 3
+        cols = list(range(3)) if new else list(range(5))
+        own_neg = [] if new else [scale * img[i] @ neg[p] for p in range(4) if owner[p] == i]
+        logits = torch.cat([s[i, cols], torch.stack(own_neg)]) if own_neg else s[i, cols]
+        rows_i2t.append(F.cross_entropy(logits[None], torch.tensor([cols.index(i)])))
+        rows_t2i.append(F.cross_entropy(s[cols, i][None], torch.tensor([cols.index(i)])))
+    expected = (torch.stack(rows_i2t).mean() + torch.stack(rows_t2i).mean()) / 2
+    assert_close(got, expected)
+    # all rows new (nothing replayed), or no split given: CLIP's own loss
+    plain = contrastive_loss(img, txt, scale)
+    assert_close(contrastive_loss(img, txt, scale, new_rows=5), plain)
+    full = contrastive_loss(img, txt, scale, negative_text_features=neg, negative_owner=owner)
+    assert not torch.isclose(got, full)
+
+
 def test_hard_negative_gets_gradient_away_from_image():
     img = _unit([1, 0, 0]).requires_grad_(True)
     txt = _unit([1, 0, 0])

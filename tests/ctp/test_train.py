@@ -141,26 +141,50 @@ def test_augment_replay_crops_and_flips_each_image_its_own_way():
     assert (z.amax(-1) - z.amin(-1)).mean() < (ramp.amax(-1) - ramp.amin(-1)).mean()
 
 
-def test_replay_crop_changes_the_replayed_rows_only(tiny_chunks):
+def _replay_run(chunks, strategy="er", *, replayed=20, **kw):
+    """One chunk of ``strategy`` (with ``kw`` set) replaying ``replayed`` pairs of chunk 0:
+    (ChunkResult, the trained weights flattened)."""
     bundle = create_model("ctp-vit-micro-32", seed=0)
-    images, texts = _inputs(tiny_chunks[1], bundle)
-    replay = memory_items_from(tiny_chunks[0][:20], chunk=0, chunk_id="c0")
-    rimg = preprocess_images([it.image for it in replay], [it.key for it in replay], bundle.preprocess_val)
+    images, texts = _inputs(chunks[1], bundle)
+    replay = memory_items_from(chunks[0][:replayed], chunk=0, chunk_id="c0")
+    rimg = (
+        preprocess_images([it.image for it in replay], [it.key for it in replay], bundle.preprocess_val)
+        if replay
+        else None
+    )
+    res = _fit(
+        bundle.model,
+        bundle.tokenizer,
+        images,
+        texts,
+        get_strategy(strategy, **kw),
+        replay=replay,
+        replay_images=rimg,
+        batch_size=32,
+    )
+    return res, torch.cat([p.detach().flatten() for p in bundle.model.parameters()])
 
-    def run(**kw):
-        model = create_model("ctp-vit-micro-32", seed=0).model
-        strategy = get_strategy("er", **kw)
-        res = _fit(
-            model, bundle.tokenizer, images, texts, strategy, replay=replay, replay_images=rimg, batch_size=32
-        )
-        return res, torch.cat([p.detach().flatten() for p in model.parameters()])
 
-    plain, w_plain = run()
-    crop, w_crop = run(replay_crop=0.6)
+def test_replay_crop_changes_the_replayed_rows_only(tiny_chunks):
+    plain, w_plain = _replay_run(tiny_chunks)
+    crop, w_crop = _replay_run(tiny_chunks, replay_crop=0.6)
     assert crop.steps == plain.steps and crop.pairs == plain.pairs  # same batches, other pixels
     assert not torch.allclose(w_plain, w_crop)
     with pytest.raises(ValueError, match="replay_crop"):
-        run(replay_crop=0.0)
+        _replay_run(tiny_chunks, replay_crop=0.0)
+
+
+def test_asymmetric_contrast_changes_replay_steps_and_nothing_without_replay(tiny_chunks):
+    plain, w_plain = _replay_run(tiny_chunks)
+    ace, w_ace = _replay_run(tiny_chunks, contrast="asymmetric")
+    assert ace.steps == plain.steps and ace.pairs == plain.pairs
+    assert not torch.allclose(w_plain, w_ace)
+    # nothing replayed: every row is new and the loss is CLIP's own, bit for bit
+    _, w_alone = _replay_run(tiny_chunks, replayed=0)
+    _, w_alone_ace = _replay_run(tiny_chunks, replayed=0, contrast="asymmetric")
+    assert torch.equal(w_alone, w_alone_ace)
+    with pytest.raises(ValueError, match="contrast"):
+        _replay_run(tiny_chunks, contrast="sideways")
 
 
 def test_kd_scopes_distill_different_similarities(tiny_chunks):
