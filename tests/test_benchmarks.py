@@ -49,6 +49,20 @@ def test_validation_rerun_repeats_the_validation_references_cell_for_cell():
     assert rerun == val and {s for (_, _, _, s) in rerun} == set(continual.SHARES)
 
 
+def test_validation_confirm_uses_fresh_seeds_and_the_grid_knob_as_validated():
+    sw = continual.sweeps()
+    confirm = sw["validation-confirm"].cells
+    seeds = {c.seed for c in confirm}
+    assert not seeds & {c.seed for c in sw["validation"].cells}
+    assert not seeds & {c.seed for c in sw["test"].cells}
+    kd2 = [c for c in confirm if c.variant == "kd2"]
+    assert kd2 and all(c.sets == continual.ABLATIONS["kd2"][1] for c in kd2)
+    # every knob cell has its paired references: incclip and er on the same seed and share
+    refs = {(c.seed, c.share) for c in confirm if c.label == "incclip"}
+    assert {(c.seed, c.share) for c in kd2} <= refs
+    assert refs == {(c.seed, c.share) for c in confirm if c.label == "er"}
+
+
 def _fake(strategy, seed, avg, *, memory=16, share=0.01):
     R = [[avg]]
     return {
