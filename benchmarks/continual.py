@@ -187,7 +187,7 @@ def sweeps() -> dict[str, Sweep]:
     # pairs for those knobs, and a measure of how far another environment moves a cell.
     rerun = Sweep("validation-rerun", grid(SYNTHETIC, val_seeds, strategies=("er", "incclip")))
     # A knob that passes the grid's rule on seeds 100-102 is confirmed on fresh validation seeds
-    # before it becomes a default: with 14 intervals in the grid, one above zero is a coin flip.
+    # before it becomes a default: with 15 intervals in the grid, one above zero is a coin flip.
     confirm_seeds, confirm_shares = (103, 104, 105), ABLATION_SHARES
     confirm = Sweep(
         "validation-confirm",
