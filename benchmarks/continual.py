@@ -188,19 +188,22 @@ def sweeps() -> dict[str, Sweep]:
     rerun = Sweep("validation-rerun", grid(SYNTHETIC, val_seeds, strategies=("er", "incclip")))
     # A knob that passes the grid's rule on seeds 100-102 is confirmed on fresh validation seeds
     # before it becomes a default: with 15 intervals in the grid, one above zero is a coin flip.
-    confirm_seeds, confirm_shares = (103, 104, 105), ABLATION_SHARES
+    confirm_seeds = (103, 104, 105)
     confirm = Sweep(
         "validation-confirm",
-        grid(SYNTHETIC, confirm_seeds, strategies=("er", "incclip"), shares=confirm_shares)
-        + grid(
+        grid(SYNTHETIC, confirm_seeds, strategies=("er", "incclip"), shares=ABLATION_SHARES),
+    )
+    for variant in ("kd2",):
+        strategy, sets, extra = ABLATIONS[variant]
+        confirm.cells += grid(
             SYNTHETIC,
             confirm_seeds,
-            strategies=("incclip",),
-            shares=confirm_shares,
-            variant="kd2",
-            sets=ABLATIONS["kd2"][1],
-        ),
-    )
+            strategies=(strategy,),
+            shares=ABLATION_SHARES,
+            variant=variant,
+            sets=sets,
+            extra=extra,
+        )
     return {s.name: s for s in (val, test, long, warm, rerun, confirm)}
 
 
