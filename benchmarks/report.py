@@ -132,6 +132,29 @@ def paired(a: dict[int, dict], b: dict[int, dict], what: str = "avg") -> tuple[f
     return m, h, len(seeds)
 
 
+ENV_KEYS = ("cpu", "cpu_flags", "cpu_capability", "torch", "numpy", "pillow", "open_clip_torch")
+
+
+def env_key(m: dict) -> tuple | None:
+    env = m.get("env")
+    return tuple(env.get(k) for k in ENV_KEYS) if env else None
+
+
+def cross_env(a: dict[int, dict], b: dict[int, dict]) -> int:
+    """How many of the seeds both have were made in different environments: such a pair
+    differs by the machine as well as by the method (docs/results.md). One side recorded and
+    the other not counts as different (environments were kept from a later session on); two
+    unrecorded sides are not counted (the Environments table lists them)."""
+    keys = [(env_key(a[s]), env_key(b[s])) for s in set(a) & set(b)]
+    return sum(1 for x, y in keys if x != y)
+
+
+def n_note(a: dict[int, dict], b: dict[int, dict], n: int) -> str:
+    """``n=5``, or ``n=5, 3 across environments`` when some pairs were made apart."""
+    k = cross_env(a, b)
+    return f"n={n}" + (f", {k} across environments" if k else "")
+
+
 def best_baseline(runs, stream, mem) -> str | None:
     cands = [
         (mean_ci([score(m, "avg") for m in cell_runs(runs, stream, b, mem).values()])[0], b)
@@ -196,7 +219,7 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
                     continue
                 m, h, n = paired(a, b)
                 tag = f" ({base})" if other == "best baseline" else ""
-                cells.append(f"{fmt(m, h)}{tag}, n={n}")
+                cells.append(f"{fmt(m, h)}{tag}, {n_note(a, b, n)}")
             lines.append(f"| incclip − {other} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += _per_seed_lines(runs, stream, labels, ms)
@@ -245,12 +268,22 @@ def _environment_lines(runs) -> list[str]:
         for m in v.values():
             env = m.get("env")
             key = (
-                ", ".join(f"{k} {env[k]}" for k in ("cpu", "cpu_capability", "torch", "pillow", "numpy"))
+                ", ".join(f"{k} {env[k]}" for k in ENV_KEYS if k in env)
                 if env
                 else "not recorded (made before environments were kept)"
             )
             count[key] += 1
-    lines = ["## Environments", "", "| environment | cells |", "|---|---|"]
+    lines = [
+        "## Environments",
+        "",
+        "A paired figure says `k across environments` when k of its seed pairs were made in "
+        "different environments (or one side's was not recorded): those pairs carry a machine "
+        "effect beside the method's. Pairs whose sides were both made before environments were "
+        "kept are not marked.",
+        "",
+        "| environment | cells |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {n} |" for k, n in sorted(count.items(), key=lambda kv: -kv[1])]
     return [*lines, ""]
 
@@ -308,7 +341,7 @@ def _ablation_lines(runs, stream, ms) -> list[str]:
                 cells.append("–")
                 continue
             m, h, n = paired(a, b)
-            cells.append(f"{fmt(m, h)}, n={n}")
+            cells.append(f"{fmt(m, h)}, {n_note(a, b, n)}")
         lines.append(f"| {o} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -336,17 +369,18 @@ def acceptance_table(runs, streams) -> str:
             if share <= 3:
                 base = best_baseline(runs, stream, mem)
                 if base:
-                    m, h, n = paired(a, cell_runs(runs, stream, base, mem))
+                    b = cell_runs(runs, stream, base, mem)
+                    m, h, n = paired(a, b)
                     ok = None if math.isnan(h) else (m >= 0.046 and m - h > 0)
                     lines.append(
                         f"| {stream} | {title} | incclip − best baseline ({base}) ≥ +4.6, interval > 0 "
-                        f"| {fmt(m, h)} (n={n}) | {_verdict(ok)} |"
+                        f"| {fmt(m, h)} ({n_note(a, b, n)}) | {_verdict(ok)} |"
                     )
             er = cell_runs(runs, stream, "er", mem)
             if er:
                 m, h, n = paired(a, er)
                 lines.append(
-                    f"| {stream} | {title} | incclip ≥ er − 1 | {fmt(m, h)} (n={n}) "
+                    f"| {stream} | {title} | incclip ≥ er − 1 | {fmt(m, h)} ({n_note(a, er, n)}) "
                     f"| {_verdict(m >= -0.01)} |"
                 )
             f_inc, f_ft = mean_of("incclip", mem, "forgetting"), mean_of("finetune", mem, "forgetting")
@@ -359,7 +393,7 @@ def acceptance_table(runs, streams) -> str:
             if joint and abs(share - 12) < 1e-9:
                 m, h, n = paired(joint, a)
                 lines.append(
-                    f"| {stream} | {title} | joint − incclip ≤ 5 | {fmt(m, h)} (n={n}) "
+                    f"| {stream} | {title} | joint − incclip ≤ 5 | {fmt(m, h)} ({n_note(joint, a, n)}) "
                     f"| {_verdict(m <= 0.05)} |"
                 )
             if joint:
@@ -399,7 +433,7 @@ def headline_table(
             lines.append(
                 f"| {stream} | {_mem_title(runs, stream, mem)[7:]} | "
                 + " | ".join(cells)
-                + f" | {fmt(m, h)} (n={n}) | {ret} |"
+                + f" | {fmt(m, h)} ({n_note(a, e, n)}) | {ret} |"
             )
     return "\n".join(lines)
 

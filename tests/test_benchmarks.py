@@ -107,8 +107,10 @@ def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
             f = root / label / mem / f"seed{seed}.json"
             f.parent.mkdir(parents=True, exist_ok=True)
             fake = _fake(label, seed, value)
-            if label == "er":  # cells made with the environment kept, the others before
+            if label in ("er", "incclip"):  # cells made with the environment kept, the others before
                 fake["env"] = continual.environment()
+                if label == "incclip" and seed == 2:  # one pair made on two machines
+                    fake["env"] = {**fake["env"], "cpu": "another CPU"}
             f.write_text(json.dumps(fake))
     runs = report.load("s")
     m, h, n = report.paired(runs[("stream", "incclip", "mem1")], runs[("stream", "er", "mem1")])
@@ -116,22 +118,28 @@ def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
     assert report.best_baseline(runs, "stream", "mem1") == "er"  # finetune's one result serves every memory
     path = report.write_report("s", out_dir=tmp_path / "docs")
     text = path.read_text()
-    assert "| incclip − best baseline | 6.0 ± 2.5 (er), n=3 |" in text
+    assert "| incclip − best baseline | 6.0 ± 2.5 (er), n=3, 1 across environments |" in text
+    cross = report.cross_env
+    assert cross(runs[("stream", "er", "mem1")], runs[("stream", "finetune", "nomem")]) == 3  # one unrecorded
+    assert cross(runs[("stream", "joint", "nomem")], runs[("stream", "finetune", "nomem")]) == 0  # both
     for kind in ("curves", "paired", "compute"):
         assert (tmp_path / "docs" / f"s-stream-{kind}.png").stat().st_size > 1000
     # the acceptance table judges each target from the same files
     accept = report.acceptance_table(runs, ["stream"])
     target = "incclip − best baseline (er) ≥ +4.6, interval > 0"
-    assert f"| stream | 1 % (16 pairs) | {target} | 6.0 ± 2.5 (n=3) | met |" in accept
-    assert "| incclip ≥ er − 1 | 6.0 ± 2.5 (n=3) | met |" in accept
+    pairs = "n=3, 1 across environments"
+    assert f"| stream | 1 % (16 pairs) | {target} | 6.0 ± 2.5 ({pairs}) | met |" in accept
+    assert f"| incclip ≥ er − 1 | 6.0 ± 2.5 ({pairs}) | met |" in accept
     # forgetting 0.1 for both: 0.1 > 0.6 x 0.1
     assert "| forgetting ≤ 0.6 × finetune's (6.0) | 10.0 | **not met** |" in accept
     assert "## Acceptance targets" in text
     # which environment made how many cells: runs repeat bitwise only within one
     env = continual.environment()
     assert set(env) >= {"cpu", "cpu_capability", "torch", "pillow", "numpy"} and env["torch"]
-    assert f"| cpu {env['cpu']}, cpu_capability {env['cpu_capability']}, torch {env['torch']}" in text
-    assert "| not recorded (made before environments were kept) | 9 |" in text
+    here = f"| cpu {env['cpu']}, cpu_flags {env['cpu_flags']}, cpu_capability {env['cpu_capability']}, torch"
+    assert f"{here} {env['torch']}" in text and "| cpu another CPU, cpu_flags" in text
+    assert f"{here} {env['torch']}, numpy {env['numpy']}, pillow {env['pillow']}" in text
+    assert "| not recorded (made before environments were kept) | 6 |" in text
 
 
 def test_is_done_reruns_results_of_another_budget_or_strategy_default(tmp_path, monkeypatch):
