@@ -3,6 +3,8 @@
     python benchmarks/continual.py run --sweep test [--jobs 2] [--only stream=emoji-ci-small]
     python benchmarks/continual.py report --sweep test        # tables + plots from the result files
     python benchmarks/continual.py plan --sweep validation    # the cells, and which are done
+    python benchmarks/continual.py run --sweep validation-rerun --into validation-rerun-xeon
+                                     # the references again, in this machine's environment
 
 A sweep is a list of cells (stream, seed, strategy, memory share, knob overrides). Each cell runs
 one ``ctp experiment`` in a worker process (one torch thread; scratch files under ``--work``)
@@ -432,12 +434,24 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     return cells
 
 
+def folder(args) -> str:
+    """Where a sweep's result files go: its name, or ``--into`` (``<sweep>-<tag>``) for the same
+    cells made again in another environment beside the committed ones. The validation report
+    pairs each knob cell with a same-environment reference from ``validation-rerun*`` folders
+    (report.reference_pool)."""
+    name = args.into or args.sweep
+    if name != args.sweep and not name.startswith(f"{args.sweep}-"):
+        raise SystemExit(f"--into {name}: another folder of a sweep is named {args.sweep}-TAG")
+    return name
+
+
 def cmd_run(args) -> int:
-    sweep = sweeps()[args.sweep]
+    sweep, name = sweeps()[args.sweep], folder(args)
     cells = select(sweep.cells, args.only)
-    todo = [c for c in cells if not is_done(c, sweep.name)]
+    todo = [c for c in cells if not is_done(c, name)]
     print(
-        f"sweep {sweep.name}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run",
+        f"sweep {sweep.name} into {name}: {len(cells)} cells, "
+        f"{len(cells) - len(todo)} done, {len(todo)} to run",
         flush=True,
     )
     if not todo:
@@ -447,8 +461,8 @@ def cmd_run(args) -> int:
     # cheapest first, joint last: a session that stops mid-sweep has whole seeds done
     todo.sort(key=lambda c: (c.seed, c.strategy == "joint"))
     failed = 0
-    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(todo), desc=sweep.name) as bar:
-        futures = [pool.submit(run_cell, c, sweep.name, args, sizes) for c in todo]
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(todo), desc=name) as bar:
+        futures = [pool.submit(run_cell, c, name, args, sizes) for c in todo]
         for f in as_completed(futures):
             try:
                 cell, seconds = f.result()
@@ -461,9 +475,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    sweep = sweeps()[args.sweep]
+    sweep, name = sweeps()[args.sweep], folder(args)
     for c in select(sweep.cells, args.only):
-        print(("done " if is_done(c, sweep.name) else "todo ") + str(c.path(sweep.name).relative_to(RESULTS)))
+        print(("done " if is_done(c, name) else "todo ") + str(c.path(name).relative_to(RESULTS)))
     return 0
 
 
@@ -494,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
             default=Path(os.environ.get("CTP_CACHE", Path.home() / ".cache" / "ctp")) / "streams",
         )
         q.add_argument("--jobs", type=int, default=2, help="experiments at once")
+        q.add_argument(
+            "--into",
+            metavar="FOLDER",
+            help="results folder (default: the sweep's name), e.g. validation-rerun-xeon: "
+            "the cells again in this environment beside the committed ones",
+        )
         q.add_argument("--threads", type=int, default=1, help="torch threads per experiment")
         q.add_argument("--docs", type=Path, default=ROOT.parent / "docs" / "results")
     args = p.parse_args(argv)

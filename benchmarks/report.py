@@ -165,7 +165,8 @@ def best_baseline(runs, stream, mem) -> str | None:
 
 
 def write_report(sweep: str, *, out_dir: Path) -> Path:
-    runs = load(sweep)
+    pool = reference_pool(sweep)
+    runs = pool[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     streams = sorted({k[0] for k in runs})
     lines = [
@@ -223,7 +224,7 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
             lines.append(f"| incclip − {other} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += _per_seed_lines(runs, stream, labels, ms)
-        lines += _ablation_lines(runs, stream, ms)
+        lines += _ablation_lines(runs, stream, ms, pool)
         compute = _compute_lines(runs, stream, ms)
         lines += compute
         base_sets = sorted(
@@ -319,15 +320,37 @@ def _per_seed_lines(runs, stream, labels, ms) -> list[str]:
     return [*lines, ""]
 
 
-def _ablation_lines(runs, stream, ms) -> list[str]:
+def reference_pool(sweep: str) -> list[dict]:
+    """The sweep's own results, then its reruns (``<sweep>-rerun*`` folders: the references made
+    again in another environment), for pairing each knob cell with a same-environment reference."""
+    reruns = sorted(d.name for d in RESULTS.glob(f"{sweep}-rerun*") if d.is_dir())
+    return [load(sweep), *(load(r) for r in reruns)]
+
+
+def matched(a: dict[int, dict], pool: list[dict], key: tuple) -> dict[int, dict]:
+    """Per seed of ``a``, the reference cell ``key`` made in a's environment where the pool has
+    one, else the first the pool has (that pair is then counted across environments)."""
+    out = {}
+    for seed, m in a.items():
+        cands = [r[key][seed] for r in pool if seed in r.get(key, {})]
+        same = [c for c in cands if env_key(m) is not None and env_key(c) == env_key(m)]
+        if same or cands:
+            out[seed] = (same or cands)[0]
+    return out
+
+
+def _ablation_lines(runs, stream, ms, pool: list[dict] | None = None) -> list[str]:
     """Each knob variant (``incclip[kd2]``...) and incclip's own parts (er_kd, er_pt) against
-    incclip's defaults, paired over the seeds both have."""
+    incclip's defaults, paired over the seeds both have; each knob seed is paired with an
+    incclip cell of its own environment where the pool (``reference_pool``) holds one."""
+    pool = pool or [runs]
     others = sorted({k[1] for k in runs if k[0] == stream and "[" in k[1]}, key=_order)
     others = [o for o in ("er_kd", "er_pt") if any(k[:2] == (stream, o) for k in runs)] + others
-    if not others or not any(k[:2] == (stream, "incclip") for k in runs):
+    if not others or not any(k[:2] == (stream, "incclip") for r in pool for k in r):
         return []
     lines = _mem_table_head(
-        "knobs and parts against incclip's defaults: other − incclip, average accuracy (paired)",
+        "knobs and parts against incclip's defaults: other − incclip, average accuracy (paired "
+        "with a same-environment incclip where one was made)",
         "variant",
         runs,
         stream,
@@ -336,7 +359,8 @@ def _ablation_lines(runs, stream, ms) -> list[str]:
     for o in others:
         cells = []
         for mem in ms:
-            a, b = runs.get((stream, o, mem), {}), runs.get((stream, "incclip", mem), {})
+            a = runs.get((stream, o, mem), {})
+            b = matched(a, pool, (stream, "incclip", mem))
             if not a or not b:
                 cells.append("–")
                 continue

@@ -164,3 +164,42 @@ def test_is_done_reruns_results_of_another_budget_or_strategy_default(tmp_path, 
     kd2 = continual.Cell("s", 0, "incclip", 0.01, variant="kd2", sets=("kd_weight=2",))
     assert continual.expected_strategy(kd2)["kd_weight"] == 2.0
     assert continual.expected_strategy(kd2)["kd_scope"] == "replay"
+
+
+def test_knob_cells_pair_with_a_reference_of_their_own_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    here = continual.environment()
+    there = {**here, "cpu": "another CPU"}
+    # a knob made here on seeds 0-1; incclip in the sweep made elsewhere, and again here (a rerun)
+    files = {
+        ("v", "incclip[kd2]", 0): (0.40, here),
+        ("v", "incclip[kd2]", 1): (0.50, here),
+        ("v", "incclip", 0): (0.10, there),
+        ("v", "incclip", 1): (0.10, there),
+        ("v-rerun-x", "incclip", 0): (0.30, here),
+        ("v-rerun-x", "incclip", 2): (0.30, here),
+    }
+    for (folder, label, seed), (value, env) in files.items():
+        f = tmp_path / folder / "stream" / label / "mem1" / f"seed{seed}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({**_fake(label, seed, value), "env": env}))
+    (tmp_path / "w-rerun-x").mkdir()  # another sweep's rerun is not in v's pool
+    pool = report.reference_pool("v")
+    assert len(pool) == 2
+    knob = pool[0][("stream", "incclip[kd2]", "mem1")]
+    ref = report.matched(knob, pool, ("stream", "incclip", "mem1"))
+    # seed 0 pairs with the rerun made here, seed 1 has only the other machine's
+    assert {s: report.score(m, "avg") for s, m in ref.items()} == {0: 0.30, 1: 0.10}
+    assert report.cross_env(knob, ref) == 1 and report.n_note(knob, ref, 2) == "n=2, 1 across environments"
+    lines = "\n".join(report._ablation_lines(pool[0], "stream", ["mem1"], pool))
+    assert "| incclip[kd2] | 25.0 ± " in lines and "n=2, 1 across environments |" in lines
+
+
+def test_into_names_another_folder_of_the_same_sweep(tmp_path):
+    args = continual.argparse.Namespace(sweep="validation-rerun", into=None)
+    assert continual.folder(args) == "validation-rerun"
+    args.into = "validation-rerun-xeon"
+    assert continual.folder(args) == "validation-rerun-xeon"
+    args.into = "test"  # another sweep's folder would mix its cells with these
+    with pytest.raises(SystemExit, match="validation-rerun-TAG"):
+        continual.folder(args)
