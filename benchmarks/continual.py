@@ -3,6 +3,8 @@
     python benchmarks/continual.py run --sweep test [--jobs 2] [--only stream=emoji-ci-small]
     python benchmarks/continual.py report --sweep test        # tables + plots from the result files
     python benchmarks/continual.py plan --sweep validation    # the cells, and which are done
+    python benchmarks/continual.py compare --folders validation validation-rerun validation-confirm \
+        --a 'incclip[kd2]' --b incclip       # paired over every folder's seeds
     python benchmarks/continual.py run --sweep validation-rerun --into validation-rerun-xeon
                                      # the references again, in this machine's environment
 
@@ -488,9 +490,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from report import compare  # benchmarks/report.py
+
+    lines = compare(args.folders, args.a, args.b)
+    print("\n".join(lines) if lines else f"no seeds with both {args.a} and {args.b}")
+    return 0 if lines else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("compare", help="a − b paired per seed, pooled over result folders")
+    q.add_argument("--folders", nargs="+", required=True, help="e.g. validation-rerun validation-confirm")
+    q.add_argument("--a", required=True, help="e.g. incclip[kd2]")
+    q.add_argument("--b", required=True, help="e.g. incclip")
     for name in ("run", "plan", "report"):
         q = sub.add_parser(name)
         # report also rebuilds a kept earlier sweep (a results/ folder no longer in sweeps())
@@ -517,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--threads", type=int, default=1, help="torch threads per experiment")
         q.add_argument("--docs", type=Path, default=ROOT.parent / "docs" / "results")
     args = p.parse_args(argv)
-    return {"run": cmd_run, "plan": cmd_plan, "report": cmd_report}[args.cmd](args)
+    return {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -339,6 +339,34 @@ def matched(a: dict[int, dict], pool: list[dict], key: tuple) -> dict[int, dict]
     return out
 
 
+def compare(folders: list[str], a_label: str, b_label: str) -> list[str]:
+    """``a_label − b_label`` paired per seed over several result folders (e.g. the validation
+    references and a later sweep on fresh seeds), each a-cell with a b-cell of its own
+    environment where one exists; one line per stream and memory size."""
+    pool = [load(f) for f in folders]
+    keys = sorted({k for r in pool for k in r if k[1] == a_label}, key=lambda k: (k[0], _share(k[2])))
+    lines = []
+    for stream, _, mem in keys:
+        a: dict[int, dict] = {}
+        for r in pool:
+            for seed, m in r[(stream, a_label, mem)].items() if (stream, a_label, mem) in r else ():
+                a.setdefault(seed, m)
+        b = matched(a, pool, (stream, b_label, mem))
+        a = {s: m for s, m in a.items() if s in b}
+        if not a:
+            continue
+        m, h, n = paired(a, b)
+        lines.append(
+            f"{stream} {mem[3:] + ' %' if mem != 'nomem' else '–'}: {a_label} − {b_label} "
+            f"{fmt(m, h)} ({n_note(a, b, n)}; seeds {', '.join(map(str, sorted(a)))})"
+        )
+    return lines
+
+
+def _share(mem: str) -> float:
+    return -1.0 if mem == "nomem" else float(mem[3:])
+
+
 def _ablation_lines(runs, stream, ms, pool: list[dict] | None = None) -> list[str]:
     """Each knob variant (``incclip[kd2]``...) and incclip's own parts (er_kd, er_pt) against
     incclip's defaults, paired over the seeds both have; each knob seed is paired with an

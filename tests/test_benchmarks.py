@@ -203,3 +203,20 @@ def test_into_names_another_folder_of_the_same_sweep(tmp_path):
     args.into = "test"  # another sweep's folder would mix its cells with these
     with pytest.raises(SystemExit, match="validation-rerun-TAG"):
         continual.folder(args)
+
+
+def test_compare_pools_the_seeds_of_several_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    here = continual.environment()
+    for folder, seed, er, inc in (("a", 0, 0.20, 0.30), ("a", 1, 0.20, 0.25), ("b", 5, 0.40, 0.30)):
+        for label, value in (("er", er), ("incclip", inc)):
+            f = tmp_path / folder / "stream" / label / "mem3" / f"seed{seed}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({**_fake(label, seed, value), "env": here}))
+    (line,) = report.compare(["a", "b"], "incclip", "er")
+    m, h = report.mean_ci([0.10, 0.05, -0.10])
+    assert line == f"stream 3 %: incclip − er {report.fmt(m, h)} (n=3; seeds 0, 1, 5)"
+    assert report.compare(["a"], "incclip[kd2]", "er") == []
+    monkeypatch.setattr(continual, "RESULTS", tmp_path)
+    assert continual.main(["compare", "--folders", "a", "b", "--a", "incclip", "--b", "er"]) == 0
+    assert "seeds 0, 1, 5" in capsys.readouterr().out
