@@ -349,7 +349,7 @@ def compare(folders: list[str], a_label: str, b_label: str) -> list[str]:
     for stream, _, mem in keys:
         a: dict[int, dict] = {}
         for r in pool:
-            for seed, m in r[(stream, a_label, mem)].items() if (stream, a_label, mem) in r else ():
+            for seed, m in r.get((stream, a_label, mem), {}).items():
                 a.setdefault(seed, m)
         b = matched(a, pool, (stream, b_label, mem))
         a = {s: m for s, m in a.items() if s in b}
