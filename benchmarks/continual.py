@@ -128,7 +128,7 @@ ABLATION_SHARES = (0.01, 0.03)  # the operating point: the memory holds a few % 
 # where distillation can hold back what replay alone already keeps.
 ABLATION_SHARES_FOR = {
     "share": SHARES,
-    "conf": SHARES,
+    # (the confidence gate scales the KD term, which the cutoff turns off at 12 %: 1 and 3 % only)
     "const": SHARES,
     "crop": SHARES,
     "ptcut": (0.03, 0.12),
