@@ -143,21 +143,23 @@ SYNTHETIC, EMOJI, WARM = "class-incremental-small", "emoji-ci-10", "emoji-ci-10-
 SYNTHETIC_LONG, EMOJI_LONG = "class-incremental-long", "emoji-ci-16"
 
 
+def knob_cells(variant: str, seeds, shares=None) -> list[Cell]:
+    """The synthetic-stream cells of one ABLATIONS knob (its strategy, sets and extra args), at
+    its measured shares unless given."""
+    strategy, sets, extra = ABLATIONS[variant]
+    shares = shares or ABLATION_SHARES_FOR.get(variant, ABLATION_SHARES)
+    return grid(
+        SYNTHETIC, seeds, strategies=(strategy,), shares=shares, variant=variant, sets=sets, extra=extra
+    )
+
+
 def sweeps() -> dict[str, Sweep]:
     val_seeds = (100, 101, 102)
     val = Sweep(
         "validation", grid(SYNTHETIC, val_seeds, strategies=("finetune", "er", "er_kd", "er_pt", "incclip"))
     )
-    for variant, (strategy, sets, extra) in ABLATIONS.items():
-        val.cells += grid(
-            SYNTHETIC,
-            val_seeds,
-            strategies=(strategy,),
-            shares=ABLATION_SHARES_FOR.get(variant, ABLATION_SHARES),
-            variant=variant,
-            sets=sets,
-            extra=extra,
-        )
+    for variant in ABLATIONS:
+        val.cells += knob_cells(variant, val_seeds)
     # the same augmentation on plain replay: how much of a gain is the augmentation's own
     val.cells += grid(
         SYNTHETIC,
@@ -202,16 +204,7 @@ def sweeps() -> dict[str, Sweep]:
     # these runs: it becomes the default only if, pooled over seeds 100-105 (each pair within one
     # environment), its interval at 1 % lies above zero and its mean at 3 % loses < 1 point.
     for variant in ("kd2", "fkd"):
-        strategy, sets, extra = ABLATIONS[variant]
-        confirm.cells += grid(
-            SYNTHETIC,
-            confirm_seeds,
-            strategies=(strategy,),
-            shares=ABLATION_SHARES,
-            variant=variant,
-            sets=sets,
-            extra=extra,
-        )
+        confirm.cells += knob_cells(variant, confirm_seeds, shares=ABLATION_SHARES)
     return {s.name: s for s in (val, test, long, warm, rerun, confirm)}
 
 

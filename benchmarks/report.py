@@ -108,7 +108,7 @@ def score(m: dict, what: str) -> float | None:
 
 
 def mems(runs, stream) -> list[str]:
-    ms = sorted({k[2] for k in runs if k[0] == stream and k[2] != "nomem"}, key=lambda s: float(s[3:]))
+    ms = sorted({k[2] for k in runs if k[0] == stream and k[2] != "nomem"}, key=_share)
     return ms
 
 
@@ -314,9 +314,7 @@ def _per_seed_lines(runs, stream, labels, ms) -> list[str]:
             if not rs:
                 continue
             row = [f"{100 * score(rs[s], 'avg'):.1f}" if s in rs else "–" for s in seeds]
-            lines.append(
-                f"| {label} | {'–' if mem == 'nomem' else mem[3:] + ' %'} | " + " | ".join(row) + " |"
-            )
+            lines.append(f"| {label} | {_mem_label(mem)} | " + " | ".join(row) + " |")
     return [*lines, ""]
 
 
@@ -357,14 +355,19 @@ def compare(folders: list[str], a_label: str, b_label: str) -> list[str]:
             continue
         m, h, n = paired(a, b)
         lines.append(
-            f"{stream} {mem[3:] + ' %' if mem != 'nomem' else '–'}: {a_label} − {b_label} "
+            f"{stream} {_mem_label(mem)}: {a_label} − {b_label} "
             f"{fmt(m, h)} ({n_note(a, b, n)}; seeds {', '.join(map(str, sorted(a)))})"
         )
     return lines
 
 
 def _share(mem: str) -> float:
+    """``mem3`` -> 3.0; a memory-free cell (``nomem``) sorts first."""
     return -1.0 if mem == "nomem" else float(mem[3:])
+
+
+def _mem_label(mem: str) -> str:
+    return "–" if mem == "nomem" else mem[3:] + " %"
 
 
 def _ablation_lines(runs, stream, ms, pool: list[dict] | None = None) -> list[str]:
