@@ -220,3 +220,36 @@ def test_compare_pools_the_seeds_of_several_folders(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(continual, "RESULTS", tmp_path)
     assert continual.main(["compare", "--folders", "a", "b", "--a", "incclip", "--b", "er"]) == 0
     assert "seeds 0, 1, 5" in capsys.readouterr().out
+
+
+def test_a_warm_base_is_pretrained_once_while_its_seed_cells_run_at_once(tmp_path, monkeypatch):
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    made, inside = [], []
+
+    def pretrain(cell, out, sweep, args):  # stands in for the base's `ctp experiment` run
+        inside.append(out)
+        time.sleep(0.2)  # long enough for the other cells to arrive while it runs
+        assert inside.count(out) == 1, "two pretrainings of one base at once"
+        (out / "checkpoint").mkdir(parents=True)
+        (out / "checkpoint" / "meta.json").write_text("{}")
+        made.append(out)
+        inside.remove(out)
+
+    monkeypatch.setattr(continual, "_pretrain_base", pretrain)
+    args = SimpleNamespace(work=tmp_path)
+    warm = continual.sweeps()["long-warm"].cells
+    same_seed = [c for c in warm if c.seed == 0][:3]
+    other = next(c for c in warm if c.seed == 1)
+    threads = [
+        threading.Thread(target=continual.ensure_base, args=(c, "long-warm", args))
+        for c in [*same_seed, other]
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(made) == sorted({continual.base_dir(c, args) for c in [same_seed[0], other]})
+    assert all(c.pretrained == "base" and c.stream == continual.EMOJI_LONG_WARM for c in warm)
