@@ -190,6 +190,8 @@ def sweeps() -> dict[str, Sweep]:
     # the same on the 8-chunk stream, from a base pretrained on its 8 held-back classes: the long
     # stream from scratch ends near its floor at 1-3 % memory (docs/results.md), a user's model does not
     long_warm = Sweep("long-warm", cells=warm_grid(EMOJI_LONG_WARM))
+    # incclip lost to er there at 1 % (−4.8 ± 2.2): which part, KD or the pseudo texts
+    long_warm.cells += warm_grid(EMOJI_LONG_WARM, strategies=("er_kd", "er_pt"))
     # The validation references again, in the environment that made the crop and ptcut cells:
     # runs repeat bitwise only within one environment (docs/results.md), so same-environment
     # pairs for those knobs, and a measure of how far another environment moves a cell.
