@@ -139,7 +139,7 @@ ABLATION_SHARES_FOR = {
 }
 
 
-# CPU-sized streams (5 and 4 chunks, ~1,400 pairs) and the longer ones (8 chunks) for a GPU
+# the short streams (4 and 5 chunks, ~1,400 pairs) and the longer ones (8 chunks, ~960 pairs): both CPU-sized
 SYNTHETIC, EMOJI, WARM = "class-incremental-small", "emoji-ci-10", "emoji-ci-10-warm"
 SYNTHETIC_LONG, EMOJI_LONG, EMOJI_LONG_WARM = "class-incremental-long", "emoji-ci-16", "emoji-ci-16-warm"
 
