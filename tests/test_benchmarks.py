@@ -227,13 +227,14 @@ def test_a_warm_base_is_pretrained_once_while_its_seed_cells_run_at_once(tmp_pat
     import time
     from types import SimpleNamespace
 
-    made, inside = [], []
+    made, inside, overlaps = [], [], []
 
     def pretrain(cell, out, sweep, args):  # stands in for the base's `ctp experiment` run
         inside.append(out)
         time.sleep(0.2)  # long enough for the other cells to arrive while it runs
-        assert inside.count(out) == 1, "two pretrainings of one base at once"
-        (out / "checkpoint").mkdir(parents=True)
+        if inside.count(out) > 1:  # recorded here, asserted in the test's own thread
+            overlaps.append(out)
+        (out / "checkpoint").mkdir(parents=True, exist_ok=True)
         (out / "checkpoint" / "meta.json").write_text("{}")
         made.append(out)
         inside.remove(out)
@@ -251,5 +252,6 @@ def test_a_warm_base_is_pretrained_once_while_its_seed_cells_run_at_once(tmp_pat
         t.start()
     for t in threads:
         t.join()
+    assert not overlaps, "two pretrainings of one base at once"
     assert sorted(made) == sorted({continual.base_dir(c, args) for c in [same_seed[0], other]})
     assert all(c.pretrained == "base" and c.stream == continual.EMOJI_LONG_WARM for c in warm)
