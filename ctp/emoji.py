@@ -98,6 +98,9 @@ class EmojiConfig:
     categories_per_chunk: int = 1  # class-incremental: top-level categories per chunk
     max_per_subcategory: int = 0  # seeded subsample of emoji per subcategory; 0 = all
     top_subcategories: int = 0  # keep only the N subcategories with the most emoji; 0 = all
+    # leave out the N largest subcategories first (then top_subcategories of the rest): streams
+    # of other classes than the top ones, e.g. a validation stream beside a test stream
+    skip_subcategories: int = 0
     # what a class-incremental chunk is made of: whole top-level "category" groups, or
     # "subcategory" groups (one class each), ``categories_per_chunk`` of them a chunk
     chunk_by: str = "category"
@@ -130,6 +133,8 @@ class EmojiConfig:
             raise ValueError(f"chunk_by must be 'category' or 'subcategory', got {self.chunk_by!r}")
         if self.top_subcategories < 0:
             raise ValueError(f"top_subcategories must be >= 0 (0 = all), got {self.top_subcategories}")
+        if self.skip_subcategories < 0:
+            raise ValueError(f"skip_subcategories must be >= 0, got {self.skip_subcategories}")
         if self.max_per_subcategory < 0:
             raise ValueError(f"max_per_subcategory must be >= 0 (0 = all), got {self.max_per_subcategory}")
         if self.image_size < 16:
@@ -207,6 +212,28 @@ PRESETS: dict[str, EmojiConfig] = {
             "household",
             "av-symbol",
             "game",
+        ),
+    ),
+    # The warm-start VALIDATION stream (knobs are chosen here, never on emoji-ci-16-warm): the same
+    # shape as emoji-ci-16-warm on other classes, the subcategories ranked 25-48 by size (16-23
+    # emoji each; the test streams use ranks 1-24), the 8 smallest of them held back as the base
+    # set. About 590 stream pairs, 216 base pairs.
+    "emoji-ci-16-warm-val": EmojiConfig(
+        train_vendors=("apple", "google"),
+        max_per_subcategory=30,
+        skip_subcategories=24,
+        top_subcategories=24,
+        chunk_by="subcategory",
+        categories_per_chunk=2,
+        holdout_categories=(
+            "face-smiling",
+            "face-neutral-skeptical",
+            "food-sweet",
+            "computer",
+            "emotion",
+            "transport-air",
+            "mail",
+            "transport-sign",
         ),
     ),
     # as emoji-ci-small, with two categories held out as a base set for a warm-start model
@@ -450,14 +477,16 @@ def make_caption(emoji: Emoji, rng: np.random.Generator) -> str:
 
 
 def select_emoji(catalog: list[Emoji], config: EmojiConfig) -> list[Emoji]:
-    """The ``top_subcategories`` largest subcategories (ties: catalog order), then at most
-    ``max_per_subcategory`` emoji of each (seeded), in catalog order."""
-    if config.top_subcategories:
+    """The ``top_subcategories`` largest subcategories after the ``skip_subcategories`` largest
+    (ties: catalog order), then at most ``max_per_subcategory`` emoji of each (seeded), in
+    catalog order."""
+    if config.top_subcategories or config.skip_subcategories:
         sizes: dict[str, int] = {}
         for em in catalog:
             sizes[em.subcategory] = sizes.get(em.subcategory, 0) + 1
         order = list(sizes)
-        top = set(sorted(order, key=lambda sub: (-sizes[sub], order.index(sub)))[: config.top_subcategories])
+        ranked = sorted(order, key=lambda sub: (-sizes[sub], order.index(sub)))[config.skip_subcategories :]
+        top = set(ranked[: config.top_subcategories or None])
         catalog = [em for em in catalog if em.subcategory in top]
     if not config.max_per_subcategory:
         return list(catalog)

@@ -63,6 +63,28 @@ def test_validation_confirm_uses_fresh_seeds_and_the_grid_knob_as_validated():
     assert refs == {(c.seed, c.share) for c in confirm if c.label == "er"}
 
 
+def test_warm_remedies_are_chosen_on_a_validation_stream_of_other_classes_and_seeds():
+    from ctp.emoji import PRESETS
+
+    sw = continual.sweeps()
+    val, confirm, test = sw["validation-warm"].cells, sw["validation-warm-confirm"].cells, sw["long-warm"].cells
+    assert {c.stream for c in val + confirm} == {continual.EMOJI_WARM_VAL}
+    assert all(c.pretrained == "base" for c in val + confirm)
+    # its subcategories come after every one the emoji test streams use (by size rank)
+    v = PRESETS[continual.EMOJI_WARM_VAL]
+    for name in (continual.EMOJI_LONG_WARM, continual.EMOJI_LONG, continual.WARM, continual.EMOJI):
+        assert v.skip_subcategories >= PRESETS[name].top_subcategories > 0
+    assert {c.seed for c in val}.isdisjoint(c.seed for c in confirm)
+    assert {c.seed for c in val + confirm}.isdisjoint(c.seed for c in test)
+    # every remedy, in both sweeps, with its paired references on each seed and share
+    for cells in (val, confirm):
+        refs = {(c.seed, c.share) for c in cells if c.label == "incclip"}
+        assert refs == {(c.seed, c.share) for c in cells if c.label == "er"}
+        for variant, sets in continual.WARM_REMEDIES.items():
+            mine = [c for c in cells if c.variant == variant]
+            assert {(c.seed, c.share) for c in mine} == refs and all(c.sets == sets for c in mine)
+
+
 def _fake(strategy, seed, avg, *, memory=16, share=0.01):
     R = [[avg]]
     return {

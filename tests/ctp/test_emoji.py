@@ -400,5 +400,10 @@ def test_top_subcategories_chunked_by_subcategory(tmp_path, cache):
     assert len(hp.chunks) == 2 and set(load_classification_set(hp.base_classification).classnames) == {
         "face hand"
     }
+    # skipping the two largest leaves the 2s: the first of them, as top_subcategories=3 took it
+    skipped = _build(tmp_path / "skip", replace(config, skip_subcategories=2, top_subcategories=1), cache)
+    assert skipped.category_order == [["face-hand"]]
+    with pytest.raises(ValueError, match="skip_subcategories"):
+        replace(CI, skip_subcategories=-1)
     with pytest.raises(ValueError, match="chunk_by"):
         replace(CI, chunk_by="vendor")
