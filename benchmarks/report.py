@@ -250,6 +250,12 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
             f"![accuracy against compute]({sweep}-{stream}-compute.png)",
             "",
         ]
+    if sweep == "validation-warm":
+        pooled = _pooled([runs, load("validation-warm-confirm")])
+        for stream in streams:
+            rule = remedy_lines(stream, runs, pooled)
+            if rule:
+                lines += [f"## {stream}: the remedies against the adoption rule", "", *rule, ""]
     lines += _environment_lines(runs)
     accept = acceptance_table(runs, streams)
     lines[4:4] = ["## Acceptance targets", "", accept, ""]
@@ -337,6 +343,16 @@ def matched(a: dict[int, dict], pool: list[dict], key: tuple) -> dict[int, dict]
     return out
 
 
+def _pooled(pool: list[dict]) -> dict:
+    """Several folders' results as one: per cell and seed, the first folder that has it."""
+    out: dict = defaultdict(dict)
+    for r in pool:
+        for key, seeds in r.items():
+            for seed, m in seeds.items():
+                out[key].setdefault(seed, m)
+    return out
+
+
 def compare(folders: list[str], a_label: str, b_label: str) -> list[str]:
     """``a_label − b_label`` paired per seed over several result folders (e.g. the validation
     references and a later sweep on fresh seeds), each a-cell with a b-cell of its own
@@ -359,6 +375,67 @@ def compare(folders: list[str], a_label: str, b_label: str) -> list[str]:
             f"{fmt(m, h)} ({n_note(a, b, n)}; seeds {', '.join(map(str, sorted(a)))})"
         )
     return lines
+
+
+# The adoption rule of the warm-start remedies (benchmarks/continual.py, WARM_REMEDIES), stated
+# before their cells ran: part 1 on the validation seeds, part 2 pooled with the fresh seeds.
+RULE_SEEDS = 5  # seeds a part needs before it is judged
+
+
+def remedy_lines(stream: str, first: dict, pooled: dict) -> list[str]:
+    """One row per incclip[remedy] of ``first`` (the ``validation-warm`` results): its paired
+    gains over incclip and er at 1 % and 3 % memory, whether it passes part 1 of the rule
+    (gain over incclip >= +2 at 1 % and >= 0 at 3 %, and >= −1 against er at both), and, for
+    the part-1 winner (largest gain at 1 %), part 2 on ``pooled`` (those seeds and the fresh
+    ones of ``validation-warm-confirm``): gain over incclip at 1 % with its interval above
+    zero, and >= 0 at 3 %. A part not yet judged (fewer seeds than RULE_SEEDS) reads "–"."""
+    remedies = sorted({k[1] for k in first if k[0] == stream and k[1].startswith("incclip[")})
+    if not remedies:
+        return []
+
+    def diff(runs, a, b, mem, need):
+        x, y = runs.get((stream, a, mem), {}), runs.get((stream, b, mem), {})
+        m, h, n = paired(x, y) if x and y else (math.nan, math.nan, 0)
+        return (m, h) if n >= need else None
+
+    rows, part1 = [], {}
+    for r in remedies:
+        d = {
+            (b, mem): diff(first, r, b, mem, RULE_SEEDS)
+            for b in ("incclip", "er")
+            for mem in ("mem1", "mem3")
+        }
+        ok = None
+        if all(v is not None for v in d.values()):
+            eps = 1e-9  # a difference of exactly a threshold passes despite float rounding
+            ok = (
+                d["incclip", "mem1"][0] >= 0.02 - eps
+                and d["incclip", "mem3"][0] >= -eps
+                and d["er", "mem1"][0] >= -0.01 - eps
+                and d["er", "mem3"][0] >= -0.01 - eps
+            )
+            if ok:
+                part1[r] = d["incclip", "mem1"][0]
+        rows.append((r, d, ok))
+    winner = max(part1, key=part1.get) if part1 else None
+    lines = [
+        "| remedy | − incclip, 1 % | 3 % | − er, 1 % | 3 % | part 1 | pooled − incclip, 1 % | 3 % | part 2 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r, d, ok in rows:
+        cells = [fmt(*v) if v else "–" for v in d.values()]
+        p1, p2 = _passed(ok), ["–", "–", "–"]
+        if r == winner:
+            c1 = diff(pooled, r, "incclip", "mem1", 2 * RULE_SEEDS)
+            c3 = diff(pooled, r, "incclip", "mem3", 2 * RULE_SEEDS)
+            if c1 and c3:
+                p2 = [fmt(*c1), fmt(*c3), _passed(c1[0] - c1[1] > 0 and c3[0] >= -1e-9)]
+        lines.append(f"| {r} | " + " | ".join([*cells, p1, *p2]) + " |")
+    return lines
+
+
+def _passed(ok: bool | None) -> str:
+    return "–" if ok is None else ("passed" if ok else "**failed**")
 
 
 def _share(mem: str) -> float:

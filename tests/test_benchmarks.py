@@ -67,7 +67,11 @@ def test_warm_remedies_are_chosen_on_a_validation_stream_of_other_classes_and_se
     from ctp.emoji import PRESETS
 
     sw = continual.sweeps()
-    val, confirm, test = sw["validation-warm"].cells, sw["validation-warm-confirm"].cells, sw["long-warm"].cells
+    val, confirm, test = (
+        sw["validation-warm"].cells,
+        sw["validation-warm-confirm"].cells,
+        sw["long-warm"].cells,
+    )
     assert {c.stream for c in val + confirm} == {continual.EMOJI_WARM_VAL}
     assert all(c.pretrained == "base" for c in val + confirm)
     # its subcategories come after every one the emoji test streams use (by size rank)
@@ -162,6 +166,39 @@ def test_report_paired_differences_and_plots(tmp_path, monkeypatch):
     assert f"{here} {env['torch']}" in text and "| cpu another CPU, cpu_flags" in text
     assert f"{here} {env['torch']}, numpy {env['numpy']}, pillow {env['pillow']}" in text
     assert "| not recorded (made before environments were kept) | 6 |" in text
+
+
+def test_the_remedy_rule_judges_part_one_then_pools_fresh_seeds_for_the_winner():
+    def runs(seeds, gains):
+        out = {}
+        for label, mem, g in gains:
+            out[("st", label, mem)] = {s: _fake(label, s, 0.2 + g(s)) for s in seeds}
+        return out
+
+    base = [("incclip", m, lambda s: 0.0) for m in ("mem1", "mem3")]
+    base += [("er", m, lambda s: 0.01) for m in ("mem1", "mem3")]
+    good = [("incclip[a]", "mem1", lambda s: 0.03 + 0.001 * s), ("incclip[a]", "mem3", lambda s: 0.0)]
+    # b gains more at 1 % but loses 2 points to er at 3 %: part 1 fails
+    bad = [("incclip[b]", "mem1", lambda s: 0.05), ("incclip[b]", "mem3", lambda s: -0.01)]
+    first = runs(range(5), base + good + bad)
+    rows = {line.split(" | ")[0][2:]: line for line in report.remedy_lines("st", first, first)}
+    assert rows["incclip[b]"].startswith(
+        "| incclip[b] | 5.0 ± 0.0 | -1.0 ± 0.0 | 4.0 ± 0.0 | -2.0 ± 0.0 | **failed** |"
+    )
+    # a: +3.2 at 1 %, level at 3 %, −1.0 against er there (the threshold itself passes)
+    assert rows["incclip[a]"].startswith(
+        "| incclip[a] | 3.2 ± 0.2 | 0.0 ± 0.0 | 2.2 ± 0.2 | -1.0 ± 0.0 | passed |"
+    )
+    assert rows["incclip[a]"].endswith("| – | – | – |")  # 5 seeds only: part 2 waits for the fresh ones
+    pooled = runs(range(10), base + good + bad)
+    assert report.remedy_lines("st", first, pooled)[2].endswith("| 3.5 ± 0.2 | 0.0 ± 0.0 | passed |")
+    # part 2 needs the 1 % interval above zero: a gain that is +3 on half the seeds and −2 on the rest fails
+    noisy = runs(range(10), base + [("incclip[a]", "mem1", lambda s: 0.03 if s < 5 else -0.02), good[1]])
+    assert report.remedy_lines("st", first, noisy)[2].endswith("| **failed** |")
+    # a first folder with fewer than 5 seeds is not judged
+    assert report.remedy_lines("st", runs(range(4), base + good), {})[2].endswith(
+        "| – | – | – | – | – | – | – | – |"
+    )
 
 
 def test_is_done_reruns_results_of_another_budget_or_strategy_default(tmp_path, monkeypatch):
