@@ -157,7 +157,8 @@ WARM_REMEDIES: dict[str, tuple[str, ...]] = {
     "nopt": ("pseudo_texts=false",),
     # KD rows weighted by the teacher's confidence in the true match (ctp.losses)
     "conf": ("kd_gate=confidence",),
-    # half the KD weight: the warm teacher pulls harder than one trained from scratch
+    # half the KD weight (hypothesis: a warm teacher holds the new classes back more than one
+    # trained from scratch)
     "kd0.5": ("kd_weight=0.5",),
 }
 
