@@ -6,7 +6,7 @@ Per chunk, in order:
    or older than ``refresh_every`` chunks get new ones, made with the model before the chunk;
 3. ``train_on_chunk`` with the replay pool (a memory snapshot) and the teacher;
    with this chunk's KD weight (``kd_weight_for_chunk``: constant, or following the share of
-   the past that the memory still holds);
+   the past that the memory still holds; with ``kd_novelty``, times ``chunk_novelty``);
 4. optional weight merge with the teacher (WiSE-FT);
 5. the chunk's pairs are offered to the memory (its policy decides what stays).
 The experiment command and the service's trainer worker both drive this class.
@@ -25,8 +25,9 @@ import torch
 
 from ctp.config import TrainConfig
 from ctp.data import Sample, pair_id
+from ctp.evaluate import encode_images, encode_texts
 from ctp.memory import MemoryItem, ReplayMemory
-from ctp.models import ClipBundle
+from ctp.models import ClipBundle, unwrap
 from ctp.pseudo_texts import PseudoTextGenerator, make_pseudo_texts
 from ctp.strategies import Strategy
 from ctp.train import ChunkResult, preprocess_images, train_on_chunk
@@ -45,6 +46,7 @@ class ChunkReport:
     admitted: int = 0
     kd_weight: float = 0.0  # the KD weight this chunk trained with (0: no KD)
     memory_share: float | None = None  # memory size / pairs seen before the chunk
+    novelty: float | None = None  # chunk_novelty, measured only for a kd_novelty strategy
     epochs: int = 0  # the epochs this chunk trained for (TrainConfig.epochs_for its size)
 
     def to_dict(self) -> dict:
@@ -76,6 +78,59 @@ def kd_weight_for_chunk(strategy: Strategy, *, memory_items: int, seen: int) -> 
             raise ValueError(f"kd_share_cutoff must be > 0, got {strategy.kd_share_cutoff}")
         return strategy.kd_weight * max(0.0, 1.0 - (rho or 0.0) / strategy.kd_share_cutoff), rho
     raise ValueError(f"unknown kd_rule {strategy.kd_rule!r}; expected 'constant', 'share' or 'cutoff'")
+
+
+@torch.no_grad()
+def caption_fit(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    block: int,
+    device: torch.device | str,
+    generator: torch.Generator,
+) -> float:
+    """How well ``model`` matches these pairs, without labels: the pairs in a random order are cut
+    into blocks of ``block`` (a shorter last block is left out), and in each block the model's
+    probability of every image's own caption among the block's captions, and of every caption's
+    own image, is averaged. 1 / block is chance; 1 is a perfect match."""
+    if not 2 <= block <= len(tokens):
+        raise ValueError(f"block must be in [2, {len(tokens)}], got {block}")
+    order = torch.randperm(len(tokens), generator=generator)[: len(tokens) // block * block]
+    img = encode_images(model, images[order], device=device, batch_size=256)
+    txt = encode_texts(model, tokens[order], device=device, batch_size=256)
+    scale = unwrap(model).logit_scale.exp().float()
+    logits = scale * torch.einsum(
+        "bid,bjd->bij", img.view(-1, block, img.shape[1]), txt.view(-1, block, txt.shape[1])
+    )
+    i2t = logits.softmax(2).diagonal(dim1=1, dim2=2)
+    t2i = logits.softmax(1).diagonal(dim1=1, dim2=2)
+    return float((i2t.mean() + t2i.mean()) / 2)
+
+
+def chunk_novelty(
+    teacher: torch.nn.Module,
+    *,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    replay_images: torch.Tensor,
+    replay_tokens: torch.Tensor,
+    block: int,
+    device: torch.device | str,
+    seed: int,
+) -> float | None:
+    """nu = 1 - fit(new pairs) / fit(replayed pairs), clipped to [0, 1] (``caption_fit``, one
+    block size for both, at most ``block``): 0 for a chunk the teacher fits as well as the pairs
+    it kept, 1 for one it cannot fit. None when either side has fewer than 2 pairs."""
+    block = min(block, len(tokens), len(replay_tokens))
+    if block < 2:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    fit_new = caption_fit(teacher, images, tokens, block=block, device=device, generator=gen)
+    fit_old = caption_fit(teacher, replay_images, replay_tokens, block=block, device=device, generator=gen)
+    if fit_old <= 0:
+        return 1.0
+    return min(1.0, max(0.0, 1.0 - fit_new / fit_old))
 
 
 def pseudo_texts_for_chunk(strategy: Strategy, share: float | None) -> bool:
@@ -163,6 +218,21 @@ class ContinualLearner:
         if strategy.replay and self.memory is not None and len(self.memory) > 0:
             replay = self.memory.sample(min(len(self.memory), cfg.replay_pool), rng=rng)
             replay_images = self._preprocess([it.image for it in replay], [it.key for it in replay])
+        novelty = None
+        if strategy.kd_novelty and teacher is not None and kd_weight > 0 and replay:
+            tok = self.bundle.tokenizer
+            novelty = chunk_novelty(
+                teacher,
+                images=images,
+                tokens=tok(texts),
+                replay_images=replay_images,
+                replay_tokens=tok([it.text for it in replay]),
+                block=cfg.batch_size,
+                device=self.device,
+                seed=cfg.seed * 1000 + index,
+            )
+            if novelty is not None:
+                kd_weight *= novelty
         if strategy.pseudo_texts:
             # The generator learns from every chunk, also one that replays no pseudo texts (the
             # first, or one above pt_share_cutoff) so that it is ready when they come back.
@@ -241,6 +311,7 @@ class ContinualLearner:
             admitted=admitted,
             kd_weight=kd_weight if teacher is not None else 0.0,
             memory_share=share,
+            novelty=novelty,
         )
 
 

@@ -43,6 +43,14 @@ class Strategy:
     #   as rho -> 0, the service's operating point.
     kd_rule: str = "constant"
     kd_share_cutoff: float = 0.1
+    # The KD weight (after kd_rule) times the chunk's novelty nu in [0, 1]: 1 - (the teacher's
+    # fit of the new pairs) / (its fit of the replayed pairs), both label-free: the mean
+    # probability it gives each pair's own caption among a block of captions
+    # (ctp.continual.chunk_novelty). Hypothesis: KD on the replayed pairs guards them against the
+    # drift that learning the new pairs causes; a chunk the teacher already fits as well as its
+    # memory (classes seen before: instance-incremental) moves the old pairs little, so KD there
+    # only holds refinement back; a chunk it cannot fit (new classes) keeps the full weight.
+    kd_novelty: bool = False
     # Pseudo texts only while the memory holds less than this share of the stream (None: in
     # every chunk). Above it replay alone keeps the past, as for kd_rule="cutoff".
     pt_share_cutoff: float | None = None

@@ -216,6 +216,11 @@ PRESETS: dict[str, SyntheticConfig] = {
     "instance-incremental": SyntheticConfig(split="instance-incremental"),
     # 8 classes, 2 new ones a chunk: the benchmark stream that trains on a 2-core CPU in minutes
     "class-incremental-small": SyntheticConfig(num_classes=8, train_per_class=200, eval_per_class=50),
+    # the same world and size with every class in every chunk (the validation stream of knobs
+    # that should tell new classes from new instances of known ones)
+    "instance-incremental-small": SyntheticConfig(
+        num_classes=8, train_per_class=200, eval_per_class=50, split="instance-incremental"
+    ),
     # 16 classes over 8 chunks, 60 pairs a class (960 pairs): long enough that a fixed memory
     # falls to a small share of the stream, small enough for many seeds on a 2-core CPU
     "class-incremental-long": SyntheticConfig(

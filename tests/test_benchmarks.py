@@ -63,6 +63,23 @@ def test_validation_confirm_uses_fresh_seeds_and_the_grid_knob_as_validated():
     assert refs == {(c.seed, c.share) for c in confirm if c.label == "er"}
 
 
+def test_validation_novelty_pairs_each_knob_cell_with_same_sweep_references_on_both_splits():
+    from ctp.synthetic import PRESETS
+
+    sw = continual.sweeps()
+    cells = sw["validation-novelty"].cells
+    assert {c.stream for c in cells} == {continual.SYNTHETIC, continual.SYNTHETIC_II}
+    assert PRESETS[continual.SYNTHETIC_II].split == "instance-incremental"
+    knob = [c for c in cells if c.variant == "novelty"]
+    assert knob and all(c.sets == ("kd_novelty=true",) for c in knob)
+    for ref in ("er", "incclip"):
+        assert {(c.stream, c.seed, c.share) for c in knob} == {
+            (c.stream, c.seed, c.share) for c in cells if c.label == ref
+        }
+    assert not {c.seed for c in cells} & {c.seed for c in sw["test"].cells}
+    assert not [c for c in sw["validation"].cells if c.variant == "novelty"]  # its own sweep only
+
+
 def test_warm_remedies_are_chosen_on_a_validation_stream_of_other_classes_and_seeds():
     from ctp.emoji import PRESETS
 

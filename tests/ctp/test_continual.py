@@ -142,3 +142,57 @@ def test_share_rule_and_feature_kd_in_the_learner(tiny_chunks):
     assert r1.memory_share == pytest.approx(20 / seen)
     assert r1.kd_weight == pytest.approx(1.0 - 20 / seen)
     assert r1.train.loss_kd > 0
+
+
+class _OneHot(torch.nn.Module):
+    """Images and 'tokens' are the same one-hot codes: pair i matches caption i exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(100.0).log())
+
+    def encode_image(self, x):
+        return x.flatten(1).float()
+
+    def encode_text(self, t):
+        return t.float()
+
+
+def _codes(n):
+    return torch.eye(n)
+
+
+def test_caption_fit_is_one_for_matched_pairs_and_chance_for_unrelated_ones():
+    from ctp.continual import caption_fit
+
+    model, codes = _OneHot(), _codes(32)
+    gen = torch.Generator().manual_seed(0)
+    assert caption_fit(model, codes, codes, block=8, device="cpu", generator=gen) > 0.99
+    # every caption equally far from every image: the fit is chance, 1 / block
+    flat = torch.ones(32, 32)
+    assert caption_fit(model, codes, flat, block=8, device="cpu", generator=gen) == pytest.approx(1 / 8)
+    with pytest.raises(ValueError, match="block"):
+        caption_fit(model, codes, codes, block=1, device="cpu", generator=gen)
+
+
+def test_chunk_novelty_is_zero_for_pairs_fit_as_well_as_memory_and_one_for_unfit():
+    from ctp.continual import chunk_novelty
+
+    model, codes = _OneHot(), _codes(32)
+    kw = dict(replay_images=codes[:16], replay_tokens=codes[:16], block=64, device="cpu", seed=0)
+    assert chunk_novelty(model, images=codes[16:], tokens=codes[16:], **kw) == pytest.approx(0, abs=1e-3)
+    # new captions the model cannot tell apart: fit at chance (1/16) against memory's ~1
+    nu = chunk_novelty(model, images=codes[16:], tokens=torch.ones(16, 32), **kw)
+    assert nu == pytest.approx(1 - 1 / 16, abs=1e-3)
+    assert chunk_novelty(model, images=codes[:1], tokens=codes[:1], **kw) is None  # one new pair
+
+
+def test_kd_novelty_scales_the_chunks_kd_weight(tiny_chunks):
+    learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_novelty": True})
+    learner.learn_chunk(tiny_chunks[0])
+    r1 = learner.learn_chunk(tiny_chunks[1])
+    assert r1.novelty is not None and 0 <= r1.novelty <= 1
+    assert r1.kd_weight == pytest.approx(0.5 * r1.novelty)  # the cutoff's 0.5 times nu
+    plain = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0})
+    plain.learn_chunk(tiny_chunks[0])
+    assert plain.learn_chunk(tiny_chunks[1]).novelty is None  # measured only when asked for
