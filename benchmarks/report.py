@@ -256,6 +256,8 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
             rule = remedy_lines(stream, runs, pooled)
             if rule:
                 lines += [f"## {stream}: the remedies against the adoption rule", "", *rule, ""]
+    if sweep == "validation-novelty":
+        lines += ["## The novelty rule", "", *novelty_lines(runs), ""]
     lines += _environment_lines(runs)
     accept = acceptance_table(runs, streams)
     lines[4:4] = ["## Acceptance targets", "", accept, ""]
@@ -432,6 +434,44 @@ def remedy_lines(stream: str, first: dict, pooled: dict) -> list[str]:
                 p2 = [fmt(*c1), fmt(*c3), _passed(c1[0] - c1[1] > 0 and c3[0] >= -1e-9)]
         lines.append(f"| {r} | " + " | ".join([*cells, p1, *p2]) + " |")
     return lines
+
+
+NOVELTY_SEEDS = 3  # validation seeds 100-102 (continual.py, the validation-novelty sweep)
+
+
+def novelty_lines(runs) -> list[str]:
+    """The ``validation-novelty`` rule: incclip[novelty] − incclip, paired, at every (stream,
+    share) point, with the chunks' mean novelty nu (as recorded per chunk); the knob passes if
+    the mean differences sum to >= 0 and none is below −1 point. "–" until every point has
+    NOVELTY_SEEDS pairs."""
+    points = sorted(
+        {(k[0], k[2]) for k in runs if k[1] == "incclip[novelty]"}, key=lambda p: (p[0], _share(p[1]))
+    )
+    if not points:
+        return []
+    lines = [
+        "| stream | memory | mean nu (chunks 1-) | incclip[novelty] − incclip | − er |",
+        "|---|---|---|---|---|",
+    ]
+    diffs = []
+    for stream, mem in points:
+        a = runs[stream, "incclip[novelty]", mem]
+        nus = [c["novelty"] for m in a.values() for c in m["chunk_reports"] if c.get("novelty") is not None]
+        cells = []
+        for ref in ("incclip", "er"):
+            b = runs.get((stream, ref, mem), {})
+            m, h, n = paired(a, b) if b else (math.nan, math.nan, 0)
+            cells.append(f"{fmt(m, h)}, {n_note(a, b, n)}" if n else "–")
+            if ref == "incclip":
+                diffs.append(m if n >= NOVELTY_SEEDS else None)
+        nu = f"{np.mean(nus):.2f} ({min(nus):.2f}-{max(nus):.2f})" if nus else "–"
+        lines.append(f"| {stream} | {_mem_label(mem)} | {nu} | " + " | ".join(cells) + " |")
+    ok = None
+    if all(d is not None for d in diffs):
+        eps = 1e-9
+        ok = sum(diffs) >= -eps and min(diffs) >= -0.01 - eps
+    total = "–" if ok is None else f"{100 * sum(diffs):+.1f}"
+    return [*lines, "", f"Sum of the mean differences: {total} points; the rule: {_passed(ok)}."]
 
 
 def _passed(ok: bool | None) -> str:

@@ -218,6 +218,29 @@ def test_the_remedy_rule_judges_part_one_then_pools_fresh_seeds_for_the_winner()
     )
 
 
+def test_the_novelty_rule_sums_the_four_points_and_bounds_each_loss():
+    def runs(gains, seeds=range(100, 103)):
+        out = {}
+        for stream in ("ci", "ii"):
+            for mem in ("mem1", "mem3"):
+                for label, g in (("er", 0.0), ("incclip", 0.0), ("incclip[novelty]", gains[stream, mem])):
+                    cells = {s: _fake(label, s, 0.3 + g) for s in seeds}
+                    for m in cells.values():
+                        m["chunk_reports"] = [{"novelty": None}, {"novelty": 0.5}, {"novelty": 0.7}]
+                    out[stream, label, mem] = cells
+        return out
+
+    level = {("ci", "mem1"): 0.0, ("ci", "mem3"): 0.0, ("ii", "mem1"): 0.02, ("ii", "mem3"): -0.01}
+    lines = report.novelty_lines(runs(level))
+    assert lines[2].startswith("| ci | 1 % | 0.60 (0.50-0.70) | 0.0 ± 0.0, n=3 | 0.0 ± 0.0, n=3 |")
+    assert lines[-1] == "Sum of the mean differences: +1.0 points; the rule: passed."
+    # a gain elsewhere does not buy a loss of more than a point at one point
+    lossy = {**level, ("ii", "mem1"): 0.05, ("ii", "mem3"): -0.02}
+    assert report.novelty_lines(runs(lossy))[-1].endswith("the rule: **failed**.")
+    assert report.novelty_lines(runs(level, seeds=range(100, 102)))[-1].endswith("the rule: –.")
+    assert report.novelty_lines({}) == []
+
+
 def test_is_done_reruns_results_of_another_budget_or_strategy_default(tmp_path, monkeypatch):
     monkeypatch.setattr(continual, "RESULTS", tmp_path)
     cell = continual.Cell("s", 0, "er", 0.01)
