@@ -258,6 +258,20 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
                 lines += [f"## {stream}: the remedies against the adoption rule", "", *rule, ""]
     if sweep == "validation-novelty":
         lines += ["## The novelty rule", "", *novelty_lines(runs), ""]
+    if sweep == "validation-novelty-confirm":
+        lines += [
+            "## The novelty rule on fresh seeds",
+            "",
+            "Part (a), seeds 103-105 alone, as the first rule:",
+            "",
+            *novelty_lines(runs),
+            "",
+            "Part (b), pooled with seeds 100-102 (`validation-novelty`): each seed's mean of its four "
+            "differences against incclip.",
+            "",
+            *novelty_pooled_lines([load("validation-novelty"), runs]),
+            "",
+        ]
     lines += _environment_lines(runs)
     accept = acceptance_table(runs, streams)
     lines[4:4] = ["## Acceptance targets", "", accept, ""]
@@ -472,6 +486,33 @@ def novelty_lines(runs) -> list[str]:
         ok = sum(diffs) >= -eps and min(diffs) >= -0.01 - eps
     total = "–" if ok is None else f"{100 * sum(diffs):+.1f}"
     return [*lines, "", f"Sum of the mean differences: {total} points; the rule: {_passed(ok)}."]
+
+
+NOVELTY_POOLED_SEEDS = 6  # seeds 100-105: validation-novelty and validation-novelty-confirm
+
+
+def novelty_pooled_lines(pool: list[dict]) -> list[str]:
+    """Part (b) of the novelty confirmation: per seed, the mean over the four (stream, share)
+    points of incclip[novelty] − incclip; the knob passes if those per-seed means have a 95 %
+    interval above zero. Judged only when NOVELTY_POOLED_SEEDS seeds have all four points."""
+    runs = _pooled(pool)
+    points = sorted({(k[0], k[2]) for k in runs if k[1] == "incclip[novelty]"})
+    per_seed: dict[int, list[float]] = defaultdict(list)
+    for stream, mem in points:
+        a, b = runs[stream, "incclip[novelty]", mem], runs.get((stream, "incclip", mem), {})
+        for seed in sorted(set(a) & set(b)):
+            per_seed[seed].append(score(a[seed], "avg") - score(b[seed], "avg"))
+    full = {s: float(np.mean(d)) for s, d in per_seed.items() if len(d) == len(points) == 4}
+    if not full:
+        return []
+    m, h = mean_ci(list(full.values()))
+    ok = None if len(full) < NOVELTY_POOLED_SEEDS else bool(m - h > 0)
+    seeds = ", ".join(f"{s}: {100 * d:+.1f}" for s, d in sorted(full.items()))
+    return [
+        f"Per seed: {seeds}.",
+        "",
+        f"Pooled over {len(full)} seeds: {fmt(m, h)}; the rule (interval above zero): {_passed(ok)}.",
+    ]
 
 
 def _passed(ok: bool | None) -> str:

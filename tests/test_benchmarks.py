@@ -78,6 +78,16 @@ def test_validation_novelty_pairs_each_knob_cell_with_same_sweep_references_on_b
         }
     assert not {c.seed for c in cells} & {c.seed for c in sw["test"].cells}
     assert not [c for c in sw["validation"].cells if c.variant == "novelty"]  # its own sweep only
+    # its confirmation: fresh seeds, the same knob, both splits, same-sweep references
+    confirm = sw["validation-novelty-confirm"].cells
+    assert not {c.seed for c in confirm} & ({c.seed for c in cells} | {c.seed for c in sw["test"].cells})
+    assert {c.stream for c in confirm} == {continual.SYNTHETIC, continual.SYNTHETIC_II}
+    cknob = [c for c in confirm if c.variant == "novelty"]
+    assert {c.sets for c in cknob} == {("kd_novelty=true",)}
+    for ref in ("er", "incclip"):
+        assert {(c.stream, c.seed, c.share) for c in cknob} == {
+            (c.stream, c.seed, c.share) for c in confirm if c.label == ref
+        }
 
 
 def test_warm_remedies_are_chosen_on_a_validation_stream_of_other_classes_and_seeds():
@@ -239,6 +249,33 @@ def test_the_novelty_rule_sums_the_four_points_and_bounds_each_loss():
     assert report.novelty_lines(runs(lossy))[-1].endswith("the rule: **failed**.")
     assert report.novelty_lines(runs(level, seeds=range(100, 102)))[-1].endswith("the rule: –.")
     assert report.novelty_lines({}) == []
+
+
+def test_the_novelty_confirmation_pools_each_seeds_mean_of_four_points():
+    def runs(gain_of_seed, seeds):
+        out = {}
+        for stream in ("ci", "ii"):
+            for mem in ("mem1", "mem3"):
+                out[stream, "incclip", mem] = {s: _fake("incclip", s, 0.3) for s in seeds}
+                out[stream, "incclip[novelty]", mem] = {
+                    s: _fake("incclip[novelty]", s, 0.3 + gain_of_seed(s, stream, mem)) for s in seeds
+                }
+        return out
+
+    first, fresh = range(100, 103), range(103, 106)
+    # every seed gains 1-2 points on the mean of its four points: interval above zero
+    steady = lambda s, stream, mem: 0.01 + 0.002 * (s % 3) + (0.04 if stream == "ii" else -0.04)  # noqa: E731
+    lines = report.novelty_pooled_lines([runs(steady, first), runs(steady, fresh)])
+    assert lines[0] == "Per seed: 100: +1.2, 101: +1.4, 102: +1.0, 103: +1.2, 104: +1.4, 105: +1.0."
+    assert lines[-1].startswith("Pooled over 6 seeds: 1.2 ± 0.2;") and lines[-1].endswith("passed.")
+    # the same mean with one seed far off: the interval spans zero
+    shaky = lambda s, stream, mem: 0.13 if s == 105 else -0.01  # noqa: E731
+    assert report.novelty_pooled_lines([runs(shaky, first), runs(shaky, fresh)])[-1].endswith("**failed**.")
+    # fewer than six seeds: not judged
+    assert report.novelty_pooled_lines([runs(steady, first)])[-1].endswith(
+        "the rule (interval above zero): –."
+    )
+    assert report.novelty_pooled_lines([{}]) == []
 
 
 def test_is_done_reruns_results_of_another_budget_or_strategy_default(tmp_path, monkeypatch):
