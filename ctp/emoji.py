@@ -161,6 +161,15 @@ PRESETS: dict[str, EmojiConfig] = {
     "emoji-ci-10": EmojiConfig(
         max_per_subcategory=50, top_subcategories=10, chunk_by="subcategory", categories_per_chunk=2
     ),
+    # its instance-incremental twin: the same 10 classes and art, as many chunks (5), each mixing
+    # all 10 classes
+    "emoji-ii-10": EmojiConfig(
+        split="instance-incremental",
+        max_per_subcategory=50,
+        top_subcategories=10,
+        chunk_by="subcategory",
+        categories_per_chunk=2,
+    ),
     # the same stream after a base model pretrained on the next 6 largest subcategories
     "emoji-ci-10-warm": EmojiConfig(
         max_per_subcategory=50,

@@ -90,6 +90,31 @@ def test_validation_novelty_pairs_each_knob_cell_with_same_sweep_references_on_b
         }
 
 
+def test_test_ii_runs_the_instance_incremental_twins_of_the_test_streams_on_the_test_seeds():
+    from dataclasses import replace
+
+    from ctp.emoji import PRESETS as EMOJI
+    from ctp.synthetic import PRESETS as SYNTHETIC
+
+    sw = continual.sweeps()
+    cells = sw["test-ii"].cells
+    assert {c.stream for c in cells} == {continual.SYNTHETIC_II, continual.EMOJI_II}
+    # the twins differ from the class-incremental test streams in their split only
+    assert replace(EMOJI[continual.EMOJI_II], split="class-incremental") == EMOJI[continual.EMOJI]
+    assert (
+        replace(SYNTHETIC[continual.SYNTHETIC_II], split="class-incremental")
+        == SYNTHETIC[continual.SYNTHETIC]
+    )
+    assert {c.seed for c in cells} == {c.seed for c in sw["test"].cells} == set(range(5))
+    assert {c.strategy for c in cells} == set(continual.CORE)
+    for stream in (continual.SYNTHETIC_II, continual.EMOJI_II):
+        for seed in range(5):
+            mine = [c for c in cells if (c.stream, c.seed) == (stream, seed)]
+            assert {c.share for c in mine if c.strategy == "incclip"} == set(continual.SHARES)
+            assert {c.share for c in mine if c.strategy == "er"} == set(continual.SHARES)
+            assert [c.share for c in mine if c.strategy in continual.MEMORY_FREE] == [None] * 3
+
+
 def test_warm_remedies_are_chosen_on_a_validation_stream_of_other_classes_and_seeds():
     from ctp.emoji import PRESETS
 
