@@ -48,6 +48,7 @@ class ChunkReport:
     memory_share: float | None = None  # memory size / pairs seen before the chunk
     novelty: float | None = None  # chunk_novelty, measured only for a kd_novelty strategy
     epochs: int = 0  # the epochs this chunk trained for (TrainConfig.epochs_for its size)
+    heldout: int = 0  # pairs of this chunk kept for the next chunk's novelty (novelty_reference)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,19 +119,37 @@ def chunk_novelty(
     block: int,
     device: torch.device | str,
     seed: int,
+    reference_draws: int = 1,
 ) -> float | None:
-    """nu = 1 - fit(new pairs) / fit(replayed pairs), clipped to [0, 1] (``caption_fit``, one
-    block size for both, at most ``block``): 0 for a chunk the teacher fits as well as the pairs
-    it kept, 1 for one it cannot fit. None when either side has fewer than 2 pairs."""
+    """nu = 1 - fit(new pairs) / fit(reference pairs), clipped to [0, 1] (``caption_fit``, one
+    block size for both, at most ``block``): 0 for a chunk the teacher fits as well as the
+    reference (the replayed pairs, or a held-out slice of the past), 1 for one it cannot fit.
+    The reference's fit is the mean of ``reference_draws`` random block orders (a small held-out
+    slice fills one block; more orders steady its estimate). None when either side has fewer
+    than 2 pairs."""
     block = min(block, len(tokens), len(replay_tokens))
     if block < 2:
         return None
     gen = torch.Generator().manual_seed(seed)
     fit_new = caption_fit(teacher, images, tokens, block=block, device=device, generator=gen)
-    fit_old = caption_fit(teacher, replay_images, replay_tokens, block=block, device=device, generator=gen)
+    fit_old = sum(
+        caption_fit(teacher, replay_images, replay_tokens, block=block, device=device, generator=gen)
+        for _ in range(reference_draws)
+    ) / max(1, reference_draws)
     if fit_old <= 0:
         return 1.0
     return min(1.0, max(0.0, 1.0 - fit_new / fit_old))
+
+
+def hold_out(n: int, strategy: Strategy, *, seed: int) -> list[int]:
+    """Indices of a chunk's pairs kept out of its training as the next chunk's novelty reference
+    (``novelty_reference="heldout"``): a seeded ``novelty_heldout`` share, at most
+    ``novelty_heldout_max`` and at most what leaves 2 pairs to train on; none for another
+    strategy. They are trained with the next chunk instead, so nothing is dropped."""
+    if not (strategy.kd_novelty and strategy.novelty_reference == "heldout") or strategy.joint:
+        return []
+    k = min(strategy.novelty_heldout_max, round(n * strategy.novelty_heldout), n - 2)
+    return sorted(random.Random(seed).sample(range(n), k)) if k >= 2 else []
 
 
 def pseudo_texts_for_chunk(strategy: Strategy, share: float | None) -> bool:
@@ -182,6 +201,16 @@ class ContinualLearner:
         self.pretrained = pretrained
         self.device = torch.device(config.device)
         self._joint_samples: list[Sample] = []  # joint only: every pair so far
+        # novelty_reference="heldout": the previous chunk's pairs kept out of its training (at
+        # most novelty_heldout_max; in this process only: after a restart the first chunk has
+        # no reference, its KD weight is the rule's, and the held-out slice of the chunk before
+        # the restart is left untrained, though it was offered to the memory with its chunk)
+        self._heldout: list[Sample] = []
+        self._heldout_chunk_id = ""
+        if strategy.novelty_reference not in ("memory", "heldout"):
+            raise ValueError(
+                f"unknown novelty_reference {strategy.novelty_reference!r}; expected 'memory' or 'heldout'"
+            )
 
     def _preprocess(self, images: Sequence[bytes], keys: Sequence[str]) -> torch.Tensor:
         return preprocess_images(images, keys, self.bundle.preprocess_val)
@@ -195,6 +224,16 @@ class ContinualLearner:
         if strategy.joint:
             self._joint_samples.extend(samples)
             samples = self._joint_samples
+        # this chunk's held-out slice waits for the next chunk; the previous chunk's trains now
+        held = set(hold_out(len(samples), strategy, seed=cfg.seed * 1_000_003 + index))
+        reference, ref_chunk_id = self._heldout, self._heldout_chunk_id
+        self._heldout = [s for i, s in enumerate(samples) if i in held]
+        self._heldout_chunk_id = chunk_id
+        samples = [s for i, s in enumerate(samples) if i not in held]
+        if held:  # a held-out pair reaches the memory once trained, with the next chunk
+            chunk_samples = samples
+        n_chunk = len(samples)  # rows [0, n_chunk) of images: this chunk's pairs; the rest: reference
+        samples = samples + reference
         images = self._preprocess([s.image for s in samples], [s.key for s in samples])
         texts = [s.text for s in samples]
 
@@ -219,18 +258,32 @@ class ContinualLearner:
             replay = self.memory.sample(min(len(self.memory), cfg.replay_pool), rng=rng)
             replay_images = self._preprocess([it.image for it in replay], [it.key for it in replay])
         novelty = None
-        if strategy.kd_novelty and teacher is not None and kd_weight > 0 and replay:
-            tok = self.bundle.tokenizer
-            novelty = chunk_novelty(
-                teacher,
-                images=images,
-                tokens=tok(texts),
-                replay_images=replay_images,
-                replay_tokens=tok([it.text for it in replay]),
-                block=cfg.batch_size,
-                device=self.device,
-                seed=cfg.seed * 1000 + index,
-            )
+        tok = self.bundle.tokenizer
+        if strategy.kd_novelty and teacher is not None and kd_weight > 0:
+            if strategy.novelty_reference == "memory" and replay:
+                novelty = chunk_novelty(
+                    teacher,
+                    images=images,
+                    tokens=tok(texts),
+                    replay_images=replay_images,
+                    replay_tokens=tok([it.text for it in replay]),
+                    block=cfg.batch_size,
+                    device=self.device,
+                    seed=cfg.seed * 1000 + index,
+                )
+            elif strategy.novelty_reference == "heldout" and len(reference) >= 2:
+                novelty = chunk_novelty(
+                    teacher,
+                    images=images[:n_chunk],
+                    tokens=tok(texts[:n_chunk]),
+                    replay_images=images[n_chunk:],
+                    replay_tokens=tok(texts[n_chunk:]),
+                    block=cfg.batch_size,
+                    device=self.device,
+                    seed=cfg.seed * 1000 + index,
+                    # about as many blocks scored on the reference as on the new pairs
+                    reference_draws=min(16, max(1, n_chunk // len(reference))),
+                )
             if novelty is not None:
                 kd_weight *= novelty
         if strategy.pseudo_texts:
@@ -296,12 +349,14 @@ class ContinualLearner:
             new_items = [
                 it
                 for it in memory_items_from(chunk_samples, chunk=index, chunk_id=chunk_id)
+                + memory_items_from(reference, chunk=index, chunk_id=ref_chunk_id)
                 if it.key not in present
             ]
             admitted = len(self.memory.add(new_items, rng=rng).admitted)
         self.chunks_done += 1
         return ChunkReport(
             index=index,
+            heldout=len(self._heldout),
             epochs=cfg.epochs_for(len(texts)),
             train=result,
             pseudo=pseudo_stats,

@@ -51,6 +51,16 @@ class Strategy:
     # memory (classes seen before: instance-incremental) moves the old pairs little, so KD there
     # only holds refinement back; a chunk it cannot fit (new classes) keeps the full weight.
     kd_novelty: bool = False
+    # What the new pairs' fit is compared with ("memory": the replayed pairs, which the teacher
+    # has trained on, often by heart; "heldout": a slice of the previous chunk kept out of that
+    # chunk's training, which the teacher has never seen and which is trained with this chunk
+    # instead, ctp.continual.hold_out). Hypothesis: the memory's fit is inflated by replay, so
+    # with "memory" nu stays near 0.5-0.8 even where every class is known (measured on the
+    # instance-incremental validation stream); against pairs the teacher never saw, a chunk of
+    # known classes scores nu near 0 and a chunk of new classes stays near 1.
+    novelty_reference: str = "memory"
+    novelty_heldout: float = 0.125  # share of each chunk held out for the next chunk's nu
+    novelty_heldout_max: int = 128  # at most this many pairs
     # Pseudo texts only while the memory holds less than this share of the stream (None: in
     # every chunk). Above it replay alone keeps the past, as for kd_rule="cutoff".
     pt_share_cutoff: float | None = None

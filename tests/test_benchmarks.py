@@ -274,6 +274,23 @@ def test_the_novelty_rule_sums_the_four_points_and_bounds_each_loss():
     assert report.novelty_lines(runs(lossy))[-1].endswith("the rule: **failed**.")
     assert report.novelty_lines(runs(level, seeds=range(100, 102)))[-1].endswith("the rule: –.")
     assert report.novelty_lines({}) == []
+    # a second knob passes only with a larger sum than the first's on the same cells
+    both = runs(level)
+    for (stream, label, mem), cells in list(both.items()):
+        if label == "incclip[novelty]":
+            bump = 0.01 if (stream, mem) == ("ii", "mem1") else 0.0
+            both[stream, "incclip[novelty-heldout]", mem] = {
+                s: _fake("incclip[novelty-heldout]", s, report.score(m, "avg") + bump)
+                for s, m in cells.items()
+            }
+    better = report.novelty_lines(both, "incclip[novelty-heldout]", beat="incclip[novelty]")
+    assert better[-1] == (
+        "Sum of the mean differences: +2.0 points (incclip[novelty]: +1.0); the rule: passed."
+    )
+    same = {k: v for k, v in both.items()}
+    same.update({k: both[k[0], "incclip[novelty]", k[2]] for k in both if k[1] == "incclip[novelty-heldout]"})
+    lines = report.novelty_lines(same, "incclip[novelty-heldout]", beat="incclip[novelty]")
+    assert lines[-1].endswith("the rule: **failed**.")  # level with the first knob is not better
 
 
 def test_the_novelty_confirmation_pools_each_seeds_mean_of_four_points():

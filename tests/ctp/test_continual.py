@@ -187,6 +187,69 @@ def test_chunk_novelty_is_zero_for_pairs_fit_as_well_as_memory_and_one_for_unfit
     assert chunk_novelty(model, images=codes[:1], tokens=codes[:1], **kw) is None  # one new pair
 
 
+def test_hold_out_takes_a_seeded_capped_share_for_heldout_novelty_only():
+    from ctp.continual import hold_out
+
+    held = get_strategy("incclip", kd_novelty=True, novelty_reference="heldout")
+    assert len(hold_out(400, held, seed=1)) == 50  # 1/8
+    assert hold_out(400, held, seed=1) == hold_out(400, held, seed=1) != hold_out(400, held, seed=2)
+    assert len(hold_out(4000, held, seed=1)) == 128  # the cap
+    assert (
+        len(
+            hold_out(
+                10,
+                get_strategy("incclip", kd_novelty=True, novelty_reference="heldout", novelty_heldout=0.9),
+                seed=1,
+            )
+        )
+        == 8
+    )  # two left to train
+    assert hold_out(8, held, seed=1) == []  # one pair is no reference
+    assert hold_out(400, get_strategy("incclip", kd_novelty=True), seed=1) == []  # memory reference
+    assert hold_out(400, get_strategy("er"), seed=1) == []
+    with pytest.raises(ValueError, match="novelty_reference"):
+        _learner("incclip", strategy_kw={"novelty_reference": "future"})
+
+
+def test_chunk_novelty_averages_several_orders_of_a_small_reference():
+    from ctp.continual import chunk_novelty
+
+    model, codes = _OneHot(), _codes(32)
+    kw = dict(images=codes[8:], tokens=codes[8:], block=64, device="cpu", seed=0)
+    # the reference's fit from one order or from eight: both ~1 for pairs the model matches
+    for draws in (1, 8):
+        nu = chunk_novelty(
+            model, replay_images=codes[:8], replay_tokens=codes[:8], reference_draws=draws, **kw
+        )
+        assert nu == pytest.approx(0, abs=1e-3)
+    half = torch.cat([codes[:4], torch.ones(4, 32)])  # half the reference's captions unmatched
+    nu = chunk_novelty(model, replay_images=codes[:8], replay_tokens=half, reference_draws=8, **kw)
+    assert nu == 0  # the new pairs fit better than the reference: clipped at 0
+
+
+def test_heldout_novelty_trains_the_previous_chunks_slice_with_the_next(tiny_chunks):
+    kw = {"kd_share_cutoff": 1.0, "kd_novelty": True, "novelty_reference": "heldout", "novelty_heldout": 0.25}
+    learner = _learner("incclip", strategy_kw=kw)
+    n0, n1 = len(tiny_chunks[0]), len(tiny_chunks[1])
+    r0 = learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+    k0 = round(n0 * 0.25)
+    assert r0.heldout == k0 and r0.novelty is None  # no teacher before the first chunk
+    held0 = {s.key for s in learner._heldout}
+    assert len(held0) == k0
+    # held-out pairs were not offered to the memory with their own chunk
+    assert not {k.split("/", 1)[1] for k in learner.memory.keys()} & held0
+    r1 = learner.learn_chunk(tiny_chunks[1], chunk_id="c1")
+    assert r1.novelty is not None and 0 <= r1.novelty <= 1
+    assert r1.memory_share == pytest.approx(40 / (n0 - k0))  # only trained pairs were offered
+    assert r1.kd_weight == pytest.approx((1 - r1.memory_share) * r1.novelty)  # cutoff 1.0, times nu
+    # chunk 1 trained on its own pairs less its held-out slice, plus chunk 0's slice: each new
+    # pair once an epoch, beside the replayed rows
+    new_rows = r1.train.pairs - r1.train.steps * min(16, 40)  # 16 replayed rows a batch of 32
+    assert new_rows == n1 - r1.heldout + k0
+    # chunk 0's slice was offered once trained, under its own chunk's id
+    assert learner.memory.seen() == n0 - k0 + n1 - r1.heldout + k0
+
+
 def test_kd_novelty_scales_the_chunks_kd_weight(tiny_chunks):
     learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_novelty": True})
     learner.learn_chunk(tiny_chunks[0])
