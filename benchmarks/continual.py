@@ -183,6 +183,15 @@ def knob_cells(variant: str, seeds, shares=None) -> list[Cell]:
     )
 
 
+def novelty_cells(variant: str, stream: str, seeds) -> list[Cell]:
+    """A novelty knob's cells (ABLATIONS ``variant``) on one validation stream at 1 and 3 %
+    (at 12 % the cutoff already turns KD off)."""
+    strategy, sets, extra = ABLATIONS[variant]
+    return grid(
+        stream, seeds, strategies=(strategy,), shares=ABLATION_SHARES, variant=variant, sets=sets, extra=extra
+    )
+
+
 def sweeps() -> dict[str, Sweep]:
     val_seeds = (100, 101, 102)
     val = Sweep(
@@ -268,13 +277,10 @@ def sweeps() -> dict[str, Sweep]:
     # paired against incclip on seeds 100-102, its mean differences over the four (stream,
     # share) points sum to >= 0 and none is below -1; passing, it is confirmed on fresh
     # validation seeds before it becomes a default.
-    _, sets, _ = ABLATIONS["novelty"]
     novelty = Sweep("validation-novelty")
     for stream in (SYNTHETIC, SYNTHETIC_II):
         novelty.cells += grid(stream, val_seeds, strategies=("er", "incclip"), shares=ABLATION_SHARES)
-        novelty.cells += grid(
-            stream, val_seeds, strategies=("incclip",), shares=ABLATION_SHARES, variant="novelty", sets=sets
-        )
+        novelty.cells += novelty_cells("novelty", stream, val_seeds)
     # novelty-heldout, added after the novelty knob passed (its nu averaged 0.48-0.72 on the
     # instance-incremental stream, where every class is known, against 0.61-0.78 on the
     # class-incremental one: the replayed pairs' fit is inflated by replay). Rule, fixed before
@@ -283,14 +289,7 @@ def sweeps() -> dict[str, Sweep]:
     # larger than incclip[novelty]'s (+8.2); passing, it replaces incclip[novelty] as the
     # candidate and goes through the same confirmation (validation-novelty-confirm's rule).
     for stream in (SYNTHETIC, SYNTHETIC_II):
-        novelty.cells += grid(
-            stream,
-            val_seeds,
-            strategies=("incclip",),
-            shares=ABLATION_SHARES,
-            variant="novelty-heldout",
-            sets=ABLATIONS["novelty-heldout"][1],
-        )
+        novelty.cells += novelty_cells("novelty-heldout", stream, val_seeds)
     # incclip lost to er on the instance-incremental stream's first seed (−8.7 / −5.8 at 1 / 3 %):
     # its parts there, KD alone and pseudo texts alone, to see which one costs
     novelty.cells += grid(SYNTHETIC_II, val_seeds, strategies=("er_kd", "er_pt"), shares=ABLATION_SHARES)
@@ -305,14 +304,7 @@ def sweeps() -> dict[str, Sweep]:
         novelty_confirm.cells += grid(
             stream, confirm_seeds, strategies=("er", "incclip"), shares=ABLATION_SHARES
         )
-        novelty_confirm.cells += grid(
-            stream,
-            confirm_seeds,
-            strategies=("incclip",),
-            shares=ABLATION_SHARES,
-            variant="novelty",
-            sets=sets,
-        )
+        novelty_confirm.cells += novelty_cells("novelty", stream, confirm_seeds)
     sweeps = (
         val,
         test,
