@@ -145,8 +145,10 @@ def hold_out(n: int, strategy: Strategy, *, seed: int) -> list[int]:
     """Indices of a chunk's pairs kept out of its training as the next chunk's novelty reference
     (``novelty_reference="heldout"``): a seeded ``novelty_heldout`` share, at most
     ``novelty_heldout_max`` and at most what leaves 2 pairs to train on; none for another
-    strategy. They are trained with the next chunk instead, so nothing is dropped."""
-    if not (strategy.kd_novelty and strategy.novelty_reference == "heldout") or strategy.joint:
+    strategy. They are trained with the next chunk instead, so nothing is dropped. The slice is
+    held out whenever the reference is "heldout", also without ``kd_novelty`` (plain replay with
+    a slice: the control that measures what training a slice a chunk late does on its own)."""
+    if strategy.novelty_reference != "heldout" or strategy.joint:
         return []
     k = min(strategy.novelty_heldout_max, round(n * strategy.novelty_heldout), n - 2)
     return sorted(random.Random(seed).sample(range(n), k)) if k >= 2 else []

@@ -207,6 +207,8 @@ def test_hold_out_takes_a_seeded_capped_share_for_heldout_novelty_only():
     assert hold_out(8, held, seed=1) == []  # one pair is no reference
     assert hold_out(400, get_strategy("incclip", kd_novelty=True), seed=1) == []  # memory reference
     assert hold_out(400, get_strategy("er"), seed=1) == []
+    # plain replay with the held-out slice (the delay's control) holds out as much
+    assert len(hold_out(400, get_strategy("er", novelty_reference="heldout"), seed=1)) == 50
     with pytest.raises(ValueError, match="novelty_reference"):
         _learner("incclip", strategy_kw={"novelty_reference": "future"})
 
