@@ -206,7 +206,7 @@ class ContinualLearner:
         # novelty_reference="heldout": the previous chunk's pairs kept out of its training (at
         # most novelty_heldout_max; in this process only: after a restart the first chunk has
         # no reference, its KD weight is the rule's, and the held-out slice of the chunk before
-        # the restart is left untrained, though it was offered to the memory with its chunk)
+        # the restart is lost: neither trained nor offered to the memory)
         self._heldout: list[Sample] = []
         self._heldout_chunk_id = ""
         if strategy.novelty_reference not in ("memory", "heldout"):
