@@ -469,7 +469,7 @@ def novelty_lines(runs, label: str = "incclip[novelty]", *, beat: str | None = N
         f"| stream | memory | mean nu (chunks 1-) | {label} − incclip | − er |",
         "|---|---|---|---|---|",
     ]
-    diffs = []
+    diffs = _novelty_diffs(runs, label)
     for stream, mem in points:
         a = runs[stream, label, mem]
         nus = [
@@ -483,8 +483,6 @@ def novelty_lines(runs, label: str = "incclip[novelty]", *, beat: str | None = N
             b = runs.get((stream, ref, mem), {})
             m, h, n = paired(a, b) if b else (math.nan, math.nan, 0)
             cells.append(f"{fmt(m, h)}, {n_note(a, b, n)}" if n else "–")
-            if ref == "incclip":
-                diffs.append(m if n >= NOVELTY_SEEDS else None)
         nu = f"{np.mean(nus):.2f} ({min(nus):.2f}-{max(nus):.2f})" if nus else "–"
         lines.append(f"| {stream} | {_mem_label(mem)} | {nu} | " + " | ".join(cells) + " |")
     ok = None
@@ -494,23 +492,23 @@ def novelty_lines(runs, label: str = "incclip[novelty]", *, beat: str | None = N
         eps = 1e-9
         ok = total >= -eps and min(diffs) >= -0.01 - eps
         if beat is not None:
-            other = _novelty_sum(runs, beat)
+            other_diffs = _novelty_diffs(runs, beat)
+            other = None if not other_diffs or None in other_diffs else sum(other_diffs)
             ok = None if other is None else ok and total > other + eps
             note = "" if other is None else f" ({beat}: {100 * other:+.1f})"
     shown = "–" if total is None else f"{100 * total:+.1f}"
     return [*lines, "", f"Sum of the mean differences: {shown} points{note}; the rule: {_passed(ok)}."]
 
 
-def _novelty_sum(runs, label: str) -> float | None:
-    """The sum over the (stream, share) points of ``label`` − incclip's mean paired difference;
-    None until every point has NOVELTY_SEEDS pairs."""
-    diffs = []
-    for stream, _, mem in (k for k in runs if k[1] == label):
+def _novelty_diffs(runs, label: str) -> list[float | None]:
+    """``label`` − incclip's mean paired difference at each (stream, share) point of ``label``, in
+    the order ``novelty_lines`` shows them; None at a point with fewer than NOVELTY_SEEDS pairs."""
+    points = sorted({(k[0], k[2]) for k in runs if k[1] == label}, key=lambda p: (p[0], _share(p[1])))
+    out = []
+    for stream, mem in points:
         m, _, n = paired(runs[stream, label, mem], runs.get((stream, "incclip", mem), {}))
-        if n < NOVELTY_SEEDS:
-            return None
-        diffs.append(m)
-    return sum(diffs) if diffs else None
+        out.append(m if n >= NOVELTY_SEEDS else None)
+    return out
 
 
 NOVELTY_POOLED_SEEDS = 6  # seeds 100-105: validation-novelty and validation-novelty-confirm

@@ -260,31 +260,27 @@ class ContinualLearner:
             replay = self.memory.sample(min(len(self.memory), cfg.replay_pool), rng=rng)
             replay_images = self._preprocess([it.image for it in replay], [it.key for it in replay])
         novelty = None
-        tok = self.bundle.tokenizer
         if strategy.kd_novelty and teacher is not None and kd_weight > 0:
-            if strategy.novelty_reference == "memory" and replay:
-                novelty = chunk_novelty(
-                    teacher,
-                    images=images,
-                    tokens=tok(texts),
-                    replay_images=replay_images,
-                    replay_tokens=tok([it.text for it in replay]),
-                    block=cfg.batch_size,
-                    device=self.device,
-                    seed=cfg.seed * 1000 + index,
-                )
-            elif strategy.novelty_reference == "heldout" and len(reference) >= 2:
+            # the reference the new pairs' fit is set against: the replayed pairs, or the
+            # previous chunk's held-out slice (rows [n_chunk:] of this chunk's batch)
+            if strategy.novelty_reference == "memory":
+                ref_images, ref_texts, draws = replay_images, [it.text for it in replay], 1
+            else:
+                ref_images, ref_texts = images[n_chunk:], texts[n_chunk:]
+                # about as many blocks scored on the reference as on the new pairs
+                draws = min(16, max(1, n_chunk // max(1, len(ref_texts))))
+            if ref_texts:
+                tok = self.bundle.tokenizer
                 novelty = chunk_novelty(
                     teacher,
                     images=images[:n_chunk],
                     tokens=tok(texts[:n_chunk]),
-                    replay_images=images[n_chunk:],
-                    replay_tokens=tok(texts[n_chunk:]),
+                    replay_images=ref_images,
+                    replay_tokens=tok(ref_texts),
                     block=cfg.batch_size,
                     device=self.device,
                     seed=cfg.seed * 1000 + index,
-                    # about as many blocks scored on the reference as on the new pairs
-                    reference_draws=min(16, max(1, n_chunk // len(reference))),
+                    reference_draws=draws,
                 )
             if novelty is not None:
                 kd_weight *= novelty
