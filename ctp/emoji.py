@@ -247,6 +247,19 @@ PRESETS: dict[str, EmojiConfig] = {
             "transport-sign",
         ),
     ),
+    # The instance-incremental VALIDATION stream on real images (knobs for streams of known
+    # classes are chosen here, never on emoji-ii-10): emoji-ii-10's shape on the subcategories
+    # ranked 25-34 by size (16-23 emoji each; the test streams use ranks 1-24), three vendors' art
+    # as emoji-ci-16-warm-val (about 60 pairs a class, 5 chunks each mixing all 10 classes).
+    "emoji-ii-10-val": EmojiConfig(
+        split="instance-incremental",
+        train_vendors=("apple", "google", "twitter"),
+        max_per_subcategory=30,
+        skip_subcategories=24,
+        top_subcategories=10,
+        chunk_by="subcategory",
+        categories_per_chunk=2,
+    ),
     # as emoji-ci-small, with two categories held out as a base set for a warm-start model
     "emoji-ci-small-base": EmojiConfig(
         train_vendors=("apple", "google"),

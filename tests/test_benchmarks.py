@@ -115,6 +115,40 @@ def test_test_ii_runs_the_instance_incremental_twins_of_the_test_streams_on_the_
             assert [c.share for c in mine if c.strategy in continual.MEMORY_FREE] == [None] * 3
 
 
+def test_validation_ii_is_emoji_ii_10s_shape_on_other_classes_and_seeds():
+    from ctp.emoji import PRESETS
+
+    sw = continual.sweeps()
+    cells = sw["validation-ii"].cells
+    assert {c.stream for c in cells} == {continual.EMOJI_II_VAL}
+    v, t = PRESETS[continual.EMOJI_II_VAL], PRESETS[continual.EMOJI_II]
+    assert v.split == t.split == "instance-incremental"
+    assert (v.top_subcategories, v.categories_per_chunk, v.chunk_by) == (
+        t.top_subcategories,
+        t.categories_per_chunk,
+        t.chunk_by,
+    )
+    # its subcategories come after every one an emoji test stream uses (by size rank)
+    for name in (
+        continual.EMOJI_II,
+        continual.EMOJI,
+        continual.EMOJI_LONG,
+        continual.WARM,
+        continual.EMOJI_LONG_WARM,
+    ):
+        assert v.skip_subcategories >= PRESETS[name].top_subcategories > 0
+    assert {c.seed for c in cells}.isdisjoint(c.seed for c in sw["test-ii"].cells)
+    # every memory share has both replay references on every seed; memory-free baselines once a seed
+    seeds = {c.seed for c in cells}
+    assert len(seeds) >= 5
+    for ref in ("er", "incclip"):
+        assert {(c.seed, c.share) for c in cells if c.label == ref} == {
+            (s, share) for s in seeds for share in continual.ABLATION_SHARES
+        }
+    for ref in ("finetune", "lwf"):
+        assert sorted(c.seed for c in cells if c.label == ref) == sorted(seeds)
+
+
 def test_warm_remedies_are_chosen_on_a_validation_stream_of_other_classes_and_seeds():
     from ctp.emoji import PRESETS
 
