@@ -49,6 +49,7 @@ class ChunkReport:
     novelty: float | None = None  # chunk_novelty, measured only for a kd_novelty strategy
     epochs: int = 0  # the epochs this chunk trained for (TrainConfig.epochs_for its size)
     heldout: int = 0  # pairs of this chunk kept for the next chunk's novelty (novelty_reference)
+    known: float | None = None  # share of the trained pairs of a known label (kd_known only)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -317,10 +318,16 @@ class ContinualLearner:
                     pseudo_stats = asdict(stats)
                 pseudo_seconds = time.perf_counter() - t0
 
+        known_rows = None
+        if strategy.kd_known and replay:
+            # a label among the replayed pairs' (the memory, up to replay_pool) is one the teacher knows
+            labels = {it.label for it in replay if it.label}
+            known_rows = torch.tensor([s.label in labels for s in samples]) if labels else None
         result = train_on_chunk(
             model,
             images=images,
             texts=texts,
+            known_rows=known_rows,
             tokenizer=self.bundle.tokenizer,
             strategy=strategy,
             teacher=teacher,
@@ -365,6 +372,7 @@ class ContinualLearner:
             kd_weight=kd_weight if teacher is not None else 0.0,
             memory_share=share,
             novelty=novelty,
+            known=float(known_rows.float().mean()) if known_rows is not None else None,
         )
 
 

@@ -99,6 +99,8 @@ def train_on_chunk(
     replay: Sequence[MemoryItem] = (),  # replay pool: memory snapshot taken before the chunk
     replay_images: torch.Tensor | None = None,  # [M, 3, H, W] preprocessed images of ``replay``
     kd_weight: float | None = None,  # this chunk's KD weight (None: strategy.kd_weight)
+    # [N] bool: rows whose label the teacher knows (Strategy.kd_known); None: none
+    known_rows: torch.Tensor | None = None,
     epochs: int = 1,
     batch_size: int = 64,
     lr: float = 5e-4,
@@ -123,6 +125,17 @@ def train_on_chunk(
     if not 0 < strategy.replay_crop <= 1:
         raise ValueError(f"replay_crop must be in (0, 1], got {strategy.replay_crop}")
     use_fkd = strategy.feature_kd_weight > 0 and teacher is not None and use_replay
+    # kd_known: new rows of known classes join the replayed rows in the KD term
+    use_known = (
+        use_kd
+        and use_replay
+        and strategy.kd_scope == "replay"
+        and strategy.kd_known
+        and known_rows is not None
+        and bool(known_rows.any())
+    )
+    if known_rows is not None and len(known_rows) != len(texts):
+        raise ValueError(f"known_rows has {len(known_rows)} rows for {len(texts)} pairs")
     tokens = tokenizer(list(texts))  # [N, L]
     # Replayed rows are drawn without replacement: a pair twice in one batch is its own false
     # negative (two identical columns), so a memory smaller than the replay share of the batch
@@ -140,7 +153,7 @@ def train_on_chunk(
         ]
     if use_kd or use_fkd:
         # Teacher embeddings once per chunk; the loop only indexes them. [N, D] and [M, D]
-        if use_kd and not (use_replay and strategy.kd_scope == "replay"):
+        if use_kd and (use_known or not (use_replay and strategy.kd_scope == "replay")):
             t_img_new = encode_images(teacher, images, device=device, batch_size=256)
             t_txt_new = encode_texts(teacher, tokens, device=device, batch_size=256)
         if use_replay:
@@ -222,6 +235,11 @@ def train_on_chunk(
                         # data; its view of the new pairs would hold the new classes back.
                         rows = cols = slice(len(idx), b)
                         t_img, t_txt = t_img_rep[ridx], t_txt_rep[ridx]
+                        known = known_rows[idx].nonzero().flatten() if use_known else None
+                        if known is not None and len(known):  # ... and the new pairs of known classes
+                            rows = cols = torch.cat([known, torch.arange(len(idx), b)]).to(device)
+                            t_img = torch.cat([t_img_new[idx[known]], t_img])
+                            t_txt = torch.cat([t_txt_new[idx[known]], t_txt])
                     elif use_replay and strategy.kd_scope == "anchor":
                         # every image of the batch against the replayed texts only: how new
                         # images sit among the old concepts is kept, new-vs-new is left free.

@@ -74,8 +74,26 @@ def test_validation_novelty_pairs_each_knob_cell_with_same_sweep_references_on_b
     assert knob and all(c.sets == ("kd_novelty=true",) for c in knob)
     for ref in ("er", "incclip"):
         assert {(c.stream, c.seed, c.share) for c in knob} == {
-            (c.stream, c.seed, c.share) for c in cells if c.label == ref
+            (c.stream, c.seed, c.share)
+            for c in cells
+            if c.label == ref and c.share in continual.ABLATION_SHARES
         }
+    # er at the storage of er[delay]: its memory plus the 50-pair slice, on the 1,600-pair stream
+    equal = {
+        (c.seed, round(c.share * 1600))
+        for c in cells
+        if c.label == "er" and c.share not in continual.ABLATION_SHARES
+    }
+    delay = {
+        (c.seed, round(c.share * 1600) + 50)
+        for c in cells
+        if c.variant == "delay" and c.stream == continual.SYNTHETIC
+    }
+    assert equal == delay
+    # kd_known on the instance-incremental twin only (a class-incremental chunk trains as incclip)
+    known = [c for c in cells if c.variant == "known"]
+    assert {c.stream for c in known} == {continual.SYNTHETIC_II}
+    assert {(c.seed, c.share) for c in known} <= {(c.seed, c.share) for c in cells if c.label == "incclip"}
     assert not {c.seed for c in cells} & {c.seed for c in sw["test"].cells}
     assert not [c for c in sw["validation"].cells if c.variant == "novelty"]  # its own sweep only
     # its confirmation: fresh seeds, the same knob, both splits, same-sweep references
@@ -147,6 +165,9 @@ def test_validation_ii_is_emoji_ii_10s_shape_on_other_classes_and_seeds():
         }
     for ref in ("finetune", "lwf"):
         assert sorted(c.seed for c in cells if c.label == ref) == sorted(seeds)
+    known = [c for c in cells if c.variant == "known"]
+    assert all(c.sets == ("kd_known=true",) for c in known)
+    assert {(c.seed, c.share) for c in known} == {(c.seed, c.share) for c in cells if c.label == "incclip"}
 
 
 def test_warm_remedies_are_chosen_on_a_validation_stream_of_other_classes_and_seeds():

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -261,3 +263,43 @@ def test_kd_novelty_scales_the_chunks_kd_weight(tiny_chunks):
     plain = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0})
     plain.learn_chunk(tiny_chunks[0])
     assert plain.learn_chunk(tiny_chunks[1]).novelty is None  # measured only when asked for
+
+
+def _states_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_kd_known_trains_a_chunk_of_new_classes_exactly_as_without_it(tiny_chunks):
+    # the tiny stream is class-incremental: chunk 1 brings labels chunk 0 did not have
+    assert not {s.label for s in tiny_chunks[0]} & {s.label for s in tiny_chunks[1]}
+    runs = {}
+    for known in (False, True):
+        learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_known": known})
+        learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+        runs[known] = (learner, learner.learn_chunk(tiny_chunks[1], chunk_id="c1"))
+    (plain, r_plain), (gated, r_gated) = runs[False], runs[True]
+    assert r_plain.known is None and r_gated.known == 0.0
+    assert r_gated.train.loss_kd > 0 and r_gated.train.history == r_plain.train.history
+    assert _states_equal(plain.bundle.model, gated.bundle.model)
+
+
+def test_kd_known_distils_the_new_pairs_of_known_classes(tiny_chunks):
+    from dataclasses import replace
+
+    # chunk 0's classes again, under new keys (the memory offers each pair once), half unlabelled
+    again = [
+        replace(s, key=f"again-{s.key}", label=s.label if i % 2 else None)
+        for i, s in enumerate(tiny_chunks[0])
+    ]
+    runs = {}
+    for known in (False, True):
+        learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_known": known})
+        learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+        runs[known] = (learner, learner.learn_chunk(again, chunk_id="c1"))
+    (plain, r_plain), (gated, r_gated) = runs[False], runs[True]
+    assert r_gated.known == pytest.approx(sum(s.label is not None for s in again) / len(again))
+    # more rows in the KD term, a different model; and the loss stays finite
+    assert r_gated.train.history != r_plain.train.history
+    assert math.isfinite(r_gated.train.loss) and r_gated.train.loss_kd > 0
+    assert not _states_equal(plain.bundle.model, gated.bundle.model)

@@ -300,3 +300,17 @@ def test_random_is_untouched_by_seeded_model_creation():
     create_model("ctp-vit-micro-32", seed=5)
     assert random.getstate() == state
     assert torch.equal(torch.random.get_rng_state(), torch_state)
+
+
+def test_known_rows_must_mark_every_pair(tiny_chunks):
+    bundle = create_model("ctp-vit-micro-32", seed=0)
+    images, texts = _inputs(tiny_chunks[0], bundle)
+    with pytest.raises(ValueError, match="known_rows"):
+        _fit(
+            bundle.model,
+            bundle.tokenizer,
+            images,
+            texts,
+            strategy="incclip",
+            known_rows=torch.ones(3, dtype=torch.bool),
+        )
