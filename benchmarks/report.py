@@ -261,6 +261,14 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         heldout = novelty_lines(runs, "incclip[novelty-heldout]", beat="incclip[novelty]")
         if heldout:
             lines += ["## The novelty rule, against a held-out slice", "", *heldout, ""]
+    if sweep == "validation-novelty":
+        storage = storage_lines(runs)
+        if storage:
+            lines += ["## The late slice at equal storage", "", *storage, ""]
+    if sweep == "validation-ii":
+        known = known_lines(runs, load("validation-novelty"))
+        if known:
+            lines += ["## The kd_known rule", "", *known, ""]
     if sweep == "validation-novelty-confirm":
         lines += [
             "## The novelty rule on fresh seeds",
@@ -535,6 +543,70 @@ def novelty_pooled_lines(pool: list[dict]) -> list[str]:
         f"Per seed: {seeds}.",
         "",
         f"Pooled over {len(full)} seeds: {fmt(m, h)}; the rule (interval above zero): {_passed(ok)}.",
+    ]
+
+
+# er[delay]'s storage on the 1,600-pair validation stream: its memory plus the 50-pair slice
+EQUAL_STORAGE = {"mem1": "mem4.125", "mem3": "mem6.125"}
+
+
+def storage_lines(runs) -> list[str]:
+    """er[delay] against er at equal storage (memory + slice) on the class-incremental validation
+    stream, paired. The reading fixed before those cells ran (continual.py): within 2 points or
+    below, the slice's gain is its storage; above +2 with the interval above zero, a recent slice
+    within CTP_MEMORY_SIZE is a candidate."""
+    stream = "class-incremental-small"
+    rows = []
+    for mem, equal in EQUAL_STORAGE.items():
+        a, b = runs.get((stream, "er[delay]", mem), {}), runs.get((stream, "er", equal), {})
+        m, h, n = paired(a, b) if a and b else (math.nan, math.nan, 0)
+        if n < NOVELTY_SEEDS:
+            return []
+        gain = paired(a, runs.get((stream, "er", mem), {}))
+        verdict = "a candidate" if m > 0.02 and m - h > 0 else "its storage"
+        cells = (
+            _mem_label(mem),
+            _mem_label(equal),
+            fmt(*gain[:2]),
+            f"{fmt(m, h)}, {n_note(a, b, n)}",
+            verdict,
+        )
+        rows.append("| " + " | ".join(cells) + " |")
+    return [
+        "| er[delay]'s memory | er with as much storage | er[delay] − er (same memory) "
+        "| er[delay] − er (equal storage) | reading |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def known_lines(runs, synthetic_runs) -> list[str]:
+    """incclip[known] − incclip on the real-image instance-incremental validation stream (this
+    sweep, seeds 100-104) and on the synthetic twin (``synthetic_runs``: validation-novelty, seeds
+    100-102), paired, with the rule fixed before the cells ran (continual.py): (1) here the mean
+    gain >= +2 points at 1 % and >= 0 at 3 %; (2) on the synthetic twin the mean >= −1 at both."""
+    label, bars = "incclip[known]", {"mem1": (0.02, -0.01), "mem3": (0.0, -0.01)}
+    rows, verdicts = [], []
+    for stream, source, seeds in (
+        ("emoji-ii-10-val", runs, 5),
+        ("instance-incremental-small", synthetic_runs, NOVELTY_SEEDS),
+    ):
+        for mem, (bar_real, bar_synthetic) in bars.items():
+            a, b = source.get((stream, label, mem), {}), source.get((stream, "incclip", mem), {})
+            m, h, n = paired(a, b) if a and b else (math.nan, math.nan, 0)
+            bar = bar_real if stream == "emoji-ii-10-val" else bar_synthetic
+            verdicts.append(None if n < seeds else m >= bar - 1e-9)
+            cell = "–" if n < seeds else f"{fmt(m, h)}, {n_note(a, b, n)}"
+            ref_er = paired(a, source.get((stream, "er", mem), {})) if a else (math.nan, math.nan, 0)
+            rows.append(
+                f"| {stream} | {_mem_label(mem)} | {cell} | {fmt(*ref_er[:2])} | ≥ {100 * bar:+.0f} |"
+            )
+    return [
+        f"| stream | memory | {label} − incclip | − er | the rule's bar (mean) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"The rule: {_passed(None if None in verdicts else all(verdicts))}.",
     ]
 
 

@@ -488,3 +488,47 @@ def test_a_warm_base_is_pretrained_once_while_its_seed_cells_run_at_once(tmp_pat
     assert not overlaps, "two pretrainings of one base at once"
     assert sorted(made) == sorted({continual.base_dir(c, args) for c in [same_seed[0], other]})
     assert all(c.pretrained == "base" and c.stream == continual.EMOJI_LONG_WARM for c in warm)
+
+
+def test_the_kd_known_rule_needs_the_real_image_gain_and_no_synthetic_loss():
+    def runs(stream, seeds, gain):
+        out = {}
+        for mem in ("mem1", "mem3"):
+            out[stream, "incclip", mem] = {s: _fake("incclip", s, 0.4 + 0.01 * (s % 3)) for s in seeds}
+            out[stream, "er", mem] = {s: _fake("er", s, 0.4) for s in seeds}
+            out[stream, "incclip[known]", mem] = {
+                s: _fake("incclip[known]", s, 0.4 + 0.01 * (s % 3) + gain[mem]) for s in seeds
+            }
+        return out
+
+    real, synthetic = range(100, 105), range(100, 103)
+    up = runs("emoji-ii-10-val", real, {"mem1": 0.025, "mem3": 0.0})
+    level = runs("instance-incremental-small", synthetic, {"mem1": -0.005, "mem3": 0.0})
+    lines = report.known_lines(up, level)
+    assert lines[2].startswith("| emoji-ii-10-val | 1 % | 2.5 ± 0.0, n=5 |")
+    assert lines[-1] == "The rule: passed."
+    # short of +2 at 1 % on the real-image stream, or a synthetic loss over a point: failed
+    short = runs("emoji-ii-10-val", real, {"mem1": 0.015, "mem3": 0.01})
+    assert report.known_lines(short, level)[-1] == "The rule: **failed**."
+    lossy = runs("instance-incremental-small", synthetic, {"mem1": 0.0, "mem3": -0.02})
+    assert report.known_lines(up, lossy)[-1] == "The rule: **failed**."
+    # until every point has its seeds, not judged
+    assert report.known_lines(up, {})[-1] == "The rule: –."
+
+
+def test_the_late_slice_is_judged_against_er_at_equal_storage():
+    def runs(delay_over_equal):
+        out = {}
+        stream = "class-incremental-small"
+        for mem, equal in report.EQUAL_STORAGE.items():
+            out[stream, "er", mem] = {s: _fake("er", s, 0.30) for s in range(100, 103)}
+            out[stream, "er", equal] = {s: _fake("er", s, 0.34 + 0.002 * (s % 3)) for s in range(100, 103)}
+            out[stream, "er[delay]", mem] = {
+                s: _fake("er[delay]", s, 0.34 + 0.002 * (s % 3) + delay_over_equal) for s in range(100, 103)
+            }
+        return out
+
+    lines = report.storage_lines(runs(0.01))
+    assert lines[2] == "| 1 % | 4.125 % | 5.2 ± 0.5 | 1.0 ± 0.0, n=3 | its storage |"
+    assert report.storage_lines(runs(0.03))[2].endswith("| a candidate |")
+    assert report.storage_lines({}) == []
