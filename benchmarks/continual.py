@@ -448,6 +448,7 @@ def trim(metrics: dict) -> dict:
             "kd_weight": c.get("kd_weight"),
             "memory_share": c.get("memory_share"),
             "novelty": c.get("novelty"),
+            "known": c.get("known"),
             "memory_items": c["memory_items"],
             "pseudo_kept": c["pseudo"].get("kept", 0),
         }
