@@ -597,13 +597,12 @@ def known_lines(runs, synthetic_runs) -> list[str]:
             bar = bar_real if stream == "emoji-ii-10-val" else bar_synthetic
             verdicts.append(None if n < seeds else m >= bar - 1e-9)
             cell = "–" if n < seeds else f"{fmt(m, h)}, {n_note(a, b, n)}"
-            ref_er = paired(a, source.get((stream, "er", mem), {})) if a else (math.nan, math.nan, 0)
-            rows.append(
-                f"| {stream} | {_mem_label(mem)} | {cell} | {fmt(*ref_er[:2])} | ≥ {100 * bar:+.0f} |"
-            )
+            refs = [source.get((stream, "er", mem), {}), source.get((stream, "lwf", "nomem"), {})]
+            er, lwf = (fmt(*paired(a, ref)[:2]) if a and ref else "–" for ref in refs)
+            rows.append(f"| {stream} | {_mem_label(mem)} | {cell} | ≥ {100 * bar:+.0f} | {er} | {lwf} |")
     return [
-        f"| stream | memory | {label} − incclip | − er | the rule's bar (mean) |",
-        "|---|---|---|---|---|",
+        f"| stream | memory | {label} − incclip | the rule's bar (mean) | − er | − lwf |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
         f"The rule: {_passed(None if None in verdicts else all(verdicts))}.",
