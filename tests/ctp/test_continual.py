@@ -303,3 +303,11 @@ def test_kd_known_distils_the_new_pairs_of_known_classes(tiny_chunks):
     assert r_gated.train.history != r_plain.train.history
     assert math.isfinite(r_gated.train.loss) and r_gated.train.loss_kd > 0
     assert not _states_equal(plain.bundle.model, gated.bundle.model)
+
+
+def test_incclip_known_is_incclip_with_kd_known():
+    from dataclasses import replace
+
+    named = get_strategy("incclip_known")
+    assert named.kd_known and not get_strategy("incclip").kd_known
+    assert named == replace(get_strategy("incclip", kd_known=True), name="incclip_known")
