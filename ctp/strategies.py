@@ -62,6 +62,7 @@ class Strategy:
     # storage beside the memory (docs/results.md, "Chunks of known classes").
     novelty_reference: str = "memory"
     novelty_heldout: float = 0.125  # share of each chunk held out for the next chunk's nu
+    novelty_heldout_max: int = 128  # at most this many pairs
     # With kd_scope="replay": also distil the new pairs whose label is already among the replayed
     # pairs' labels (the classes the teacher was trained on), as LwF does for every new pair;
     # pairs of a new class, or without a label, stay free. Hypothesis: on a stream of known
@@ -70,7 +71,6 @@ class Strategy:
     # (kd_scope="batch" lost 5-8 points on the class-incremental validation stream). A chunk of
     # new classes only trains exactly as without it.
     kd_known: bool = False
-    novelty_heldout_max: int = 128  # at most this many pairs
     # Pseudo texts only while the memory holds less than this share of the stream (None: in
     # every chunk). Above it replay alone keeps the past, as for kd_rule="cutoff".
     pt_share_cutoff: float | None = None
