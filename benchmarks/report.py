@@ -269,6 +269,11 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         known = known_lines(runs, load("validation-novelty"))
         if known:
             lines += ["## The kd_known rule", "", *known, ""]
+    if sweep == "validation-shift":
+        refs = _pooled([load("validation-novelty"), load("validation-novelty-confirm")])
+        shift = shift_lines(runs, refs)
+        if shift:
+            lines += ["## The style-shift diagnostic", "", *shift, ""]
     if sweep == "validation-novelty-confirm":
         lines += [
             "## The novelty rule on fresh seeds",
@@ -605,6 +610,62 @@ def known_lines(runs, synthetic_runs) -> list[str]:
         *rows,
         "",
         f"The rule: {_passed(None if None in verdicts else all(verdicts))}.",
+    ]
+
+
+SHIFT_SEEDS = 5  # validation seeds 100-104 (continual.py, the validation-shift sweep)
+
+
+def _gap(runs, stream, a_label, b_label, mem_a, mem_b=None) -> dict[int, float]:
+    """Per seed, a − b on ``stream`` (average accuracy)."""
+    a, b = runs.get((stream, a_label, mem_a), {}), runs.get((stream, b_label, mem_b or mem_a), {})
+    return {s: score(a[s], "avg") - score(b[s], "avg") for s in sorted(set(a) & set(b))}
+
+
+def shift_lines(runs, unshifted_refs) -> list[str]:
+    """The style-shift diagnostic (continual.py, the validation-shift sweep): lwf − finetune and
+    incclip − er on the instance-incremental stream evaluated on a background never trained on,
+    against the same on the unshifted twin (its er and incclip from ``unshifted_refs``:
+    validation-novelty and -confirm), paired per seed. The reading fixed before the cells ran:
+    the shift explains the split if the shifted gap is > 0 on the mean and the per-seed shifted −
+    unshifted difference S has its interval above zero; it does not if S <= 0 on the mean."""
+    shifted, plain = "instance-incremental-small-shift", "instance-incremental-small"
+    both = _pooled([runs, unshifted_refs])
+    rows, verdicts = [], []
+    for a_label, b_label, mem, main in (
+        ("lwf", "finetune", "nomem", True),
+        ("incclip", "er", "mem1", False),
+        ("incclip", "er", "mem3", False),
+    ):
+        g_shift, g_plain = (
+            _gap(runs, shifted, a_label, b_label, mem),
+            _gap(both, plain, a_label, b_label, mem),
+        )
+        seeds = sorted(set(g_shift) & set(g_plain))
+        if len(seeds) < SHIFT_SEEDS:
+            if main:
+                return []
+            continue
+        diff = mean_ci([g_shift[s] - g_plain[s] for s in seeds])
+        shift_mean = mean_ci(list(g_shift.values()))[0]
+        if diff[0] <= 0:
+            reading = "does not explain it"
+        elif shift_mean > 0 and diff[0] - diff[1] > 0:
+            reading = "explains it"
+        else:
+            reading = "undecided"
+        if main:
+            verdicts.append(reading)
+        rows.append(
+            f"| {a_label} − {b_label} | {_mem_label(mem)} | {fmt(*mean_ci(list(g_plain.values())))} "
+            f"| {fmt(*mean_ci(list(g_shift.values())))} | {fmt(*diff)} (n={len(seeds)}) | {reading} |"
+        )
+    return [
+        "| gap | memory | unshifted twin | shifted twin | S = shifted − unshifted (per seed) | reading |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"The style shift, by the reading fixed before the cells (lwf − finetune): {verdicts[0]}.",
     ]
 
 

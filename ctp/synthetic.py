@@ -191,6 +191,10 @@ class SyntheticConfig:
     split: str = "class-incremental"  # "class-incremental": disjoint class groups per chunk;
     # "instance-incremental": every chunk holds every class
     seed: int = 0  # drives class order, attributes and jitter
+    # A background kind (of BACKGROUNDS) that only the eval images have: training pairs draw from
+    # the others, eval images are all drawn on it. A style shift between training and evaluation,
+    # as the emoji streams evaluate on a vendor's art never trained on. None: every set draws from all.
+    eval_background: str | None = None
 
     def __post_init__(self) -> None:
         if self.split not in ("class-incremental", "instance-incremental"):
@@ -209,6 +213,24 @@ class SyntheticConfig:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if self.eval_per_class < 1 or self.train_per_class < 1:
             raise ValueError("train_per_class and eval_per_class must be >= 1")
+        if self.eval_background is not None and self.eval_background not in BACKGROUNDS:
+            raise ValueError(
+                f"eval_background must be one of {BACKGROUNDS} or None, got {self.eval_background!r}"
+            )
+
+    def train_backgrounds(self) -> tuple[str, ...]:
+        return tuple(b for b in BACKGROUNDS if b != self.eval_background)
+
+    def eval_backgrounds(self) -> tuple[str, ...]:
+        return BACKGROUNDS if self.eval_background is None else (self.eval_background,)
+
+    def record(self) -> dict:
+        """The config as a stream's manifest records it. A field added later is recorded only when
+        it differs from its default, so streams built before it still count as built."""
+        out = asdict(self)
+        if out["eval_background"] is None:
+            del out["eval_background"]
+        return out
 
 
 PRESETS: dict[str, SyntheticConfig] = {
@@ -228,6 +250,16 @@ PRESETS: dict[str, SyntheticConfig] = {
     ),
     "instance-incremental-long": SyntheticConfig(
         num_classes=16, num_chunks=8, train_per_class=60, eval_per_class=20, split="instance-incremental"
+    ),
+    # instance-incremental-small with a style shift: trained on black, white and noisy backgrounds,
+    # evaluated on striped ones only (a diagnostic: do the strategies rank on it as on the emoji
+    # streams, which evaluate on art never trained on, or as on the unshifted twin?)
+    "instance-incremental-small-shift": SyntheticConfig(
+        num_classes=8,
+        train_per_class=200,
+        eval_per_class=50,
+        split="instance-incremental",
+        eval_background="striped",
     ),
     "tiny": SyntheticConfig(num_classes=4, num_chunks=2, train_per_class=40, eval_per_class=10),
 }
@@ -359,13 +391,15 @@ def make_caption(attrs: dict[str, str], template: int) -> str:
     return fmt.format(**fields)
 
 
-def _sample_attrs(shape: str, rng: np.random.Generator) -> dict[str, str]:
+def _sample_attrs(
+    shape: str, rng: np.random.Generator, backgrounds: tuple[str, ...] = BACKGROUNDS
+) -> dict[str, str]:
     return {
         "shape": shape,
         "color": list(COLORS)[int(rng.integers(len(COLORS)))],
         "size": list(SIZES)[int(rng.integers(len(SIZES)))],
         "position": list(POSITIONS)[int(rng.integers(len(POSITIONS)))],
-        "background": BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
+        "background": backgrounds[int(rng.integers(len(backgrounds)))],
     }
 
 
@@ -377,6 +411,7 @@ def generate_pairs(
     *,
     key_prefix: str = "pair",
     progress: str | None = None,
+    backgrounds: tuple[str, ...] = BACKGROUNDS,
 ) -> list[Sample]:
     """``n`` pairs per class of ``classes``, in random order; keys ``{key_prefix}-000000``, ...
 
@@ -390,7 +425,7 @@ def generate_pairs(
     from tqdm.auto import tqdm  # here, not at import: `ctp data --help` stays fast
 
     for i, shape in enumerate(tqdm(order, desc=progress or "synthetic pairs", disable=len(order) < 300)):
-        attrs = _sample_attrs(shape, rng)
+        attrs = _sample_attrs(shape, rng, backgrounds)
         while True:
             image = encode_image(draw_image(rng=rng, image_size=image_size, **_draw_kwargs(attrs)), "png")
             digest = hashlib.sha1(image).digest()
@@ -437,12 +472,19 @@ def _chunk_samples(
                 config.image_size,
                 key_prefix=f"c{j:03d}",
                 progress=f"chunk {j}",
+                backgrounds=config.train_backgrounds(),
             )
             for j, group in enumerate(groups)
         ]
     rng = _rng(config.seed, _TRAIN_STREAM)
     pool = generate_pairs(
-        groups[0], config.train_per_class, rng, config.image_size, key_prefix="p", progress="pairs"
+        groups[0],
+        config.train_per_class,
+        rng,
+        config.image_size,
+        key_prefix="p",
+        progress="pairs",
+        backgrounds=config.train_backgrounds(),
     )
     # Stratified: each class's pairs are dealt over the chunks, so every chunk holds every class.
     chunks: list[list[Sample]] = [[] for _ in range(config.num_chunks)]
@@ -466,7 +508,13 @@ def _rekey(sample: Sample, key: str) -> Sample:
 def _write_eval(out: Path, config: SyntheticConfig, classes: list[str]) -> None:
     rng = _rng(config.seed, _EVAL_STREAM)
     pairs = generate_pairs(
-        classes, config.eval_per_class, rng, config.image_size, key_prefix="e", progress="eval"
+        classes,
+        config.eval_per_class,
+        rng,
+        config.image_size,
+        key_prefix="e",
+        progress="eval",
+        backgrounds=config.eval_backgrounds(),
     )
     write_classification_set(
         out / "classification",
@@ -506,7 +554,7 @@ def make_stream(out_dir: str | Path, config: SyntheticConfig | str = "tiny") -> 
         config = PRESETS[config]
     out = Path(out_dir)
     manifest = out / "stream.json"
-    wanted = {"format": _FORMAT_VERSION, "config": asdict(config)}
+    wanted = {"format": _FORMAT_VERSION, "config": config.record()}
     cached = cached_stream(out, wanted, _stream_paths, "synthetic")
     if cached is not None:
         return cached

@@ -108,6 +108,36 @@ def test_validation_novelty_pairs_each_knob_cell_with_same_sweep_references_on_b
         }
 
 
+def test_validation_shift_differs_from_its_twin_by_the_eval_background_only_on_validation_seeds():
+    from dataclasses import replace
+
+    from ctp.synthetic import PRESETS
+
+    sw = continual.sweeps()
+    cells = sw["validation-shift"].cells
+    shifted = PRESETS[continual.SYNTHETIC_II_SHIFT]
+    assert shifted.eval_background == "striped"
+    assert replace(shifted, eval_background=None) == PRESETS[continual.SYNTHETIC_II]
+    assert not {c.seed for c in cells} & {c.seed for c in sw["test-ii"].cells}
+    # the unshifted twin's er and incclip are the validation-novelty (seeds 100-102) and
+    # -confirm (103-105) cells: every seed here has them there
+    refs = {
+        (c.seed, c.strategy, c.share)
+        for name in ("validation-novelty", "validation-novelty-confirm")
+        for c in sw[name].cells
+        if c.stream == continual.SYNTHETIC_II and not c.variant
+    }
+    for c in cells:
+        if c.stream == continual.SYNTHETIC_II_SHIFT and c.strategy in ("er", "incclip"):
+            assert (c.seed, c.strategy, c.share) in refs
+    plain = {(c.seed, c.strategy) for c in cells if c.stream == continual.SYNTHETIC_II}
+    assert plain == {
+        (c.seed, c.strategy)
+        for c in cells
+        if c.stream == continual.SYNTHETIC_II_SHIFT and c.strategy in ("finetune", "lwf")
+    }
+
+
 def test_test_ii_runs_the_instance_incremental_twins_of_the_test_streams_on_the_test_seeds():
     from dataclasses import replace
 
@@ -532,3 +562,33 @@ def test_the_late_slice_is_judged_against_er_at_equal_storage():
     assert lines[2] == "| 1 % | 4.125 % | 5.2 ± 0.5 | 1.0 ± 0.0, n=3 | its storage |"
     assert report.storage_lines(runs(0.03))[2].endswith("| a candidate |")
     assert report.storage_lines({}) == []
+
+
+def test_the_style_shift_diagnostic_reads_the_gap_shifted_against_unshifted():
+    seeds = range(100, 105)
+    plain, shifted = "instance-incremental-small", "instance-incremental-small-shift"
+
+    def runs(lwf_gain_shifted):
+        out = {}
+        for stream, gain in ((plain, -0.10), (shifted, lwf_gain_shifted)):
+            out[stream, "finetune", "nomem"] = {s: _fake("finetune", s, 0.3 + 0.01 * (s % 2)) for s in seeds}
+            out[stream, "lwf", "nomem"] = {s: _fake("lwf", s, 0.3 + 0.01 * (s % 2) + gain) for s in seeds}
+        for mem in ("mem1", "mem3"):
+            out[shifted, "er", mem] = {s: _fake("er", s, 0.4) for s in seeds}
+            out[shifted, "incclip", mem] = {s: _fake("incclip", s, 0.42 + 0.01 * (s % 2)) for s in seeds}
+        return out
+
+    refs = {}  # the unshifted er and incclip come from the validation-novelty folders
+    for mem in ("mem1", "mem3"):
+        refs[plain, "er", mem] = {s: _fake("er", s, 0.5) for s in seeds}
+        refs[plain, "incclip", mem] = {s: _fake("incclip", s, 0.44) for s in seeds}
+    lines = report.shift_lines(runs(0.05), refs)
+    assert lines[2] == "| lwf − finetune | – | -10.0 ± 0.0 | 5.0 ± 0.0 | 15.0 ± 0.0 (n=5) | explains it |"
+    assert lines[3].startswith("| incclip − er | 1 % | -6.0 ± 0.0 | 2.4 ± ")
+    assert lines[-1].endswith("lwf − finetune): explains it.")
+    # lwf still behind finetune under the shift, though less than before: undecided
+    assert report.shift_lines(runs(-0.02), refs)[-1].endswith("): undecided.")
+    # no better under the shift than without it: the shift does not explain the split
+    assert report.shift_lines(runs(-0.12), refs)[-1].endswith("): does not explain it.")
+    # until every seed of the main gap is in, not judged
+    assert report.shift_lines({}, refs) == []

@@ -146,6 +146,31 @@ def test_other_seed_or_config_regenerates(tmp_path):
     assert json.loads((tmp_path / "stream.json").read_text())["config"]["seed"] == 1
 
 
+def test_a_style_shift_keeps_one_background_for_the_eval_images(tmp_path):
+    shifted = SyntheticConfig(**{**SMALL_II.__dict__, "eval_background": "striped"})
+    paths = make_stream(tmp_path / "shift", shifted)
+    trained = {s.meta["background"] for c in paths.chunks for s in read_chunk(c)}
+    assert trained == set(BACKGROUNDS) - {"striped"}
+    retrieval = load_retrieval_set(paths.retrieval)
+    assert all("striped" in caps[0] for caps in retrieval.captions if "background" in caps[0])
+    # the eval images are drawn on stripes: the top row or the left column crosses them (a flat
+    # black or white background, or one of grey noise, would not give two levels this far apart)
+    cls = load_classification_set(paths.classification)
+    for img in cls.images:
+        a = np.asarray(decode_image(img)).astype(int).mean(axis=2)
+        edge = np.concatenate([a[0], a[:, 0]])
+        assert edge.max() - edge.min() > 40 and len(np.unique(edge.round())) <= 12
+    # the unshifted stream of the same config is the one built before the field existed: its
+    # manifest does not record the field, so caches made before it are reused, bytes unchanged
+    plain = make_stream(tmp_path / "plain", SMALL_II)
+    manifest = json.loads((tmp_path / "plain" / "stream.json").read_text())
+    assert "eval_background" not in manifest["config"]
+    assert {s.meta["background"] for c in plain.chunks for s in read_chunk(c)} <= set(BACKGROUNDS)
+    assert _files(tmp_path / "plain") != _files(tmp_path / "shift")
+    with pytest.raises(ValueError, match="eval_background"):
+        SyntheticConfig(eval_background="plaid")
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         SyntheticConfig(split="domain-incremental")
