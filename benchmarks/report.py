@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -911,6 +912,7 @@ def plot_curves(runs, stream, ms, path: Path) -> None:
                 ax.fill_between(x, mean - half, mean + half, alpha=0.15)
         ax.set_title(f"{stream}, {_mem_title(runs, stream, mem)}", fontsize=9)
         ax.set_xlabel("after chunk")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("average accuracy so far (points)")
     axes[0][-1].legend(fontsize=7)
