@@ -592,3 +592,21 @@ def test_the_style_shift_diagnostic_reads_the_gap_shifted_against_unshifted():
     assert report.shift_lines(runs(-0.12), refs)[-1].endswith("): does not explain it.")
     # until every seed of the main gap is in, not judged
     assert report.shift_lines({}, refs) == []
+
+
+def test_forgetting_is_not_judged_where_finetune_forgets_nothing():
+    def runs(finetune_forgetting):
+        out = {}
+        for label, mem in (("finetune", "nomem"), ("incclip", "mem1")):
+            cells = {s: _fake(label, s, 0.4) for s in range(3)}
+            for m in cells.values():
+                m["eval"]["synthetic"]["forgetting"] = finetune_forgetting if label == "finetune" else -0.1
+            out["stream", label, mem] = cells
+        return out
+
+    # finetune's accuracy only rose (negative forgetting): 0.6 x a negative number is no bar
+    accept = report.acceptance_table(runs(-0.05), ["stream"])
+    not_judged = "| -10.0, finetune forgets nothing: not judged | – |"
+    assert "| forgetting ≤ 0.6 × finetune's (-3.0) " + not_judged in accept
+    accept = report.acceptance_table(runs(0.05), ["stream"])
+    assert "| forgetting ≤ 0.6 × finetune's (3.0) | -10.0 | met |" in accept
