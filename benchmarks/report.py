@@ -617,9 +617,9 @@ def known_lines(runs, synthetic_runs) -> list[str]:
 SHIFT_SEEDS = 5  # validation seeds 100-104 (continual.py, the validation-shift sweep)
 
 
-def _gap(runs, stream, a_label, b_label, mem_a, mem_b=None) -> dict[int, float]:
-    """Per seed, a − b on ``stream`` (average accuracy)."""
-    a, b = runs.get((stream, a_label, mem_a), {}), runs.get((stream, b_label, mem_b or mem_a), {})
+def _gap(runs, stream, a_label, b_label, mem) -> dict[int, float]:
+    """Per seed, a − b on ``stream`` at memory ``mem`` (average accuracy)."""
+    a, b = runs.get((stream, a_label, mem), {}), runs.get((stream, b_label, mem), {})
     return {s: score(a[s], "avg") - score(b[s], "avg") for s in sorted(set(a) & set(b))}
 
 
