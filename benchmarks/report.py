@@ -647,6 +647,7 @@ def shift_lines(runs, unshifted_refs) -> list[str]:
             if main:
                 return []
             continue
+        g_shift, g_plain = {s: g_shift[s] for s in seeds}, {s: g_plain[s] for s in seeds}
         diff = mean_ci([g_shift[s] - g_plain[s] for s in seeds])
         shift_mean = mean_ci(list(g_shift.values()))[0]
         if diff[0] <= 0:
