@@ -213,6 +213,7 @@ def novelty_cells(variant: str, stream: str, seeds) -> list[Cell]:
 
 def sweeps() -> dict[str, Sweep]:
     val_seeds = (100, 101, 102)
+    val_seeds5 = val_seeds + (103, 104)  # seeds of the warm, real-image II and shift validation sweeps
     val = Sweep(
         "validation", grid(SYNTHETIC, val_seeds, strategies=("finetune", "er", "er_kd", "er_pt", "incclip"))
     )
@@ -260,7 +261,7 @@ def sweeps() -> dict[str, Sweep]:
     long_warm.cells += warm_grid(EMOJI_LONG_WARM, strategies=("er_kd", "er_pt"))
     # the warm validation stream (knobs are chosen here; long-warm only reports): references,
     # then each remedy of WARM_REMEDIES, seeds 100-104, then 105-109 to confirm the one that passes
-    warm_val_grid = functools.partial(warm_grid, EMOJI_WARM_VAL, seeds=val_seeds + (103, 104))
+    warm_val_grid = functools.partial(warm_grid, EMOJI_WARM_VAL, seeds=val_seeds5)
     warm_val = Sweep("validation-warm", cells=warm_val_grid(strategies=("finetune", "er", "incclip")))
     warm_confirm = Sweep(
         "validation-warm-confirm",
@@ -347,7 +348,7 @@ def sweeps() -> dict[str, Sweep]:
         "validation-ii",
         grid(
             EMOJI_II_VAL,
-            val_seeds + (103, 104),
+            val_seeds5,
             strategies=CONTINUAL,
             shares=ABLATION_SHARES,
         ),
@@ -361,7 +362,7 @@ def sweeps() -> dict[str, Sweep]:
     # streams first. (Class-incremental streams train bit for bit as incclip: nothing to measure.)
     validation_ii.cells += grid(
         EMOJI_II_VAL,
-        val_seeds + (103, 104),
+        val_seeds5,
         strategies=("incclip",),
         shares=ABLATION_SHARES,
         variant="known",
@@ -383,11 +384,11 @@ def sweeps() -> dict[str, Sweep]:
         "validation-shift",
         grid(
             SYNTHETIC_II_SHIFT,
-            val_seeds + (103, 104),
+            val_seeds5,
             strategies=CONTINUAL,
             shares=ABLATION_SHARES,
         )
-        + grid(SYNTHETIC_II, val_seeds + (103, 104), strategies=("finetune", "lwf")),
+        + grid(SYNTHETIC_II, val_seeds5, strategies=("finetune", "lwf")),
     )
     sweeps = (
         val,

@@ -126,11 +126,15 @@ def fmt(mean: float, half: float, scale: float = 100.0) -> str:
     return f"{scale * mean:.1f} ± {scale * half:.1f}"
 
 
+def per_seed(a: dict[int, dict], b: dict[int, dict], what: str = "avg") -> dict[int, float]:
+    """a − b for each seed both have."""
+    return {s: score(a[s], what) - score(b[s], what) for s in sorted(set(a) & set(b))}
+
+
 def paired(a: dict[int, dict], b: dict[int, dict], what: str = "avg") -> tuple[float, float, int]:
-    seeds = sorted(set(a) & set(b))
-    d = [score(a[s], what) - score(b[s], what) for s in seeds]
-    m, h = mean_ci(d)
-    return m, h, len(seeds)
+    d = per_seed(a, b, what)
+    m, h = mean_ci(list(d.values()))
+    return m, h, len(d)
 
 
 ENV_KEYS = ("cpu", "cpu_flags", "cpu_capability", "torch", "numpy", "pillow", "open_clip_torch")
@@ -262,7 +266,6 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         heldout = novelty_lines(runs, "incclip[novelty-heldout]", beat="incclip[novelty]")
         if heldout:
             lines += ["## The novelty rule, against a held-out slice", "", *heldout, ""]
-    if sweep == "validation-novelty":
         storage = storage_lines(runs)
         if storage:
             lines += ["## The late slice at equal storage", "", *storage, ""]
@@ -619,8 +622,7 @@ SHIFT_SEEDS = 5  # validation seeds 100-104 (continual.py, the validation-shift 
 
 def _gap(runs, stream, a_label, b_label, mem) -> dict[int, float]:
     """Per seed, a − b on ``stream`` at memory ``mem`` (average accuracy)."""
-    a, b = runs.get((stream, a_label, mem), {}), runs.get((stream, b_label, mem), {})
-    return {s: score(a[s], "avg") - score(b[s], "avg") for s in sorted(set(a) & set(b))}
+    return per_seed(runs.get((stream, a_label, mem), {}), runs.get((stream, b_label, mem), {}))
 
 
 def shift_lines(runs, unshifted_refs) -> list[str]:
@@ -632,7 +634,7 @@ def shift_lines(runs, unshifted_refs) -> list[str]:
     unshifted difference S has its interval above zero; it does not if S <= 0 on the mean."""
     shifted, plain = "instance-incremental-small-shift", "instance-incremental-small"
     both = _pooled([runs, unshifted_refs])
-    rows, verdicts = [], []
+    rows, verdict = [], None
     for a_label, b_label, mem, main in (
         ("lwf", "finetune", "nomem", True),
         ("incclip", "er", "mem1", False),
@@ -657,7 +659,7 @@ def shift_lines(runs, unshifted_refs) -> list[str]:
         else:
             reading = "undecided"
         if main:
-            verdicts.append(reading)
+            verdict = reading
         rows.append(
             f"| {a_label} − {b_label} | {_mem_label(mem)} | {fmt(*mean_ci(list(g_plain.values())))} "
             f"| {fmt(*mean_ci(list(g_shift.values())))} | {fmt(*diff)} (n={len(seeds)}) | {reading} |"
@@ -667,7 +669,7 @@ def shift_lines(runs, unshifted_refs) -> list[str]:
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"The style shift, by the reading fixed before the cells (lwf − finetune): {verdicts[0]}.",
+        f"The style shift, by the reading fixed before the cells (lwf − finetune): {verdict}.",
     ]
 
 
