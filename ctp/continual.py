@@ -8,7 +8,8 @@ Per chunk, in order:
    with this chunk's KD weight (``kd_weight_for_chunk``: constant, or following the share of
    the past that the memory still holds; with ``kd_novelty``, times ``chunk_novelty``);
 4. optional weight merge with the teacher (WiSE-FT);
-5. the chunk's pairs are offered to the memory (its policy decides what stays).
+5. the chunk's pairs are offered to the memory (its policy decides what stays);
+6. optional balanced fine-tuning: a few passes over the memory alone (``balance_epochs``).
 The experiment command and the service's trainer worker both drive this class.
 """
 
@@ -50,11 +51,17 @@ class ChunkReport:
     epochs: int = 0  # the epochs this chunk trained for (TrainConfig.epochs_for its size)
     heldout: int = 0  # pairs of this chunk kept for the next chunk's novelty (novelty_reference)
     known: float | None = None  # share of the trained pairs of a known label (kd_known only)
+    balance: ChunkResult | None = None  # the pass over the memory after the chunk (balance_epochs)
+    # learning headroom g (Strategy.kd_headroom): the fit gain on this chunk's pairs over the
+    # last chunk; None where it is not measured (knob off, first chunk)
+    headroom: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["train"].pop("history", None)
-        d["train"]["pairs_per_second"] = self.train.pairs_per_second
+        for part, result in (("train", self.train), ("balance", self.balance)):
+            if result is not None:
+                d[part].pop("history", None)
+                d[part]["pairs_per_second"] = result.pairs_per_second
         return d
 
 
@@ -142,6 +149,31 @@ def chunk_novelty(
     return min(1.0, max(0.0, 1.0 - fit_new / fit_old))
 
 
+def fit_gain(
+    model: torch.nn.Module,
+    earlier: torch.nn.Module,
+    *,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    block: int,
+    device: torch.device | str,
+    seed: int,
+) -> float | None:
+    """caption_fit(model) - caption_fit(earlier) on the same pairs in the same block order (one
+    block size for both, at most ``block``): how much better ``model`` matches pairs that
+    neither trained on. None for fewer than 2 pairs."""
+    block = min(block, len(tokens))
+    if block < 2:
+        return None
+    fits = [
+        caption_fit(
+            m, images, tokens, block=block, device=device, generator=torch.Generator().manual_seed(seed)
+        )
+        for m in (model, earlier)
+    ]
+    return fits[0] - fits[1]
+
+
 def hold_out(n: int, strategy: Strategy, *, seed: int) -> list[int]:
     """Indices of a chunk's pairs kept out of its training as the next chunk's novelty reference
     (``novelty_reference="heldout"``): a seeded ``novelty_heldout`` share, at most
@@ -210,6 +242,9 @@ class ContinualLearner:
         # the restart is lost: neither trained nor offered to the memory)
         self._heldout: list[Sample] = []
         self._heldout_chunk_id = ""
+        # kd_headroom: the model as it was before the previous chunk (in this process only: after
+        # a restart the first chunk measures no headroom and keeps kd_known on, as without the knob)
+        self._before_previous: torch.nn.Module | None = None
         if strategy.novelty_reference not in ("memory", "heldout"):
             raise ValueError(
                 f"unknown novelty_reference {strategy.novelty_reference!r}; expected 'memory' or 'heldout'"
@@ -318,8 +353,22 @@ class ContinualLearner:
                     pseudo_stats = asdict(stats)
                 pseudo_seconds = time.perf_counter() - t0
 
+        headroom = None
+        if strategy.kd_headroom is not None:
+            before = copy.deepcopy(model).eval().requires_grad_(False)
+            if self._before_previous is not None:
+                headroom = fit_gain(
+                    before,
+                    self._before_previous,
+                    images=images[:n_chunk],
+                    tokens=self.bundle.tokenizer(texts[:n_chunk]),
+                    block=cfg.batch_size,
+                    device=self.device,
+                    seed=cfg.seed * 1000 + index,
+                )
+            self._before_previous = before
         known_rows = None
-        if strategy.kd_known and replay:
+        if strategy.kd_known and replay and (headroom is None or headroom < strategy.kd_headroom):
             # a label among the replayed pairs' (the memory, up to replay_pool) is one the teacher knows
             labels = {it.label for it in replay if it.label}
             known_rows = torch.tensor([s.label in labels for s in samples]) if labels else None
@@ -358,6 +407,7 @@ class ContinualLearner:
                 if it.key not in present
             ]
             admitted = len(self.memory.add(new_items, rng=rng).admitted)
+        balance = self._balance(index, rng) if strategy.balance_epochs > 0 else None
         self.chunks_done += 1
         return ChunkReport(
             index=index,
@@ -373,6 +423,42 @@ class ContinualLearner:
             memory_share=share,
             novelty=novelty,
             known=float(known_rows.float().mean()) if known_rows is not None else None,
+            balance=balance,
+            headroom=headroom,
+        )
+
+    def _balance(self, index: int, rng: random.Random) -> ChunkResult | None:
+        """Balanced fine-tuning (``Strategy.balance_epochs``): passes over the memory alone (up to
+        ``replay_pool`` pairs), contrastive loss only. None when the memory holds < 2 pairs."""
+        cfg, strategy = self.config, self.strategy
+        if self.memory is None or len(self.memory) < 2:
+            return None
+        if strategy.balance_lr <= 0:
+            raise ValueError(f"balance_lr must be > 0, got {strategy.balance_lr}")
+        items = self.memory.sample(min(len(self.memory), cfg.replay_pool), rng=rng)
+        plain = replace(
+            strategy,
+            replay=False,
+            distill=False,
+            pseudo_texts=False,
+            contrast="full",
+            feature_kd_weight=0.0,
+        )
+        return train_on_chunk(
+            self.bundle.model,
+            images=self._preprocess([it.image for it in items], [it.key for it in items]),
+            texts=[it.text for it in items],
+            tokenizer=self.bundle.tokenizer,
+            strategy=plain,
+            epochs=strategy.balance_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr * strategy.balance_lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=0,
+            device=self.device,
+            seed=cfg.seed * 1000 + index + 500_000,
+            progress=cfg.progress,
+            desc=f"{strategy.name} chunk {index} balance",
         )
 
 

@@ -34,6 +34,8 @@ from ctp.presets import DEFAULT_MODEL
 from ctp.strategies import STRATEGIES, get_strategy
 
 logger = logging.getLogger(__name__)
+# the parts of a chunk report that train (ChunkReport: the chunk's update, the balanced pass)
+_TRAINED = ("train", "balance")
 
 
 def _named_dir(value: str) -> tuple[str, Path]:
@@ -238,11 +240,14 @@ def run(args: argparse.Namespace) -> dict:
         # compute spent learning (evaluation left out): pairs forwarded + backpropagated, and the
         # wall time of the chunk updates with their preparation and pseudo-text generation
         "compute": {
-            "pairs": sum(c["train"]["pairs"] for c in chunk_reports),
+            "pairs": sum(c[part]["pairs"] for c in chunk_reports for part in _TRAINED if c.get(part)),
             "train_seconds": sum(
-                c["train"]["seconds"] + c["train"]["prepare_seconds"] + c["pseudo_seconds"]
+                c[part]["seconds"] + c[part]["prepare_seconds"]
                 for c in chunk_reports
-            ),
+                for part in _TRAINED
+                if c.get(part)
+            )
+            + sum(c["pseudo_seconds"] for c in chunk_reports),
         },
         "eval": evals,
         "chunk_reports": chunk_reports,

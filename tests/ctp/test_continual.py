@@ -311,3 +311,63 @@ def test_incclip_known_is_incclip_with_kd_known():
     named = get_strategy("incclip_known")
     assert named.kd_known and not get_strategy("incclip").kd_known
     assert named == replace(get_strategy("incclip", kd_known=True), name="incclip_known")
+
+
+def test_balanced_fine_tuning_trains_on_the_memory_after_the_chunk(tiny_chunks):
+    runs = {}
+    for epochs in (0, 3):
+        learner = _learner("er", strategy_kw={"balance_epochs": epochs}, replay_pool=32)
+        reports = [learner.learn_chunk(c, chunk_id=f"c{i}") for i, c in enumerate(tiny_chunks[:2])]
+        runs[epochs] = (learner, reports)
+    (plain, r_plain), (bal, r_bal) = runs[0], runs[3]
+    assert all(r.balance is None for r in r_plain)
+    # the chunk's own update is the same; then 3 passes over the memory (replay_pool caps it at 32)
+    assert r_bal[0].train.history == r_plain[0].train.history
+    assert r_bal[0].balance.pairs == 3 * 32 and r_bal[0].balance.steps == 3
+    assert math.isfinite(r_bal[0].balance.loss)
+    assert not _states_equal(plain.bundle.model, bal.bundle.model)
+    d = r_bal[1].to_dict()
+    assert d["balance"]["pairs"] == 96 and "history" not in d["balance"] and "history" not in d["train"]
+    assert r_plain[1].to_dict()["balance"] is None
+
+
+def test_balanced_fine_tuning_needs_a_positive_learning_rate(tiny_chunks):
+    learner = _learner("er", strategy_kw={"balance_epochs": 1, "balance_lr": 0})
+    with pytest.raises(ValueError, match="balance_lr"):
+        learner.learn_chunk(tiny_chunks[0])
+
+
+def test_fit_gain_is_zero_against_itself_and_positive_over_a_model_that_fits_worse():
+    from ctp.continual import fit_gain
+
+    class _Blurred(_OneHot):  # every image nearly the same vector: a worse fit of the same pairs
+        def encode_image(self, x):
+            return x.flatten(1).float() * 0.02 + 1
+
+    codes = _codes(32)
+    kw = dict(images=codes, tokens=codes, block=8, device="cpu", seed=3)
+    assert fit_gain(_OneHot(), _OneHot(), **kw) == pytest.approx(0.0, abs=1e-7)
+    assert fit_gain(_OneHot(), _Blurred(), **kw) > 0.05
+    assert fit_gain(_Blurred(), _OneHot(), **kw) == pytest.approx(-fit_gain(_OneHot(), _Blurred(), **kw))
+    assert fit_gain(_OneHot(), _OneHot(), **{**kw, "images": codes[:1], "tokens": codes[:1]}) is None
+
+
+@pytest.mark.parametrize("threshold, on", [(1.0, True), (-1.0, False)])
+def test_kd_headroom_gates_kd_known_per_chunk(tiny_chunks, threshold, on):
+    from dataclasses import replace
+
+    # chunk 0's classes again under new keys: a chunk of known classes, where kd_known acts
+    again = [replace(s, key=f"again-{s.key}") for s in tiny_chunks[0]]
+    runs = {}
+    for name, kw in (("gated", {"kd_headroom": threshold}), ("known", {}), ("plain", {"kd_known": False})):
+        learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_known": True, **kw})
+        r0 = learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+        runs[name] = (learner, r0, learner.learn_chunk(again, chunk_id="c1"))
+    gated, r0, r1 = runs["gated"]
+    assert r0.headroom is None  # nothing before the first chunk to compare with
+    assert isinstance(r1.headroom, float) and -1 < r1.headroom < 1
+    assert runs["known"][2].headroom is None  # not measured without the knob
+    same = runs["known"] if on else runs["plain"]  # g < threshold: kd_known on; else off
+    assert (r1.known is not None) is on
+    assert r1.train.history == same[2].train.history
+    assert _states_equal(gated.bundle.model, same[0].bundle.model)

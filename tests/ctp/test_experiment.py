@@ -186,3 +186,14 @@ def test_experiment_under_torchrun(tmp_path, tiny_stream):
     assert m["chunk_reports"][0]["train"]["steps"] == 3
     assert m["chunk_reports"][1]["train"]["steps"] == 5
     assert m["chunk_reports"][1]["train"]["pairs"] == 2 * 5 * 16
+
+
+def test_compute_counts_the_balanced_pass(tmp_path, tiny_stream):
+    out = tmp_path / "bal"
+    argv = ["experiment", "--chunks", *map(str, tiny_stream.chunks), "--strategy", "er"]
+    argv += ["--model", "ctp-vit-micro-32", "--epochs", "1", "--memory-size", "20", "--no-progress"]
+    assert main([*argv, "--set", "balance_epochs=2", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    chunks = m["chunk_reports"]
+    assert all(c["balance"]["pairs"] == 2 * 20 for c in chunks)  # two passes over a full memory
+    assert m["compute"]["pairs"] == sum(c["train"]["pairs"] + c["balance"]["pairs"] for c in chunks)
