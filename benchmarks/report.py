@@ -278,6 +278,9 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         shift = shift_lines(runs, refs)
         if shift:
             lines += ["## The style-shift diagnostic", "", *shift, ""]
+    if sweep in SCREENS:
+        refs = _pooled([load(r) for r in SCREEN_REFS])
+        lines += ["## The screen, beside the references of each seed", "", *screen_lines(runs, refs), ""]
     if sweep == "validation-novelty-confirm":
         lines += [
             "## The novelty rule on fresh seeds",
@@ -387,6 +390,44 @@ def _pooled(pool: list[dict]) -> dict:
             for seed, m in seeds.items():
                 out[key].setdefault(seed, m)
     return out
+
+
+# one-seed screens of a knob, each cell beside the same-machine references of its seed
+SCREENS = ("validation-balance", "validation-headroom", "validation-text")
+SCREEN_REFS = ("validation-novelty", "validation-novelty-confirm", "validation-ii")
+
+
+def screen_lines(runs: dict, refs: dict) -> list[str]:
+    """Per screened cell: its accuracy, its difference to incclip and er of the same stream, seed
+    and memory, the accuracy on each chunk's classes after the last chunk (the task matrix's
+    last row) and, where measured, the headroom g per chunk (ctp.continual.fit_gain)."""
+
+    def last_row(m: dict) -> str:
+        row = m["eval"][cls_name(m)]["task_matrix"][-1]
+        return " / ".join("–" if x is None else f"{100 * x:.0f}" for x in row)
+
+    lines = [
+        "| stream | memory | variant | seed | accuracy | − incclip | − er | last row: each chunk's classes | g per chunk |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (stream, label, mem), seeds in sorted(runs.items()):
+        for seed, m in sorted(seeds.items()):
+            diffs = []
+            for ref in ("incclip", "er"):
+                r = cell_runs(refs, stream, ref, mem).get(seed)
+                cross = " (across environments)" if r and env_key(r) != env_key(m) else ""
+                diffs.append(f"{100 * (score(m, 'avg') - score(r, 'avg')):+.1f}{cross}" if r else "–")
+            g = [c.get("headroom") for c in m.get("chunk_reports", [])]
+            g_text = (
+                " / ".join("–" if x is None else f"{x:.3f}" for x in g)
+                if any(x is not None for x in g)
+                else "–"
+            )
+            lines.append(
+                f"| {stream} | {_mem_label(mem)} | {label} | {seed} | {100 * score(m, 'avg'):.1f} | "
+                f"{diffs[0]} | {diffs[1]} | {last_row(m)} | {g_text} |"
+            )
+    return lines
 
 
 def compare(folders: list[str], a_label: str, b_label: str) -> list[str]:

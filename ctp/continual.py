@@ -383,6 +383,7 @@ class ContinualLearner:
             replay=replay,
             replay_images=replay_images,
             kd_weight=kd_weight,
+            text_lr_scale=strategy.text_lr if has_prior else 1.0,
             epochs=cfg.epochs_for(len(texts)),
             batch_size=cfg.batch_size,
             lr=cfg.lr,

@@ -97,6 +97,12 @@ class Strategy:
     # batch, the new class names become attractors for every image (after the last chunk of a
     # class-incremental validation stream its own classes score 85 %, the older ones 3-27 %), and
     # a short pass over a set where every class weighs the same undoes that recency bias.
+    # The text tower's learning rate as a share of the chunk's, on every chunk after the model has
+    # learned something (1: the same rate). Hypothesis: in zero-shot classification the class
+    # names' text embeddings are the classifier, and every chunk moves them; a slow text tower
+    # keeps old classes' names where their images were taught to be, while the image tower and
+    # the new names' tokens (untrained until their chunk) still learn. 0 freezes it.
+    text_lr: float = 1.0
     balance_epochs: int = 0
     balance_lr: float = 0.1
 

@@ -68,17 +68,25 @@ def preprocess_images(
 
 
 @torch.no_grad()
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # open_clip's rule: no decay on gains, biases, embeddings' scale and logit_scale.
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, *, text_lr_scale: float = 1.0) -> list[dict]:
+    """open_clip's rule: no decay on gains, biases, embeddings' scale and logit_scale. Each group
+    carries ``lr_scale`` (times the schedule's rate): ``text_lr_scale`` for the text tower (every
+    parameter outside ``visual`` but logit_scale), 1 elsewhere; an empty group is left out."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        text = not name.startswith("visual") and "logit_scale" not in name and text_lr_scale != 1.0
+        groups.setdefault((no_decay, text), []).append(p)
+    return [
+        {
+            "params": ps,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": text_lr_scale if text else 1.0,
+        }
+        for (no_decay, text), ps in sorted(groups.items())
+    ]
 
 
 def cosine_lr(step: int, total: int, *, base_lr: float, warmup: int) -> float:
@@ -101,6 +109,7 @@ def train_on_chunk(
     kd_weight: float | None = None,  # this chunk's KD weight (None: strategy.kd_weight)
     # [N] bool: rows whose label the teacher knows (Strategy.kd_known); None: none
     known_rows: torch.Tensor | None = None,
+    text_lr_scale: float = 1.0,  # the text tower's learning rate as a share of the rest's
     epochs: int = 1,
     batch_size: int = 64,
     lr: float = 5e-4,
@@ -178,7 +187,7 @@ def train_on_chunk(
     # fused: one kernel for all parameters; the per-tensor loop costs more than the model's own
     # step on the tiny CPU presets (the 49,408-token embedding is most of their parameters)
     optimizer = torch.optim.AdamW(
-        param_groups(net, weight_decay),
+        param_groups(net, weight_decay, text_lr_scale=text_lr_scale),
         lr=lr,
         betas=(0.9, 0.98),
         eps=1e-6,
@@ -216,7 +225,7 @@ def train_on_chunk(
             b = len(batch_tok)
             all_tok = torch.cat([batch_tok, torch.stack(neg_tok)]) if neg_tok else batch_tok
             for g in optimizer.param_groups:
-                g["lr"] = cosine_lr(step, total_steps, base_lr=lr, warmup=warmup_steps)
+                g["lr"] = cosine_lr(step, total_steps, base_lr=lr, warmup=warmup_steps) * g["lr_scale"]
             with autocast_for(device):
                 img_f, txt_f, scale = ddp_model(batch_img.to(device), all_tok.to(device))[:3]
                 loss_clip = contrastive_loss(

@@ -371,3 +371,34 @@ def test_kd_headroom_gates_kd_known_per_chunk(tiny_chunks, threshold, on):
     assert (r1.known is not None) is on
     assert r1.train.history == same[2].train.history
     assert _states_equal(gated.bundle.model, same[0].bundle.model)
+
+
+def test_text_lr_zero_freezes_the_text_tower_after_the_first_chunk(tiny_chunks):
+    learner = _learner("er", strategy_kw={"text_lr": 0.0})
+    model = learner.bundle.model
+
+    def snapshot():
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    before0 = snapshot()
+    learner.learn_chunk(tiny_chunks[0], chunk_id="c0")  # nothing learned before: the text tower trains
+    after0 = snapshot()
+    learner.learn_chunk(tiny_chunks[1], chunk_id="c1")
+    after1 = snapshot()
+    text = [n for n in after1 if not n.startswith("visual") and n != "logit_scale"]
+    assert "token_embedding.weight" in text and "text_projection" in text
+    assert any(not torch.equal(before0[n], after0[n]) for n in text)
+    assert all(torch.equal(after0[n], after1[n]) for n in text)
+    assert any(not torch.equal(after0[n], after1[n]) for n in after1 if n.startswith("visual"))
+
+
+def test_param_groups_scale_the_text_tower_only():
+    from ctp.train import param_groups
+
+    model = create_model("ctp-vit-micro-32", seed=0).model
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = param_groups(model, 0.1)
+    assert [g["lr_scale"] for g in plain] == [1.0, 1.0]  # decay, no decay: as open_clip groups them
+    for g in param_groups(model, 0.1, text_lr_scale=0.1):
+        tower = {not names[id(p)].startswith("visual") and names[id(p)] != "logit_scale" for p in g["params"]}
+        assert tower == {g["lr_scale"] == 0.1}
