@@ -407,7 +407,8 @@ def screen_lines(runs: dict, refs: dict) -> list[str]:
         return " / ".join("–" if x is None else f"{100 * x:.0f}" for x in row)
 
     lines = [
-        "| stream | memory | variant | seed | accuracy | − incclip | − er | last row: each chunk's classes | g per chunk |",
+        "| stream | memory | variant | seed | accuracy | − incclip | − er "
+        "| last row: each chunk's classes | g per chunk |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for (stream, label, mem), seeds in sorted(runs.items()):
