@@ -217,14 +217,12 @@ WARM_REMEDIES: dict[str, tuple[str, ...]] = {
 }
 
 
-def knob_cells(variant: str, seeds, shares=None) -> list[Cell]:
-    """The synthetic-stream cells of one ABLATIONS knob (its strategy, sets and extra args), at
-    its measured shares unless given."""
+def knob_cells(variant: str, seeds, shares=None, stream: str = SYNTHETIC) -> list[Cell]:
+    """The cells of one ABLATIONS knob (its strategy, sets and extra args) on a stream (the
+    synthetic validation stream unless given), at its measured shares unless given."""
     strategy, sets, extra = ABLATIONS[variant]
     shares = shares or ABLATION_SHARES_FOR.get(variant, ABLATION_SHARES)
-    return grid(
-        SYNTHETIC, seeds, strategies=(strategy,), shares=shares, variant=variant, sets=sets, extra=extra
-    )
+    return grid(stream, seeds, strategies=(strategy,), shares=shares, variant=variant, sets=sets, extra=extra)
 
 
 def novelty_cells(variant: str, stream: str, seeds) -> list[Cell]:
@@ -419,51 +417,25 @@ def sweeps() -> dict[str, Sweep]:
     # screen first, on one validation seed (100) at 1 % of the class-incremental stream, to see
     # whether any setting moves the accuracy of old chunks at all; the setting to measure is
     # taken from it, and its rule is judged on the seeds the screen did not see.
-    balance = Sweep("validation-balance")
-    for variant in BALANCE_SCREEN:
-        balance.cells += grid(
-            SYNTHETIC,
-            (100,),
-            strategies=("incclip",),
-            shares=(0.01,),
-            variant=variant,
-            sets=ABLATIONS[variant][1],
-        )
+    screen = functools.partial(knob_cells, seeds=(100,))
+    balance = Sweep("validation-balance", [c for v in BALANCE_SCREEN for c in screen(v, shares=(0.01,))])
     # The screen lost 5-9 points at every setting (docs/results.md): no rule was run.
     # Learning headroom (Strategy.kd_headroom), on the two instance-incremental validation
     # streams. First a probe on seed 100 at 1 and 3 %: incclip[known] with g measured and no
     # gating, to see g's scale on each stream; the threshold is set from it, and its rule is
-    # judged on the seeds the probe did not see.
+    # judged on the seeds the probe did not see. Under kd_known the model learns less, which
+    # lowers g itself: g under plain replay too (at 1 %), the trajectory a gate that starts off
+    # would follow.
     headroom = Sweep("validation-headroom")
     for stream in (EMOJI_II_VAL, SYNTHETIC_II):
-        headroom.cells += grid(
-            stream,
-            (100,),
-            strategies=("incclip",),
-            shares=ABLATION_SHARES,
-            variant="known-probe",
-            sets=ABLATIONS["known-probe"][1],
-        )
-    # under kd_known the model learns less, which lowers g itself: g under plain replay too,
-    # the trajectory a gate that starts off would follow
-    for stream in (EMOJI_II_VAL, SYNTHETIC_II):
-        headroom.cells += grid(
-            stream, (100,), strategies=("er",), shares=(0.01,), variant="probe", sets=ABLATIONS["probe"][1]
+        headroom.cells += screen("known-probe", stream=stream) + screen(
+            "probe", shares=(0.01,), stream=stream
         )
     # The probe's g did not separate the two streams (docs/results.md): no threshold, no rule.
     # A slow text tower (Strategy.text_lr): a screen on seed 100 at 1 % of the class-incremental
     # validation stream, as the balance screen; a setting that gains there goes to a rule judged
     # on the seeds the screen did not see.
-    text = Sweep("validation-text")
-    for variant in TEXT_SCREEN:
-        text.cells += grid(
-            SYNTHETIC,
-            (100,),
-            strategies=("incclip",),
-            shares=(0.01,),
-            variant=variant,
-            sets=ABLATIONS[variant][1],
-        )
+    text = Sweep("validation-text", [c for v in TEXT_SCREEN for c in screen(v, shares=(0.01,))])
     sweeps = (
         val,
         validation_ii,
