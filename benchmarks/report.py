@@ -281,6 +281,9 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
     if sweep in SCREENS:
         refs = _pooled([load(r) for r in SCREEN_REFS])
         lines += ["## The screen, beside the references of each seed", "", *screen_lines(runs, refs), ""]
+        rule = screen_rule_lines(runs, refs)
+        if rule:
+            lines += ["## The screen's setting on six seeds, against its rule", "", *rule, ""]
     if sweep == "validation-novelty-confirm":
         lines += [
             "## The novelty rule on fresh seeds",
@@ -429,6 +432,39 @@ def screen_lines(runs: dict, refs: dict) -> list[str]:
                 f"{diffs[0]} | {diffs[1]} | {last_row(m)} | {g_text} |"
             )
     return lines
+
+
+def screen_rule_lines(runs: dict, refs: dict) -> list[str]:
+    """Each screened setting run on several seeds, paired with the references per memory share,
+    and the rule of the six-seed screens (benchmarks/continual.py): it goes on only if its
+    interval against incclip lies above zero at one share and its mean is >= -1 point at the
+    other. Empty when no setting has more than one seed."""
+    rows = []
+    for stream, label in sorted({(k[0], k[1]) for k, seeds in runs.items() if len(seeds) > 1}):
+        mems_ = sorted((k[2] for k in runs if k[:2] == (stream, label) and len(runs[k]) > 1), key=_share)
+        against_incclip = {}
+        for mem in mems_:
+            a, cells = runs[stream, label, mem], []
+            for ref in ("incclip", "er"):
+                b = cell_runs(refs, stream, ref, mem)
+                m, h, n = paired(a, b)
+                cells.append(f"{fmt(m, h)} ({n_note(a, b, n)})" if n else "–")
+                if ref == "incclip" and n:
+                    against_incclip[mem] = (m, h)
+            rows.append(f"| {stream} | {_mem_label(mem)} | {label} | " + " | ".join(cells) + " |")
+        passes = any(
+            m - h > 0 and all(m2 >= -0.01 for k2, (m2, _) in against_incclip.items() if k2 != k)
+            for k, (m, h) in against_incclip.items()
+            if not math.isnan(h)
+        )
+        rows.append(f"| | | **{label}: {'goes on' if passes else 'stops here'}** | | |")
+    if not rows:
+        return []
+    return [
+        "| stream | memory | variant | − incclip (paired) | − er (paired) |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def compare(folders: list[str], a_label: str, b_label: str) -> list[str]:

@@ -610,3 +610,32 @@ def test_forgetting_is_not_judged_where_finetune_forgets_nothing():
     assert "| forgetting ≤ 0.6 × finetune's (-3.0) " + not_judged in accept
     accept = report.acceptance_table(runs(0.05), ["stream"])
     assert "| forgetting ≤ 0.6 × finetune's (3.0) | -10.0 | met |" in accept
+
+
+def test_a_screened_setting_goes_on_only_with_an_interval_above_zero_at_one_share():
+    stream, seeds = "class-incremental-small", range(100, 106)
+
+    def runs(gain1, gain3):
+        return {
+            (stream, "incclip[bft10]", mem): {
+                s: _fake("incclip", s, 0.3 + gain + 0.01 * (s % 2)) for s in seeds
+            }
+            for mem, gain in (("mem1", gain1), ("mem3", gain3))
+        }
+
+    refs = {}
+    for mem in ("mem1", "mem3"):
+        refs[stream, "incclip", mem] = {s: _fake("incclip", s, 0.3) for s in seeds}
+        refs[stream, "er", mem] = {s: _fake("er", s, 0.31) for s in seeds}
+    lines = report.screen_rule_lines(runs(0.05, 0.0), refs)
+    assert lines[2].startswith(
+        "| class-incremental-small | 1 % | incclip[bft10] | 5.5 ± 0.6 (n=6) | 4.5 ± 0.6"
+    )
+    assert lines[-1] == "| | | **incclip[bft10]: goes on** | | |"
+    # above zero at 1 %, but more than a point lost at 3 %: stops
+    assert report.screen_rule_lines(runs(0.05, -0.03), refs)[-1].endswith("stops here** | | |")
+    # losses at both shares: stops
+    assert report.screen_rule_lines(runs(-0.05, -0.06), refs)[-1].endswith("stops here** | | |")
+    # one seed only: nothing to judge
+    one = {k: {100: v[100]} for k, v in runs(0.05, 0.0).items()}
+    assert report.screen_rule_lines(one, refs) == []
