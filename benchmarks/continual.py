@@ -153,6 +153,8 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     # the text tower at a share of the chunk's learning rate after the first chunk (Strategy.text_lr)
     "text0.1": ("incclip", ("text_lr=0.1",), ()),
     "text0": ("incclip", ("text_lr=0",), ()),
+    # KD on fresh views of the replayed images against every text of the batch (Strategy.kd_views)
+    "views": ("incclip", ("kd_views=1",), ()),
 }
 TEXT_SCREEN = ("text0.1", "text0")
 BALANCE_SCREEN = ("bft10", "bft30", "bft10-lr1", "bft30-lr1")
@@ -445,6 +447,11 @@ def sweeps() -> dict[str, Sweep]:
     six = val_seeds + confirm_seeds
     balance.cells += [c for c in knob_cells("bft10", six) if c not in balance.cells]
     text.cells += [c for c in knob_cells("text0.1", six) if c not in text.cells]
+    # KD on views of the replayed images (Strategy.kd_views states the hypothesis), straight on the
+    # six validation seeds at 1 and 3 % under the same rule; passing, it is measured on the
+    # instance-incremental twin (where it must not lose more than 1 point against incclip)
+    # before any test stream.
+    views = Sweep("validation-views", knob_cells("views", six))
     sweeps = (
         val,
         validation_ii,
@@ -463,6 +470,7 @@ def sweeps() -> dict[str, Sweep]:
         balance,
         headroom,
         text,
+        views,
     )
     return {s.name: s for s in sweeps}
 

@@ -396,7 +396,7 @@ def _pooled(pool: list[dict]) -> dict:
 
 
 # one-seed screens of a knob, each cell beside the same-machine references of its seed
-SCREENS = ("validation-balance", "validation-headroom", "validation-text")
+SCREENS = ("validation-balance", "validation-headroom", "validation-text", "validation-views")
 SCREEN_REFS = ("validation-novelty", "validation-novelty-confirm", "validation-ii")
 
 

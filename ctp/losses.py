@@ -68,6 +68,7 @@ def distillation_loss(
     *,
     temperature: float = 2.0,
     gate: str = "none",
+    symmetric: bool = True,
 ) -> torch.Tensor:
     """Multi-modal KD: KL(teacher || student) over image->text rows and text->image rows.
 
@@ -76,10 +77,15 @@ def distillation_loss(
     so its gradient size does not depend on T (Hinton et al.). Zero when teacher == student.
     ``gate="confidence"`` weighs each row's KL by the teacher's probability (at temperature 1)
     of the true match, the diagonal: rows the teacher gets wrong are not copied.
+    ``symmetric=False`` keeps the image->text rows only (of any [A, B] matrix, A images against B
+    texts), scaled as one direction of the symmetric loss.
     """
     t = temperature
     loss = student_logits.new_zeros(())
-    for s, te in ((student_logits, teacher_logits), (student_logits.T, teacher_logits.T)):
+    directions = [(student_logits, teacher_logits)]
+    if symmetric:
+        directions.append((student_logits.T, teacher_logits.T))
+    for s, te in directions:
         te = te.detach()
         log_p_student = F.log_softmax(s / t, dim=1)
         log_p_teacher = F.log_softmax(te / t, dim=1)

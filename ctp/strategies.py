@@ -89,6 +89,17 @@ class Strategy:
     # a pair (a weak model early in a stream from scratch) is not copied on it.
     kd_gate: str = "none"
     feature_kd_weight: float = 0.0  # cosine distance of replayed embeddings to the teacher's
+    # KD on views (from beyond the paper): in every step each replayed image is also seen as a
+    # fresh view (a random crop of side 50-100 %, mirrored half the time), and that view's
+    # softmax over every text of the batch, new captions and replayed ones, is matched to the
+    # teacher's; weight kd_views times the chunk's KD weight (so kd_rule applies), image->text
+    # rows only. Hypothesis: at 1 % memory the replayed pairs are learnt by heart, so KD on them
+    # carries no knowledge (teacher and student both near one-hot), and KD on the new images
+    # holds the new classes back; a view of an old image is an input from the old classes'
+    # region that neither model has memorised, and the teacher's view of it against the new
+    # captions (low similarity to names it never learnt) keeps old-like images from being
+    # drawn to the new class names (the recency bias of the class-incremental curves).
+    kd_views: float = 0.0
     # The text tower's learning rate as a share of the chunk's, on every chunk after the model has
     # learned something (1: the same rate). Hypothesis: in zero-shot classification the class
     # names' text embeddings are the classifier, and every chunk moves them; a slow text tower

@@ -36,6 +36,7 @@ from ctp.strategies import Strategy
 logger = logging.getLogger(__name__)
 
 KD_SCOPES = ("batch", "replay", "anchor")  # Strategy.kd_scope: which similarities KD keeps
+VIEW_MIN_SCALE = 0.5  # kd_views: crops of side 50-100 % of the replayed image, mirrored half the time
 CONTRASTS = ("full", "asymmetric")  # Strategy.contrast: which rows see which columns
 
 
@@ -143,6 +144,8 @@ def train_on_chunk(
         and known_rows is not None
         and bool(known_rows.any())
     )
+    # KD on augmented views of the replayed images against every text of the batch (kd_views)
+    use_views = use_kd and use_replay and strategy.kd_views > 0
     if known_rows is not None and len(known_rows) != len(texts):
         raise ValueError(f"known_rows has {len(known_rows)} rows for {len(texts)} pairs")
     tokens = tokenizer(list(texts))  # [N, L]
@@ -164,6 +167,7 @@ def train_on_chunk(
         # Teacher embeddings once per chunk; the loop only indexes them. [N, D] and [M, D]
         if use_kd and (use_known or not (use_replay and strategy.kd_scope == "replay")):
             t_img_new = encode_images(teacher, images, device=device, batch_size=256)
+        if use_views or (use_kd and (use_known or not (use_replay and strategy.kd_scope == "replay"))):
             t_txt_new = encode_texts(teacher, tokens, device=device, batch_size=256)
         if use_replay:
             t_img_rep = encode_images(teacher, replay_images, device=device, batch_size=256)
@@ -196,6 +200,7 @@ def train_on_chunk(
     order_gen = torch.Generator().manual_seed(seed)  # same permutation on every rank
     rep_rng = random.Random(seed * 7919 + rank)  # own replay draws per rank
     aug_gen = torch.Generator().manual_seed(seed * 7919 + rank)  # own replay crops per rank
+    view_gen = torch.Generator().manual_seed(seed * 7919 + rank + 104_729)  # own views (kd_views)
     result = ChunkResult(prepare_seconds=time.perf_counter() - t_prep)
     model.train()
     t0 = time.perf_counter()
@@ -223,11 +228,15 @@ def train_on_chunk(
                         neg_tok.append(pt[j])
                         neg_owner.append(len(idx) + row)
             b = len(batch_tok)
+            if use_views:  # old-like images the teacher has not learnt by heart: its view is knowledge
+                views = augment_replay(replay_images[ridx], min_scale=VIEW_MIN_SCALE, generator=view_gen)
+                batch_img = torch.cat([batch_img, views])  # one forward (and DDP graph) with the batch
             all_tok = torch.cat([batch_tok, torch.stack(neg_tok)]) if neg_tok else batch_tok
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total_steps, base_lr=lr, warmup=warmup_steps) * g["lr_scale"]
             with autocast_for(device):
                 img_f, txt_f, scale = ddp_model(batch_img.to(device), all_tok.to(device))[:3]
+                img_f, view_f = img_f[:b], img_f[b:]
                 loss_clip = contrastive_loss(
                     img_f,
                     txt_f[:b],
@@ -266,6 +275,19 @@ def train_on_chunk(
                         gate=strategy.kd_gate,
                     )
                     loss = loss + kd_weight * loss_kd
+                if use_views:
+                    # each view's softmax over the batch's texts (new and replayed), as the
+                    # teacher has it: old-like images kept off the new names it had no use for
+                    t_view = encode_images(teacher, views, device=device, batch_size=256)
+                    t_txt = torch.cat([t_txt_new[idx], t_txt_rep[ridx]])
+                    loss_views = distillation_loss(
+                        scale * view_f @ txt_f[:b].T,
+                        t_scale * t_view @ t_txt.T,
+                        temperature=strategy.kd_temperature,
+                        symmetric=False,
+                    )
+                    loss_kd = loss_kd + strategy.kd_views * loss_views
+                    loss = loss + kd_weight * strategy.kd_views * loss_views
                 if use_fkd:  # replayed rows stay where the teacher put them in the joint space
                     rep = slice(len(idx), b)
                     loss_fkd = feature_distillation_loss(

@@ -402,3 +402,28 @@ def test_param_groups_scale_the_text_tower_only():
     for g in param_groups(model, 0.1, text_lr_scale=0.1):
         tower = {not names[id(p)].startswith("visual") and names[id(p)] != "logit_scale" for p in g["params"]}
         assert tower == {g["lr_scale"] == 0.1}
+
+
+def test_kd_views_adds_a_distillation_term_on_views_of_the_replayed_images(tiny_chunks):
+    runs = {}
+    for views in (0.0, 1.0):
+        # a cutoff of 1.0 keeps KD on at a memory share of 50 %
+        learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_views": views})
+        r0 = learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+        runs[views] = (learner, r0, learner.learn_chunk(tiny_chunks[1], chunk_id="c1"))
+    (plain, p0, p1), (viewed, v0, v1) = runs[0.0], runs[1.0]
+    # no teacher before the first chunk: the same update bit for bit
+    assert v0.train.history == p0.train.history
+    # then one more KD term: a different model, a larger KD loss, still finite
+    assert v1.train.history != p1.train.history and math.isfinite(v1.train.loss)
+    assert v1.train.loss_kd > p1.train.loss_kd > 0
+    assert not _states_equal(plain.bundle.model, viewed.bundle.model)
+
+
+def test_kd_views_follows_the_kd_rule(tiny_chunks):
+    runs = {}
+    for views in (0.0, 1.0):
+        learner = _learner("incclip", strategy_kw={"kd_views": views})  # cutoff 10 %, share 50 %: no KD
+        learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+        runs[views] = learner.learn_chunk(tiny_chunks[1], chunk_id="c1")
+    assert runs[1.0].kd_weight == 0 and runs[1.0].train.history == runs[0.0].train.history

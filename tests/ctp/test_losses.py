@@ -147,3 +147,15 @@ def test_feature_kd_zero_at_teacher_and_positive_away():
     a = F.normalize(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), dim=-1)
     assert_close(feature_distillation_loss(a, a.clone()), torch.tensor(0.0))
     assert feature_distillation_loss(a, -a) > 1.9  # opposite directions: distance 2
+
+
+def test_one_directional_distillation_on_a_rectangular_matrix():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 5), torch.randn(3, 5)  # 3 images against 5 texts
+    assert distillation_loss(teacher, teacher, symmetric=False) == pytest.approx(0.0, abs=1e-6)
+    one = distillation_loss(student, teacher, temperature=2.0, symmetric=False)
+    assert one > 0
+    # the image->text half of the symmetric loss (the text->image half is computed separately here)
+    log_s, log_t = F.log_softmax(student / 2, 1), F.log_softmax(teacher / 2, 1)
+    rows = (log_t.exp() * (log_t - log_s)).sum(1).mean() * 4 / 2
+    assert one == pytest.approx(rows.item(), rel=1e-5)
