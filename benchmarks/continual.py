@@ -421,7 +421,7 @@ def sweeps() -> dict[str, Sweep]:
     # taken from it, and its rule is judged on the seeds the screen did not see.
     screen = functools.partial(knob_cells, seeds=(100,))
     balance = Sweep("validation-balance", [c for v in BALANCE_SCREEN for c in screen(v, shares=(0.01,))])
-    # The screen lost 5-9 points at every setting (docs/results.md): no rule was run.
+    # The screen lost 5-9 points at every setting on its seed; its mildest went on to six seeds (below).
     # Learning headroom (Strategy.kd_headroom), on the two instance-incremental validation
     # streams. First a probe on seed 100 at 1 and 3 %: incclip[known] with g measured and no
     # gating, to see g's scale on each stream; the threshold is set from it, and its rule is
