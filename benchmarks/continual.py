@@ -166,6 +166,7 @@ OWN_SWEEP = (
     "known",
     "known-probe",
     "probe",
+    "views",
     *BALANCE_SCREEN,
     *TEXT_SCREEN,
 )

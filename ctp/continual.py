@@ -355,7 +355,8 @@ class ContinualLearner:
 
         headroom = None
         if strategy.kd_headroom is not None:
-            before = copy.deepcopy(model).eval().requires_grad_(False)
+            # the model before this chunk: the teacher is that copy already (merging changes the model)
+            before = teacher if teacher is not None else copy.deepcopy(model).eval().requires_grad_(False)
             if self._before_previous is not None:
                 headroom = fit_gain(
                     before,

@@ -165,9 +165,10 @@ def train_on_chunk(
         ]
     if use_kd or use_fkd:
         # Teacher embeddings once per chunk; the loop only indexes them. [N, D] and [M, D]
-        if use_kd and (use_known or not (use_replay and strategy.kd_scope == "replay")):
+        kd_on_new = use_kd and (use_known or not (use_replay and strategy.kd_scope == "replay"))
+        if kd_on_new:
             t_img_new = encode_images(teacher, images, device=device, batch_size=256)
-        if use_views or (use_kd and (use_known or not (use_replay and strategy.kd_scope == "replay"))):
+        if kd_on_new or use_views:
             t_txt_new = encode_texts(teacher, tokens, device=device, batch_size=256)
         if use_replay:
             t_img_rep = encode_images(teacher, replay_images, device=device, batch_size=256)
