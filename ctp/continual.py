@@ -236,6 +236,8 @@ class ContinualLearner:
         self.pretrained = pretrained
         self.device = torch.device(config.device)
         self._joint_samples: list[Sample] = []  # joint only: every pair so far
+        # kd_past only (a diagnostic, benchmark only: unbounded): every pair trained so far
+        self._past: list[Sample] = []
         # novelty_reference="heldout": the previous chunk's pairs kept out of its training (at
         # most novelty_heldout_max; in this process only: after a restart the first chunk has
         # no reference, its KD weight is the rule's, and the held-out slice of the chunk before
@@ -368,6 +370,7 @@ class ContinualLearner:
                     seed=cfg.seed * 1000 + index,
                 )
             self._before_previous = before
+        past = self._past if strategy.kd_past and teacher is not None and kd_weight > 0 else []
         known_rows = None
         if strategy.kd_known and replay and (headroom is None or headroom < strategy.kd_headroom):
             # a label among the replayed pairs' (the memory, up to replay_pool) is one the teacher knows
@@ -385,6 +388,8 @@ class ContinualLearner:
             replay_images=replay_images,
             kd_weight=kd_weight,
             text_lr_scale=strategy.text_lr if has_prior else 1.0,
+            past_images=self._preprocess([s.image for s in past], [s.key for s in past]) if past else None,
+            past_texts=[s.text for s in past],
             epochs=cfg.epochs_for(len(texts)),
             batch_size=cfg.batch_size,
             lr=cfg.lr,
@@ -397,6 +402,8 @@ class ContinualLearner:
         )
         if strategy.merge_alpha is not None and teacher is not None:
             merge_weights(model, teacher, alpha=strategy.merge_alpha)
+        if strategy.kd_past:
+            self._past.extend(samples)
 
         admitted = 0
         if self.memory is not None and (strategy.replay or strategy.pseudo_texts):

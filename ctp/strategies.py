@@ -123,6 +123,15 @@ class Strategy:
     # 1 / 3 % on six validation seeds: not a default.
     balance_epochs: int = 0
     balance_lr: float = 0.1
+    # A diagnostic, not a method (benchmark only: no named strategy has it and the service takes
+    # none with it): with kd_scope="replay", the KD term draws its rows from every pair trained so
+    # far instead of from the replay memory (as many rows a step as a full replay share of the
+    # batch, forwarded beside it, in no contrastive loss); replay, pseudo texts and the KD weight
+    # stay incclip's. The learner keeps the whole past in RAM for it, as joint does. Question:
+    # at 1-3 % memory the teacher knows the old classes at 50-60 % right after their chunk and
+    # incclip ends at 30-40 %; is that knowledge lost because KD sees only the memory's few
+    # pairs, or because distilling it this way cannot keep it? Measured in docs/results.md.
+    kd_past: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {

@@ -111,6 +111,9 @@ def train_on_chunk(
     # [N] bool: rows whose label the teacher knows (Strategy.kd_known); None: none
     known_rows: torch.Tensor | None = None,
     text_lr_scale: float = 1.0,  # the text tower's learning rate as a share of the rest's
+    # Strategy.kd_past (a diagnostic): the pairs trained so far, which KD draws its rows from
+    past_images: torch.Tensor | None = None,  # [P, 3, H, W] preprocessed
+    past_texts: Sequence[str] = (),  # [P] captions
     epochs: int = 1,
     batch_size: int = 64,
     lr: float = 5e-4,
@@ -146,6 +149,15 @@ def train_on_chunk(
     )
     # KD on augmented views of the replayed images against every text of the batch (kd_views)
     use_views = use_kd and use_replay and strategy.kd_views > 0
+    if strategy.kd_past and (strategy.kd_scope != "replay" or strategy.kd_known or strategy.kd_views):
+        raise ValueError(
+            "kd_past takes the rows of kd_scope='replay' from the past; not with kd_known or kd_views"
+        )
+    # KD rows drawn from the past instead of the replayed pairs (kd_past): as many as a full replay share
+    use_past = use_kd and use_replay and strategy.kd_past and len(past_texts) > 0
+    if use_past and (past_images is None or len(past_images) != len(past_texts)):
+        raise ValueError("past_images must hold one preprocessed image per past text")
+    n_past = min(round(batch_size * strategy.replay_fraction), len(past_texts)) if use_past else 0
     if known_rows is not None and len(known_rows) != len(texts):
         raise ValueError(f"known_rows has {len(known_rows)} rows for {len(texts)} pairs")
     tokens = tokenizer(list(texts))  # [N, L]
@@ -173,6 +185,10 @@ def train_on_chunk(
         if use_replay:
             t_img_rep = encode_images(teacher, replay_images, device=device, batch_size=256)
             t_txt_rep = encode_texts(teacher, rep_tokens, device=device, batch_size=256)
+        if use_past:
+            past_tokens = tokenizer(list(past_texts))  # [P, L]
+            t_img_past = encode_images(teacher, past_images, device=device, batch_size=256)
+            t_txt_past = encode_texts(teacher, past_tokens, device=device, batch_size=256)
         t_scale = unwrap(teacher).logit_scale.exp().detach().float()
     ddp_model = model
     if world > 1:
@@ -202,6 +218,7 @@ def train_on_chunk(
     rep_rng = random.Random(seed * 7919 + rank)  # own replay draws per rank
     aug_gen = torch.Generator().manual_seed(seed * 7919 + rank)  # own replay crops per rank
     view_gen = torch.Generator().manual_seed(seed * 7919 + rank + 104_729)  # own views (kd_views)
+    past_gen = torch.Generator().manual_seed(seed * 7919 + rank + 209_459)  # own past rows (kd_past)
     result = ChunkResult(prepare_seconds=time.perf_counter() - t_prep)
     model.train()
     t0 = time.perf_counter()
@@ -233,23 +250,32 @@ def train_on_chunk(
                 views = augment_replay(replay_images[ridx], min_scale=VIEW_MIN_SCALE, generator=view_gen)
                 batch_img = torch.cat([batch_img, views])  # one forward (and DDP graph) with the batch
             all_tok = torch.cat([batch_tok, torch.stack(neg_tok)]) if neg_tok else batch_tok
+            if use_past:  # past pairs for the KD term only, in the same forward
+                pidx = torch.randperm(len(past_texts), generator=past_gen)[:n_past]
+                batch_img = torch.cat([batch_img, past_images[pidx]])
+                all_tok = torch.cat([all_tok, past_tokens[pidx]])
+            n_neg = len(neg_tok)
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total_steps, base_lr=lr, warmup=warmup_steps) * g["lr_scale"]
             with autocast_for(device):
                 img_f, txt_f, scale = ddp_model(batch_img.to(device), all_tok.to(device))[:3]
+                # rows after the batch: the views (kd_views) or the past pairs' images (kd_past)
                 img_f, view_f = img_f[:b], img_f[b:]
                 loss_clip = contrastive_loss(
                     img_f,
                     txt_f[:b],
                     scale,
-                    negative_text_features=txt_f[b:] if neg_tok else None,
+                    negative_text_features=txt_f[b : b + n_neg] if neg_tok else None,
                     negative_owner=torch.tensor(neg_owner, device=device) if neg_tok else None,
                     new_rows=len(idx) if strategy.contrast == "asymmetric" else None,
                 )
                 loss = loss_clip
                 loss_kd = torch.zeros((), device=device)
                 if use_kd:
-                    if use_replay and strategy.kd_scope == "replay":
+                    if use_past:  # the same KD among pairs drawn from the whole past instead
+                        s_logits = scale * view_f @ txt_f[b + n_neg :].T
+                        t_logits = t_scale * t_img_past[pidx] @ t_txt_past[pidx].T
+                    elif use_replay and strategy.kd_scope == "replay":
                         # KD over the replayed pairs only: the teacher's knowledge is about old
                         # data; its view of the new pairs would hold the new classes back.
                         rows = cols = slice(len(idx), b)
@@ -269,9 +295,11 @@ def train_on_chunk(
                         rows = cols = slice(0, b)
                         t_img = torch.cat([t_img_new[idx], t_img_rep[ridx]]) if use_replay else t_img_new[idx]
                         t_txt = torch.cat([t_txt_new[idx], t_txt_rep[ridx]]) if use_replay else t_txt_new[idx]
+                    if not use_past:
+                        s_logits, t_logits = scale * img_f[rows] @ txt_f[cols].T, t_scale * t_img @ t_txt.T
                     loss_kd = distillation_loss(
-                        scale * img_f[rows] @ txt_f[cols].T,
-                        t_scale * t_img @ t_txt.T,
+                        s_logits,
+                        t_logits,
                         temperature=strategy.kd_temperature,
                         gate=strategy.kd_gate,
                     )
@@ -305,7 +333,7 @@ def train_on_chunk(
             step += 1
             result.history.append(loss.item())
             result.negatives_per_step += len(neg_tok)
-            result.pairs += b * world
+            result.pairs += (b + n_past) * world  # the past rows are forwarded and trained too
             sums["loss"] += loss.item()
             sums["clip"] += loss_clip.item()
             sums["kd"] += loss_kd.item()

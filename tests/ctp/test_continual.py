@@ -427,3 +427,29 @@ def test_kd_views_follows_the_kd_rule(tiny_chunks):
         learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
         runs[views] = learner.learn_chunk(tiny_chunks[1], chunk_id="c1")
     assert runs[1.0].kd_weight == 0 and runs[1.0].train.history == runs[0.0].train.history
+
+
+def test_kd_past_draws_the_kd_rows_from_every_pair_trained_so_far(tiny_chunks):
+    runs = {}
+    for past in (False, True):
+        # a cutoff of 1.0 keeps KD on at a memory share of 50 %; a memory of 8 pairs, a past of 80
+        learner = _learner("incclip", memory_size=8, strategy_kw={"kd_share_cutoff": 1.0, "kd_past": past})
+        r0 = learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+        runs[past] = (learner, r0, learner.learn_chunk(tiny_chunks[1], chunk_id="c1"))
+    (plain, p0, p1), (oracle, o0, o1) = runs[False], runs[True]
+    # no teacher before the first chunk: the same update bit for bit, and the past is kept
+    assert o0.train.history == p0.train.history
+    assert len(oracle._past) == len(tiny_chunks[0]) + len(tiny_chunks[1]) and not plain._past
+    # then the KD term sees 16 past pairs a step (a full replay share of 32) beside the batch
+    assert o1.train.steps == p1.train.steps
+    assert o1.train.pairs == p1.train.pairs + 16 * o1.train.steps
+    assert o1.train.history != p1.train.history and o1.train.loss_kd > 0
+    assert not _states_equal(plain.bundle.model, oracle.bundle.model)
+    # replay and pseudo texts are untouched: the same negatives a step
+    assert o1.train.negatives_per_step == p1.train.negatives_per_step
+
+
+def test_kd_past_takes_the_replay_scope_only(tiny_chunks):
+    learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_past": True, "kd_views": 1.0})
+    with pytest.raises(ValueError, match="kd_past"):  # refused before anything trains
+        learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
