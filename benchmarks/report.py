@@ -289,7 +289,12 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         refs = _pooled([load(r) for r in SCREEN_REFS])
         lines += ["## Per seed, beside the references of each seed", "", *screen_lines(runs, refs), ""]
         for label in sorted({k[1] for k in runs}):
-            lines += [f"## {label}: the reading, fixed before the cells ran", "", *kdpast_lines(runs, refs, label), ""]
+            lines += [
+                f"## {label}: the reading, fixed before the cells ran",
+                "",
+                *kdpast_lines(runs, refs, label),
+                "",
+            ]
     if sweep in SCREENS:
         refs = _pooled([load(r) for r in SCREEN_REFS])
         lines += ["## The screen, beside the references of each seed", "", *screen_lines(runs, refs), ""]
