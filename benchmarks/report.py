@@ -251,6 +251,11 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         )
         for bs in base_sets:
             lines += _retention_lines(runs, stream, ms, bs, sweep)
+        if sweep in KNOB_SWEEPS:  # knob cells only: their curves beside the references of their seeds
+            refs = with_references(runs, _pooled([load(r) for r in SCREEN_REFS]), stream)
+            plot_curves(refs, stream, ms, out_dir / f"{sweep}-{stream}-curves.png", variants=True)
+            lines += [f"![accuracy after each chunk, beside the references]({sweep}-{stream}-curves.png)", ""]
+            continue
         plot_curves(runs, stream, ms, out_dir / f"{sweep}-{stream}-curves.png")
         plot_paired(runs, stream, ms, out_dir / f"{sweep}-{stream}-paired.png")
         plot_compute(runs, stream, ms, out_dir / f"{sweep}-{stream}-compute.png")
@@ -415,6 +420,21 @@ def _pooled(pool: list[dict]) -> dict:
 # one-seed screens of a knob, each cell beside the same-machine references of its seed
 SCREENS = ("validation-balance", "validation-headroom", "validation-text", "validation-views")
 SCREEN_REFS = ("validation-novelty", "validation-novelty-confirm", "validation-ii")
+# sweeps of knob cells only, read against those references
+KNOB_SWEEPS = (*SCREENS, "validation-kdpast")
+
+
+def with_references(runs: dict, refs: dict, stream: str) -> dict:
+    """``runs``' cells of ``stream`` and, beside each memory size, the er and incclip references
+    of the same seeds (for plots that show a knob against what it is measured against)."""
+    out = {k: v for k, v in runs.items() if k[0] == stream}
+    for _, _, mem in list(out):
+        seeds = {s for k, v in out.items() if k[2] == mem for s in v}
+        for ref in ("er", "incclip"):
+            cells = {s: m for s, m in cell_runs(refs, stream, ref, mem).items() if s in seeds}
+            if cells:
+                out[stream, ref, mem] = cells
+    return out
 
 
 def screen_lines(runs: dict, refs: dict) -> list[str]:
@@ -1067,10 +1087,14 @@ def _retention_lines(runs, stream, ms, base_set, sweep) -> list[str]:
     return [*lines, ""]
 
 
-def plot_curves(runs, stream, ms, path: Path) -> None:
+def plot_curves(runs, stream, ms, path: Path, *, variants: bool = False) -> None:
+    """Average accuracy so far after each chunk, mean and 95 % band over seeds, one panel per
+    memory size: the strategies, and with ``variants`` the knob variants (``incclip[kd2]``) too."""
     fig, axes = plt.subplots(1, len(ms), figsize=(4.6 * len(ms), 3.6), squeeze=False, sharey=True)
+    labels = sorted({k[1] for k in runs if k[0] == stream and (variants or "[" not in k[1])}, key=_order)
+    handles = {}  # one colour per label in every panel; the legend lists every label drawn
     for ax, mem in zip(axes[0], ms, strict=True):
-        for label in sorted({k[1] for k in runs if k[0] == stream and "[" not in k[1]}, key=_order):
+        for i, label in enumerate(labels):
             rs = cell_runs(runs, stream, label, mem)
             if not rs:
                 continue
@@ -1083,16 +1107,18 @@ def plot_curves(runs, stream, ms, path: Path) -> None:
             arr = 100 * np.array(curves)
             x = np.arange(1, arr.shape[1] + 1)  # chunks counted from 1, as the dashboard does
             mean = arr.mean(0)
-            ax.plot(x, mean, marker="o", ms=3, label=label)
+            (handles[label],) = ax.plot(x, mean, marker="o", ms=3, color=f"C{i % 10}", label=label)
             if len(arr) > 1:
                 half = np.array([mean_ci(arr[:, j])[1] for j in range(arr.shape[1])])
-                ax.fill_between(x, mean - half, mean + half, alpha=0.15)
+                ax.fill_between(x, mean - half, mean + half, color=f"C{i % 10}", alpha=0.15)
         ax.set_title(f"{stream}, {_mem_title(runs, stream, mem)}", fontsize=9)
         ax.set_xlabel("after chunk")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("average accuracy so far (points)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(
+        [handles[k] for k in labels if k in handles], [k for k in labels if k in handles], fontsize=7
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

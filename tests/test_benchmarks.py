@@ -639,3 +639,52 @@ def test_a_screened_setting_goes_on_only_with_an_interval_above_zero_at_one_shar
     # one seed only: nothing to judge
     one = {k: {100: v[100]} for k, v in runs(0.05, 0.0).items()}
     assert report.screen_rule_lines(one, refs) == []
+
+
+def test_keepings_ceiling_reads_the_task_matrix_against_the_best_baseline():
+    def cell(label, seed, R):
+        m = _fake(label, seed, 0.0)
+        last = [x for x in R[-1] if x is not None]
+        m["eval"]["synthetic"].update(task_matrix=R, avg_accuracy=sum(last) / len(last))
+        return m
+
+    # incclip learns each chunk to 0.6 then forgets; its middle group peaks a chunk after its own
+    R = [[0.6, None, None], [0.3, 0.6, None], [0.1, 0.7, 0.6]]
+    runs = {
+        ("s", "incclip", "mem1"): {s: cell("incclip", s, R) for s in range(3)},
+        ("s", "er", "mem1"): {s: cell("er", s, [[0.5]]) for s in range(3)},
+        ("s", "finetune", "nomem"): {s: cell("finetune", s, [[0.2]]) for s in range(3)},
+    }
+    m = runs["s", "incclip", "mem1"][0]
+    assert report.score(m, "kept") == pytest.approx(0.6)  # R[j][j]: 0.6, 0.6, 0.6
+    assert report.score(m, "peak") == pytest.approx((0.6 + 0.7 + 0.6) / 3)
+    lines = report._ceiling_lines(runs, "s", ["mem1"])
+    # final 46.7, kept 60.0, peak 63.3; against er's 50.0: −3.3, +10.0, +13.3
+    assert lines[-2] == (
+        "| 1 % | er | 46.7 ± 0.0 | 60.0 ± 0.0 | 63.3 ± 0.0 | -3.3 ± 0.0 | 10.0 ± 0.0 | 13.3 ± 0.0 | 3 |"
+    )
+    # one chunk group (instance-incremental: every class in the first chunk): nothing to bound
+    ii = [[0.4, None], [0.5, None]]
+    runs["s", "incclip", "mem1"] = {s: cell("incclip", s, ii) for s in range(3)}
+    assert report._ceiling_lines(runs, "s", ["mem1"]) == []
+
+
+@pytest.mark.parametrize(
+    "gains, verdict",
+    [((0.10, 0.11), "above"), ((0.00, 0.02), "below"), ((0.03, 0.09), "undecided")],
+)
+def test_the_kd_past_reading_sets_the_1_percent_interval_against_the_target(gains, verdict):
+    stream, seeds = "class-incremental-small", range(100, 106)
+    lo, hi = gains
+    runs = {
+        (stream, "incclip[kdpast]", "mem1"): {
+            s: _fake("incclip", s, 0.3 + (lo if s % 2 else hi)) for s in seeds
+        }
+    }
+    refs = {
+        (stream, "er", "mem1"): {s: _fake("er", s, 0.3) for s in seeds},
+        (stream, "incclip", "mem1"): {s: _fake("incclip", s, 0.31) for s in seeds},
+    }
+    lines = report.kdpast_lines(runs, refs)
+    assert lines[2].startswith(f"| {stream} | 1 % | {100 * (lo + hi) / 2:.1f} ± ")
+    assert lines[-1].startswith(f"At 1 % against er's +4.6: {verdict}")
