@@ -418,7 +418,13 @@ def _pooled(pool: list[dict]) -> dict:
 
 
 # one-seed screens of a knob, each cell beside the same-machine references of its seed
-SCREENS = ("validation-balance", "validation-headroom", "validation-text", "validation-views")
+SCREENS = (
+    "validation-balance",
+    "validation-headroom",
+    "validation-text",
+    "validation-views",
+    "validation-names",
+)
 SCREEN_REFS = ("validation-novelty", "validation-novelty-confirm", "validation-ii")
 # sweeps of knob cells only, read against those references
 KNOB_SWEEPS = (*SCREENS, "validation-kdpast")

@@ -390,6 +390,8 @@ class ContinualLearner:
             text_lr_scale=strategy.text_lr if has_prior else 1.0,
             past_images=self._preprocess([s.image for s in past], [s.key for s in past]) if past else None,
             past_texts=[s.text for s in past],
+            # the names the teacher was trained on: the labels among the replayed pairs (kd_names)
+            known_names=sorted({it.label for it in replay if it.label}) if strategy.kd_names > 0 else (),
             epochs=cfg.epochs_for(len(texts)),
             batch_size=cfg.batch_size,
             lr=cfg.lr,

@@ -134,6 +134,16 @@ class Strategy:
     # Measured on six validation seeds (docs/results.md): +2.2 ± 4.7 over incclip at 1 %, and at
     # 4 x the KD weight −3.6 ± 6.1: the data is not what is missing.
     kd_past: bool = False
+    # KD on the class names (from beyond the paper; the class-incremental literature's LwF term
+    # over old classes, as iCaRL and PODNet keep it): every image of the batch, new and replayed,
+    # has a softmax over the names the teacher was trained on (the labels of the replayed pairs,
+    # each name alone as its text), matched to the teacher's (image->text rows only); weight
+    # kd_names times the chunk's KD weight (so kd_rule applies). Hypothesis, from kd_past: KD
+    # among captions keeps the teacher's instance similarities but little of its classifier, and
+    # zero-shot classification is a softmax over class names; the teacher's view of where a new
+    # image sits among the old names is knowledge about the old classes that the new chunk
+    # brings in hundreds of images, where the memory holds a few. Unlabelled pairs add no name.
+    kd_names: float = 0.0
 
 
 STRATEGIES: dict[str, Strategy] = {

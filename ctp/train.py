@@ -114,6 +114,7 @@ def train_on_chunk(
     # Strategy.kd_past (a diagnostic): the pairs trained so far, which KD draws its rows from
     past_images: torch.Tensor | None = None,  # [P, 3, H, W] preprocessed
     past_texts: Sequence[str] = (),  # [P] captions
+    known_names: Sequence[str] = (),  # [K] class names the teacher was trained on (Strategy.kd_names)
     epochs: int = 1,
     batch_size: int = 64,
     lr: float = 5e-4,
@@ -158,6 +159,9 @@ def train_on_chunk(
     if use_past and (past_images is None or len(past_images) != len(past_texts)):
         raise ValueError("past_images must hold one preprocessed image per past text")
     n_past = min(round(batch_size * strategy.replay_fraction), len(past_texts)) if use_past else 0
+    # KD of every image's softmax over the known class names (kd_names): two names at least
+    use_names = use_kd and strategy.kd_names > 0 and len(known_names) >= 2
+    n_names = len(known_names) if use_names else 0
     if known_rows is not None and len(known_rows) != len(texts):
         raise ValueError(f"known_rows has {len(known_rows)} rows for {len(texts)} pairs")
     tokens = tokenizer(list(texts))  # [N, L]
@@ -177,7 +181,7 @@ def train_on_chunk(
         ]
     if use_kd or use_fkd:
         # Teacher embeddings once per chunk; the loop only indexes them. [N, D] and [M, D]
-        kd_on_new = use_kd and (use_known or not (use_replay and strategy.kd_scope == "replay"))
+        kd_on_new = use_kd and (use_known or use_names or not (use_replay and strategy.kd_scope == "replay"))
         if kd_on_new:
             t_img_new = encode_images(teacher, images, device=device, batch_size=256)
         if kd_on_new or use_views:
@@ -185,6 +189,9 @@ def train_on_chunk(
         if use_replay:
             t_img_rep = encode_images(teacher, replay_images, device=device, batch_size=256)
             t_txt_rep = encode_texts(teacher, rep_tokens, device=device, batch_size=256)
+        if use_names:
+            name_tokens = tokenizer(list(known_names))  # [K, L]
+            t_names = encode_texts(teacher, name_tokens, device=device, batch_size=256)  # [K, D]
         if use_past:
             past_tokens = tokenizer(list(past_texts))  # [P, L]
             t_img_past = encode_images(teacher, past_images, device=device, batch_size=256)
@@ -250,11 +257,14 @@ def train_on_chunk(
                 views = augment_replay(replay_images[ridx], min_scale=VIEW_MIN_SCALE, generator=view_gen)
                 batch_img = torch.cat([batch_img, views])  # one forward (and DDP graph) with the batch
             all_tok = torch.cat([batch_tok, torch.stack(neg_tok)]) if neg_tok else batch_tok
+            if use_names:  # the class names, in the same forward
+                all_tok = torch.cat([all_tok, name_tokens])
             if use_past:  # past pairs for the KD term only, in the same forward
                 pidx = torch.randperm(len(past_texts), generator=past_gen)[:n_past]
                 batch_img = torch.cat([batch_img, past_images[pidx]])
                 all_tok = torch.cat([all_tok, past_tokens[pidx]])
             n_neg = len(neg_tok)
+            names_at = b + n_neg  # text rows: batch, pseudo-text negatives, names, past captions
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total_steps, base_lr=lr, warmup=warmup_steps) * g["lr_scale"]
             with autocast_for(device):
@@ -273,7 +283,7 @@ def train_on_chunk(
                 loss_kd = torch.zeros((), device=device)
                 if use_kd:
                     if use_past:  # the same KD among pairs drawn from the whole past instead
-                        s_logits = scale * view_f @ txt_f[b + n_neg :].T
+                        s_logits = scale * view_f @ txt_f[names_at + n_names :].T
                         t_logits = t_scale * t_img_past[pidx] @ t_txt_past[pidx].T
                     elif use_replay and strategy.kd_scope == "replay":
                         # KD over the replayed pairs only: the teacher's knowledge is about old
@@ -317,6 +327,17 @@ def train_on_chunk(
                     )
                     loss_kd = loss_kd + strategy.kd_views * loss_views
                     loss = loss + kd_weight * strategy.kd_views * loss_views
+                if use_names:
+                    # every image's softmax over the names the teacher knows, as the teacher has it
+                    t_rows = torch.cat([t_img_new[idx], t_img_rep[ridx]]) if use_replay else t_img_new[idx]
+                    loss_names = distillation_loss(
+                        scale * img_f @ txt_f[names_at : names_at + n_names].T,
+                        t_scale * t_rows @ t_names.T,
+                        temperature=strategy.kd_temperature,
+                        symmetric=False,
+                    )
+                    loss_kd = loss_kd + strategy.kd_names * loss_names
+                    loss = loss + kd_weight * strategy.kd_names * loss_names
                 if use_fkd:  # replayed rows stay where the teacher put them in the joint space
                     rep = slice(len(idx), b)
                     loss_fkd = feature_distillation_loss(

@@ -453,3 +453,30 @@ def test_kd_past_takes_the_replay_scope_only(tiny_chunks):
     learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_past": True, "kd_views": 1.0})
     with pytest.raises(ValueError, match="kd_past"):  # refused before anything trains
         learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+
+
+def test_kd_names_distils_every_images_softmax_over_the_known_class_names(tiny_chunks):
+    runs = {}
+    for names in (0.0, 1.0):
+        # a cutoff of 1.0 keeps KD on at a memory share of 50 %
+        learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_names": names})
+        r0 = learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+        runs[names] = (learner, r0, learner.learn_chunk(tiny_chunks[1], chunk_id="c1"))
+    (plain, p0, p1), (named, n0, n1) = runs[0.0], runs[1.0]
+    assert len({s.label for s in tiny_chunks[0]}) >= 2  # the teacher knows two names or more
+    # no teacher before the first chunk: the same update bit for bit
+    assert n0.train.history == p0.train.history
+    # then one more KD term, on the same batches (same pairs, same negatives)
+    assert n1.train.pairs == p1.train.pairs and n1.train.negatives_per_step == p1.train.negatives_per_step
+    assert n1.train.history != p1.train.history and math.isfinite(n1.train.loss)
+    assert n1.train.loss_kd > p1.train.loss_kd > 0
+    assert not _states_equal(plain.bundle.model, named.bundle.model)
+
+
+def test_kd_names_follows_the_kd_rule(tiny_chunks):
+    runs = {}
+    for names in (0.0, 1.0):
+        learner = _learner("incclip", strategy_kw={"kd_names": names})  # cutoff 10 %, share 50 %: no KD
+        learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
+        runs[names] = learner.learn_chunk(tiny_chunks[1], chunk_id="c1")
+    assert runs[1.0].kd_weight == 0 and runs[1.0].train.history == runs[0.0].train.history
