@@ -143,6 +143,8 @@ class Strategy:
     # zero-shot classification is a softmax over class names; the teacher's view of where a new
     # image sits among the old names is knowledge about the old classes that the new chunk
     # brings in hundreds of images, where the memory holds a few. Unlabelled pairs add no name.
+    # Measured on six validation seeds (docs/results.md): +1.5 ± 2.8 / −1.3 ± 3.7 against incclip
+    # at 1 / 3 %: not a default.
     kd_names: float = 0.0
 
 
