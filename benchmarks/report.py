@@ -236,7 +236,11 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         lines.append("")
         lines += _per_seed_lines(runs, stream, labels, ms)
         lines += _ablation_lines(runs, stream, ms, pool)
-        lines += _ceiling_lines(runs, stream, ms)
+        ceiling = _ceiling_lines(runs, stream, ms)
+        if ceiling:
+            plot_ceiling(runs, stream, ms, out_dir / f"{sweep}-{stream}-ceiling.png")
+            ceiling += [f"![how far keeping could go]({sweep}-{stream}-ceiling.png)", ""]
+        lines += ceiling
         compute = _compute_lines(runs, stream, ms)
         lines += compute
         base_sets = sorted(
@@ -1125,6 +1129,48 @@ def plot_curves(runs, stream, ms, path: Path, *, variants: bool = False) -> None
     axes[0][-1].legend(
         [handles[k] for k in labels if k in handles], [k for k in labels if k in handles], fontsize=7
     )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ceiling(runs, stream, ms, path: Path) -> None:
+    """Per memory size: the best baseline's and incclip's final accuracy, and incclip's kept and
+    peak ceilings (_ceiling_lines), mean and 95 % interval over the seeds both have; a tick at
+    the best baseline + 4.6, the main target."""
+    parts = (("baseline", "avg"), ("incclip", "avg"), ("incclip kept", "kept"), ("incclip peak", "peak"))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(ms), 3.6))
+    width = 0.8 / len(parts)
+    drawn = []
+    for k, mem in enumerate(ms):
+        base = best_baseline(runs, stream, mem)
+        a = cell_runs(runs, stream, "incclip", mem)
+        b = cell_runs(runs, stream, base, mem) if base else {}
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        drawn.append(k)
+        for i, (name, what) in enumerate(parts):
+            cells = b if name == "baseline" else a
+            m, h = mean_ci([100 * score(cells[s], what) for s in seeds])
+            x = k + (i - (len(parts) - 1) / 2) * width
+            label = (f"best baseline ({base})" if name == "baseline" else name) if k == drawn[0] else None
+            ax.bar(x, m, width, yerr=0 if math.isnan(h) else h, capsize=2, color=f"C{i}", label=label)
+        target = 100 * mean_ci([score(b[s], "avg") for s in seeds])[0] + 4.6
+        ax.hlines(
+            target,
+            k - 0.45,
+            k + 0.45,
+            color="k",
+            ls="--",
+            lw=1,
+            label="baseline + 4.6" if k == drawn[0] else None,
+        )
+    ax.set_xticks(range(len(ms)), [_mem_title(runs, stream, m) for m in ms], fontsize=8)
+    ax.set_ylabel("average accuracy (points)")
+    ax.set_title(f"{stream}: how far keeping could go", fontsize=9)
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

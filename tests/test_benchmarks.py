@@ -641,7 +641,7 @@ def test_a_screened_setting_goes_on_only_with_an_interval_above_zero_at_one_shar
     assert report.screen_rule_lines(one, refs) == []
 
 
-def test_keepings_ceiling_reads_the_task_matrix_against_the_best_baseline():
+def test_keepings_ceiling_reads_the_task_matrix_against_the_best_baseline(tmp_path):
     def cell(label, seed, R):
         m = _fake(label, seed, 0.0)
         last = [x for x in R[-1] if x is not None]
@@ -663,6 +663,8 @@ def test_keepings_ceiling_reads_the_task_matrix_against_the_best_baseline():
     assert lines[-2] == (
         "| 1 % | er | 46.7 ± 0.0 | 60.0 ± 0.0 | 63.3 ± 0.0 | -3.3 ± 0.0 | 10.0 ± 0.0 | 13.3 ± 0.0 | 3 |"
     )
+    report.plot_ceiling(runs, "s", ["mem1"], tmp_path / "ceiling.png")
+    assert (tmp_path / "ceiling.png").stat().st_size > 1000
     # one chunk group (instance-incremental: every class in the first chunk): nothing to bound
     ii = [[0.4, None], [0.5, None]]
     runs["s", "incclip", "mem1"] = {s: cell("incclip", s, ii) for s in range(3)}
