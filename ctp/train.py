@@ -282,9 +282,10 @@ def train_on_chunk(
                 loss = loss_clip
                 loss_kd = torch.zeros((), device=device)
                 if use_kd:
+                    # each branch picks the student's image and text rows and the teacher's
                     if use_past:  # the same KD among pairs drawn from the whole past instead
-                        s_logits = scale * view_f @ txt_f[names_at + n_names :].T
-                        t_logits = t_scale * t_img_past[pidx] @ t_txt_past[pidx].T
+                        s_img, s_txt = view_f, txt_f[names_at + n_names :]
+                        t_img, t_txt = t_img_past[pidx], t_txt_past[pidx]
                     elif use_replay and strategy.kd_scope == "replay":
                         # KD over the replayed pairs only: the teacher's knowledge is about old
                         # data; its view of the new pairs would hold the new classes back.
@@ -306,10 +307,10 @@ def train_on_chunk(
                         t_img = torch.cat([t_img_new[idx], t_img_rep[ridx]]) if use_replay else t_img_new[idx]
                         t_txt = torch.cat([t_txt_new[idx], t_txt_rep[ridx]]) if use_replay else t_txt_new[idx]
                     if not use_past:
-                        s_logits, t_logits = scale * img_f[rows] @ txt_f[cols].T, t_scale * t_img @ t_txt.T
+                        s_img, s_txt = img_f[rows], txt_f[cols]
                     loss_kd = distillation_loss(
-                        s_logits,
-                        t_logits,
+                        scale * s_img @ s_txt.T,
+                        t_scale * t_img @ t_txt.T,
                         temperature=strategy.kd_temperature,
                         gate=strategy.kd_gate,
                     )
