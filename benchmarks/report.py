@@ -180,6 +180,8 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
     runs = pool[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     streams = sorted({k[0] for k in runs})
+    # the same-machine er and incclip references that knob-only sweeps are read against
+    knob_refs = _pooled([load(r) for r in SCREEN_REFS]) if sweep in KNOB_SWEEPS else {}
     lines = [
         f"# Continual sweep `{sweep}`",
         "",
@@ -256,7 +258,7 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         for bs in base_sets:
             lines += _retention_lines(runs, stream, ms, bs, sweep)
         if sweep in KNOB_SWEEPS:  # knob cells only: their curves beside the references of their seeds
-            refs = with_references(runs, _pooled([load(r) for r in SCREEN_REFS]), stream)
+            refs = with_references(runs, knob_refs, stream)
             plot_curves(refs, stream, ms, out_dir / f"{sweep}-{stream}-curves.png", variants=True)
             lines += [f"![accuracy after each chunk, beside the references]({sweep}-{stream}-curves.png)", ""]
             continue
@@ -295,7 +297,7 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
         if shift:
             lines += ["## The style-shift diagnostic", "", *shift, ""]
     if sweep == "validation-kdpast":
-        refs = _pooled([load(r) for r in SCREEN_REFS])
+        refs = knob_refs
         lines += ["## Per seed, beside the references of each seed", "", *screen_lines(runs, refs), ""]
         for label in sorted({k[1] for k in runs}):
             lines += [
@@ -305,7 +307,7 @@ def write_report(sweep: str, *, out_dir: Path) -> Path:
                 "",
             ]
     if sweep in SCREENS:
-        refs = _pooled([load(r) for r in SCREEN_REFS])
+        refs = knob_refs
         lines += ["## The screen, beside the references of each seed", "", *screen_lines(runs, refs), ""]
         rule = screen_rule_lines(runs, refs)
         if rule:
@@ -879,6 +881,14 @@ def _ablation_lines(runs, stream, ms, pool: list[dict] | None = None) -> list[st
     return [*lines, ""]
 
 
+def _against_best_baseline(runs, stream, mem) -> tuple[str | None, dict, dict, list[int]]:
+    """(the best baseline, incclip's cells, the baseline's cells, the seeds both have)."""
+    base = best_baseline(runs, stream, mem)
+    a = cell_runs(runs, stream, "incclip", mem)
+    b = cell_runs(runs, stream, base, mem) if base else {}
+    return base, a, b, sorted(set(a) & set(b))
+
+
 def _ceiling_lines(runs, stream, ms) -> list[str]:
     """How far keeping alone could take incclip, against the best baseline's final average
     accuracy, paired per seed: ``kept`` is the mean over chunk groups j of R[j][j] (each group as
@@ -889,10 +899,7 @@ def _ceiling_lines(runs, stream, ms) -> list[str]:
     class in the first chunk: instance-incremental)."""
     rows = []
     for mem in ms:
-        a = cell_runs(runs, stream, "incclip", mem)
-        base = best_baseline(runs, stream, mem)
-        b = cell_runs(runs, stream, base, mem) if base else {}
-        seeds = sorted(set(a) & set(b))
+        base, a, b, seeds = _against_best_baseline(runs, stream, mem)
         last_row = a[seeds[0]]["eval"][cls_name(a[seeds[0]])]["task_matrix"][-1] if seeds else []
         if sum(x is not None for x in last_row) < 2:
             continue
@@ -1143,10 +1150,7 @@ def plot_ceiling(runs, stream, ms, path: Path) -> None:
     width = 0.8 / len(parts)
     drawn = []
     for k, mem in enumerate(ms):
-        base = best_baseline(runs, stream, mem)
-        a = cell_runs(runs, stream, "incclip", mem)
-        b = cell_runs(runs, stream, base, mem) if base else {}
-        seeds = sorted(set(a) & set(b))
+        base, a, b, seeds = _against_best_baseline(runs, stream, mem)
         if not seeds:
             continue
         drawn.append(k)
@@ -1156,7 +1160,7 @@ def plot_ceiling(runs, stream, ms, path: Path) -> None:
             x = k + (i - (len(parts) - 1) / 2) * width
             label = (f"best baseline ({base})" if name == "baseline" else name) if k == drawn[0] else None
             ax.bar(x, m, width, yerr=0 if math.isnan(h) else h, capsize=2, color=f"C{i}", label=label)
-        target = 100 * mean_ci([score(b[s], "avg") for s in seeds])[0] + 4.6
+        target = 100 * (mean_ci([score(b[s], "avg") for s in seeds])[0] + TARGET)
         ax.hlines(
             target,
             k - 0.45,
