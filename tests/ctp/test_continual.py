@@ -404,39 +404,49 @@ def test_param_groups_scale_the_text_tower_only():
         assert tower == {g["lr_scale"] == 0.1}
 
 
-def test_kd_views_adds_a_distillation_term_on_views_of_the_replayed_images(tiny_chunks):
-    runs = {}
-    for views in (0.0, 1.0):
-        # a cutoff of 1.0 keeps KD on at a memory share of 50 %
-        learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_views": views})
+def _off_and_on(tiny_chunks, knob, off, on, memory_size=40, **strategy_kw):
+    """incclip over two chunks with ``knob`` at ``off`` and at ``on``, all else alike: per setting
+    (learner, report of chunk 0, report of chunk 1)."""
+    runs = []
+    for value in (off, on):
+        learner = _learner("incclip", memory_size=memory_size, strategy_kw={**strategy_kw, knob: value})
         r0 = learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
-        runs[views] = (learner, r0, learner.learn_chunk(tiny_chunks[1], chunk_id="c1"))
-    (plain, p0, p1), (viewed, v0, v1) = runs[0.0], runs[1.0]
+        runs.append((learner, r0, learner.learn_chunk(tiny_chunks[1], chunk_id="c1")))
+    return runs
+
+
+@pytest.mark.parametrize(
+    "knob",
+    [
+        "kd_views",  # views of the replayed images against every text of the batch
+        "kd_names",  # every image's softmax over the class names the teacher knows
+    ],
+)
+def test_kd_views_and_kd_names_add_a_distillation_term_on_the_same_batches(tiny_chunks, knob):
+    # a cutoff of 1.0 keeps KD on at a memory share of 50 %
+    (plain, p0, p1), (on, k0, k1) = _off_and_on(tiny_chunks, knob, 0.0, 1.0, kd_share_cutoff=1.0)
+    assert len({s.label for s in tiny_chunks[0]}) >= 2  # the teacher knows two names or more
     # no teacher before the first chunk: the same update bit for bit
-    assert v0.train.history == p0.train.history
-    # then one more KD term: a different model, a larger KD loss, still finite
-    assert v1.train.history != p1.train.history and math.isfinite(v1.train.loss)
-    assert v1.train.loss_kd > p1.train.loss_kd > 0
-    assert not _states_equal(plain.bundle.model, viewed.bundle.model)
+    assert k0.train.history == p0.train.history
+    # then one more KD term, on the same batches (same pairs, same negatives)
+    assert k1.train.pairs == p1.train.pairs and k1.train.negatives_per_step == p1.train.negatives_per_step
+    # a different model, a larger KD loss, still finite
+    assert k1.train.history != p1.train.history and math.isfinite(k1.train.loss)
+    assert k1.train.loss_kd > p1.train.loss_kd > 0
+    assert not _states_equal(plain.bundle.model, on.bundle.model)
 
 
-def test_kd_views_follows_the_kd_rule(tiny_chunks):
-    runs = {}
-    for views in (0.0, 1.0):
-        learner = _learner("incclip", strategy_kw={"kd_views": views})  # cutoff 10 %, share 50 %: no KD
-        learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
-        runs[views] = learner.learn_chunk(tiny_chunks[1], chunk_id="c1")
-    assert runs[1.0].kd_weight == 0 and runs[1.0].train.history == runs[0.0].train.history
+@pytest.mark.parametrize("knob", ["kd_views", "kd_names"])
+def test_kd_views_and_kd_names_follow_the_kd_rule(tiny_chunks, knob):
+    (_, _, off), (_, _, on) = _off_and_on(tiny_chunks, knob, 0.0, 1.0)  # cutoff 10 %, share 50 %: no KD
+    assert on.kd_weight == 0 and on.train.history == off.train.history
 
 
 def test_kd_past_draws_the_kd_rows_from_every_pair_trained_so_far(tiny_chunks):
-    runs = {}
-    for past in (False, True):
-        # a cutoff of 1.0 keeps KD on at a memory share of 50 %; a memory of 8 pairs, a past of 80
-        learner = _learner("incclip", memory_size=8, strategy_kw={"kd_share_cutoff": 1.0, "kd_past": past})
-        r0 = learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
-        runs[past] = (learner, r0, learner.learn_chunk(tiny_chunks[1], chunk_id="c1"))
-    (plain, p0, p1), (oracle, o0, o1) = runs[False], runs[True]
+    # a cutoff of 1.0 keeps KD on at a memory share of 50 %; a memory of 8 pairs, a past of 80
+    (plain, p0, p1), (oracle, o0, o1) = _off_and_on(
+        tiny_chunks, "kd_past", False, True, memory_size=8, kd_share_cutoff=1.0
+    )
     # no teacher before the first chunk: the same update bit for bit, and the past is kept
     assert o0.train.history == p0.train.history
     assert len(oracle._past) == len(tiny_chunks[0]) + len(tiny_chunks[1]) and not plain._past
@@ -453,30 +463,3 @@ def test_kd_past_takes_the_replay_scope_only(tiny_chunks):
     learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_past": True, "kd_views": 1.0})
     with pytest.raises(ValueError, match="kd_past"):  # refused before anything trains
         learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
-
-
-def test_kd_names_distils_every_images_softmax_over_the_known_class_names(tiny_chunks):
-    runs = {}
-    for names in (0.0, 1.0):
-        # a cutoff of 1.0 keeps KD on at a memory share of 50 %
-        learner = _learner("incclip", strategy_kw={"kd_share_cutoff": 1.0, "kd_names": names})
-        r0 = learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
-        runs[names] = (learner, r0, learner.learn_chunk(tiny_chunks[1], chunk_id="c1"))
-    (plain, p0, p1), (named, n0, n1) = runs[0.0], runs[1.0]
-    assert len({s.label for s in tiny_chunks[0]}) >= 2  # the teacher knows two names or more
-    # no teacher before the first chunk: the same update bit for bit
-    assert n0.train.history == p0.train.history
-    # then one more KD term, on the same batches (same pairs, same negatives)
-    assert n1.train.pairs == p1.train.pairs and n1.train.negatives_per_step == p1.train.negatives_per_step
-    assert n1.train.history != p1.train.history and math.isfinite(n1.train.loss)
-    assert n1.train.loss_kd > p1.train.loss_kd > 0
-    assert not _states_equal(plain.bundle.model, named.bundle.model)
-
-
-def test_kd_names_follows_the_kd_rule(tiny_chunks):
-    runs = {}
-    for names in (0.0, 1.0):
-        learner = _learner("incclip", strategy_kw={"kd_names": names})  # cutoff 10 %, share 50 %: no KD
-        learner.learn_chunk(tiny_chunks[0], chunk_id="c0")
-        runs[names] = learner.learn_chunk(tiny_chunks[1], chunk_id="c1")
-    assert runs[1.0].kd_weight == 0 and runs[1.0].train.history == runs[0.0].train.history
